@@ -1,0 +1,376 @@
+"""mergekit-facing layer: one GroupMergeMethod class, instantiated once per method.
+
+It decides which tensors are linear weights, turns them into task vectors in the compute
+dtype, calls a solver and writes W0 + lambda * t_m back in the base dtype; every other
+tensor goes to the configured fallback method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import typing
+from dataclasses import dataclass
+from typing import Any, Dict, Hashable, Mapping, Optional, Tuple
+
+import torch
+from pydantic import AfterValidator
+from typing_extensions import Annotated
+
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import (
+    MISSING,
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    TensorGroup,
+)
+from mergekit_wudi.solvers import (
+    DogeConfig,
+    DogeSolver,
+    WudiCfsConfig,
+    WudiCfsSolver,
+    WudiConfig,
+    WudiSolver,
+)
+from mergekit_wudi.solvers._common import compute_dtype
+
+logger = logging.getLogger(__name__)
+
+BASE_FALLBACK = "base"
+DEFAULT_FALLBACK = "task_arithmetic"
+
+# 2-D `.weight` tensors that are lookup tables, not linear maps (besides anything with
+# "embed" in its name and anything mergekit marks with a vocabulary axis).
+_TABLE_MODULES = frozenset(
+    {"wte", "wpe", "position_embeddings", "token_type_embeddings", "word_embeddings", "relative_attention_bias"}
+)
+# GPT-2 style Conv1D modules store their weight as (in, out).
+_INPUT_MAJOR_MODULES = frozenset({"c_attn", "c_fc", "c_proj", "q_attn"})
+
+_SCOPE_ORDER = (ParameterScope.SHARED, ParameterScope.NON_BASE, ParameterScope.INPUT)
+
+
+def _module_name(tensor_name: str) -> str:
+    parts = tensor_name.split(".")
+    return parts[-2] if len(parts) >= 2 else ""
+
+
+def is_linear_weight(name: Optional[str], tensor: torch.Tensor, vocabulary_axis: Optional[int] = None) -> bool:
+    """Whether a tensor is solved: a 2-D `*.weight` that is a linear map.
+
+    Not linear: anything that is not 2-D, not named `*.weight`, marked by mergekit as
+    having a vocabulary axis (token embeddings, lm_head), named like an embedding table
+    (`embed` anywhere in the name, BERT's position/token-type embeddings, GPT-2's
+    wte/wpe, T5's relative_attention_bias). An unnamed 2-D tensor (direct API use) is
+    treated as linear.
+    """
+    if tensor.ndim != 2 or not tensor.is_floating_point() or vocabulary_axis is not None:
+        return False
+    if name is None:
+        return True
+    if not name.endswith(".weight"):
+        return False
+    return "embed" not in name.lower() and _module_name(name) not in _TABLE_MODULES
+
+
+def is_input_major(name: Optional[str]) -> bool:
+    """Detects GPT-2 style Conv1D weights (c_attn, c_fc, c_proj, q_attn), stored (in, out)."""
+    return name is not None and _module_name(name) in _INPUT_MAJOR_MODULES
+
+
+def _check_fallback(value: str) -> str:
+    if value == BASE_FALLBACK:
+        return value
+    try:
+        method = registry.get(value)
+    except RuntimeError:
+        names = sorted(m.spec.name for m in registry.registered_methods() if not _is_ours(m))
+        raise ValueError(
+            f"fallback {value!r} is not a registered merge method; use 'base' or one of: {', '.join(names)}"
+        ) from None
+    if _is_ours(method):
+        raise ValueError(f"fallback {value!r} is a solver method of mergekit-wudi; pick a method that merges any tensor")
+    if method.spec.contract.base == BasePolicy.FORBIDDEN:
+        raise ValueError(f"fallback {value!r} does not accept a base model")
+    return value
+
+
+def _is_ours(method: Any) -> bool:
+    return isinstance(method, SolverMergeMethod)
+
+
+def _validated(value_type: Any, check) -> Any:
+    return Annotated[value_type, AfterValidator(check)]
+
+
+@dataclass(frozen=True)
+class SolverMergeMethod(GroupMergeMethod):
+    """A mergekit method that solves linear weights with `solver_cls` and sends the rest to a fallback.
+
+    Parameters (see `spec`): the solver config's fields, plus `weight` (per model),
+    `lambda`, `fallback`, `solve` and `input_major`, plus every parameter of the other
+    registered methods as an optional pass-through for the fallback.
+    """
+
+    method_name: str
+    method_pretty_name: str
+    method_reference_url: str
+    config_cls: type
+    solver_cls: type
+
+    @property
+    def spec(self) -> MergeMethodSpec:
+        # Pass-through parameters mirror the registry, which can grow after this method
+        # was built; the key is the tuple of registered names.
+        return _build_spec(self, tuple(m.spec.name for m in registry.registered_methods() if not _is_ours(m)))
+
+    # --- the merge -----------------------------------------------------------------
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        name = group.metadata.name
+        base = group.base
+        if base is None:
+            raise ValueError(f"{self.method_name}: tensor {name!r} has no base model; set base_model")
+        _require_finite(self.method_name, group)
+        if not parameters["solve"]:
+            logger.debug("%s: %s -> fallback %s (solve: false)", self.method_name, name, parameters["fallback"])
+            return self._fallback(group, parameters)
+        if not is_linear_weight(name, base.tensor, group.metadata.vocabulary_axis):
+            logger.debug("%s: %s -> fallback %s (not a linear weight)", self.method_name, name, parameters["fallback"])
+            return self._fallback(group, parameters)
+        return self._solve(group, parameters)
+
+    def _solve(self, group: TensorGroup, parameters: Mapping[str, Any]) -> torch.Tensor:
+        name = group.metadata.name
+        base = group.base.tensor
+        entries = group.non_base
+        transpose = parameters["input_major"]
+        if transpose is None:
+            transpose = is_input_major(name)
+
+        dtype = compute_dtype(base.dtype)
+        base_c = base.to(dtype)
+        if transpose:
+            base_c = base_c.T
+        task_vectors = base_c.new_empty((len(entries), *base_c.shape))  # (N, out, in)
+        for index, entry in enumerate(entries):
+            tensor = entry.tensor.to(dtype)
+            torch.sub(tensor.T if transpose else tensor, base_c, out=task_vectors[index])
+            task_vectors[index].mul_(parameters["weight"][entry.id])
+            del tensor
+
+        config, per_model = self._config(parameters, entries)
+        merged = self.solver_cls(config).solve(task_vectors, **per_model)  # (out, in)
+        del task_vectors
+        result = torch.add(base_c, merged, alpha=parameters["lambda"])
+        if not bool(torch.isfinite(result).all()):
+            models = ", ".join(str(entry.id) for entry in entries)
+            raise FloatingPointError(
+                f"{self.method_name}: the solved tensor {name!r} is not finite (models: {models}); "
+                "nothing was written. Check the inputs, or lower lr / raise omega."
+            )
+        if transpose:
+            result = result.T.contiguous()
+        logger.debug(
+            "%s: %s solved (N=%d, shape=%s, %s)",
+            self.method_name,
+            name,
+            len(entries),
+            tuple(base.shape),
+            "input-major" if transpose else "output-major",
+        )
+        return result.to(base.dtype)
+
+    def _config(self, parameters: Mapping[str, Any], entries) -> Tuple[Any, Dict[str, Any]]:
+        """The solver config from the resolved parameters, and the per-model values."""
+        shared: Dict[str, Any] = {}
+        per_model: Dict[str, Any] = {}
+        for field in dataclasses.fields(self.config_cls):
+            value = parameters[field.name]
+            if field.metadata.get("per_model"):
+                values = [value[entry.id] for entry in entries]
+                if any(v is not None for v in values):
+                    default = field.default
+                    per_model[field.name] = [default if v is None else v for v in values]
+            elif value is not None:
+                shared[field.name] = value
+        return self.config_cls(**shared), per_model
+
+    def _fallback(self, group: TensorGroup, parameters: Mapping[str, Any]) -> torch.Tensor:
+        fallback = parameters["fallback"]
+        if fallback == BASE_FALLBACK:
+            return group.base.tensor
+        method = registry.get(fallback)
+        arguments = {}
+        for parameter in method.spec.parameters:
+            if parameter.name in parameters:
+                value = _fallback_argument(parameter, parameters[parameter.name], group, fallback)
+                if value is not None:
+                    arguments[parameter.name] = value
+        try:
+            (result,) = method((group,), parameters=arguments)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise RuntimeError(
+                f"{self.method_name}: fallback {fallback!r} failed on tensor {group.metadata.name!r}: {error}"
+            ) from error
+        return result
+
+
+def _fallback_argument(parameter: ParameterSpec, value: Any, group: TensorGroup, fallback: str) -> Any:
+    """Our resolved value of a parameter, in the scope the fallback declares; None: unset."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        return value  # a shared value; mergekit broadcasts it to per-model scopes
+    given = {key: v for key, v in value.items() if v is not None}
+    if not given:
+        return None
+    if parameter.scope == ParameterScope.SHARED:
+        distinct = set(given.values())
+        if len(distinct) > 1:
+            raise ValueError(
+                f"fallback {fallback!r} takes one shared {parameter.name!r}, but the models give {sorted(distinct)} "
+                f"on tensor {group.metadata.name!r}"
+            )
+        return distinct.pop()
+    entries = group.non_base if parameter.scope == ParameterScope.NON_BASE else group.entries
+    result: Dict[Hashable, Any] = {}
+    for entry in entries:
+        if entry.id in given:
+            result[entry.id] = given[entry.id]
+        elif parameter.default is not MISSING:
+            result[entry.id] = parameter.default
+        else:
+            raise ValueError(
+                f"fallback {fallback!r} needs {parameter.name!r} for model {entry.id} on tensor "
+                f"{group.metadata.name!r}; set it in that model's parameters"
+            )
+    return result
+
+
+def _require_finite(method_name: str, group: TensorGroup) -> None:
+    for entry in group.entries:
+        tensor = entry.tensor
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            role = "base model" if entry.is_base else "model"
+            raise FloatingPointError(
+                f"{method_name}: tensor {group.metadata.name!r} of {role} {entry.id} holds NaN or Inf values; "
+                "refusing to merge it (fix or drop that checkpoint)"
+            )
+
+
+@functools.lru_cache(maxsize=None)
+def _build_spec(method: SolverMergeMethod, registered: Tuple[str, ...]) -> MergeMethodSpec:
+    passthrough = _passthrough_parameters(registered)
+    hints = typing.get_type_hints(method.config_cls)
+    parameters = [
+        ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0, description="scales this model's task vector"),
+        ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0, description="scales the merged task vector"),
+        ParameterSpec(
+            "fallback",
+            _validated(str, _check_fallback),
+            ParameterScope.SHARED,
+            default=DEFAULT_FALLBACK,
+            description="merge method for tensors that are not solved, or 'base'",
+        ),
+        ParameterSpec("solve", bool, ParameterScope.SHARED, default=True, description="false sends the tensor to the fallback"),
+        ParameterSpec(
+            "input_major",
+            Optional[bool],
+            ParameterScope.SHARED,
+            default=None,
+            description="weight stored (in, out); unset: detect GPT-2 Conv1D names",
+        ),
+    ]
+    for field in dataclasses.fields(method.config_cls):
+        scope = ParameterScope.NON_BASE if field.metadata.get("per_model") else ParameterScope.SHARED
+        check = functools.partial(field.metadata["check"], field.name)
+        shared_name = field.name in passthrough
+        value_type = hints[field.name]
+        description = field.metadata["help"]
+        if shared_name:
+            # Also a parameter of other methods: unset stays None so the fallback keeps
+            # its own default, and the solver uses the config default.
+            value_type = Optional[value_type]
+            description += f" (default {field.default}; when set, also passed to the fallback)"
+            check = functools.partial(_none_or, check)
+        parameters.append(
+            ParameterSpec(
+                field.name,
+                _validated(value_type, check),
+                scope,
+                default=None if shared_name else field.default,
+                description=description,
+            )
+        )
+    own = {parameter.name for parameter in parameters}
+    parameters.extend(spec for name, spec in passthrough.items() if name not in own)
+    return MergeMethodSpec(
+        name=method.method_name,
+        parameters=tuple(parameters),
+        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        pretty_name=method.method_pretty_name,
+        reference_url=method.method_reference_url,
+        uses_accelerator=True,
+    )
+
+
+def _none_or(check, value):
+    return None if value is None else check(value)
+
+
+def _passthrough_parameters(registered: Tuple[str, ...]) -> Dict[str, ParameterSpec]:
+    """Every parameter of the other registered methods, optional, for the fallback.
+
+    Where methods disagree, the widest scope (shared < non-base < input) and `Any` win.
+    """
+    collected: Dict[str, ParameterSpec] = {}
+    for method_name in registered:
+        for parameter in registry.get(method_name).spec.parameters:
+            if parameter.name in ("weight", "lambda"):
+                continue
+            previous = collected.get(parameter.name)
+            value_type = parameter.value_type
+            scope = parameter.scope
+            if previous is not None:
+                if previous.value_type != Optional[value_type]:
+                    value_type = Any
+                scope = max(previous.scope, scope, key=_SCOPE_ORDER.index)
+            collected[parameter.name] = ParameterSpec(
+                parameter.name,
+                Optional[value_type],
+                scope,
+                default=None,
+                description="passed to the fallback method",
+            )
+    return collected
+
+
+wudi_merge_method = SolverMergeMethod(
+    method_name="wudi",
+    method_pretty_name="WUDI-Merging",
+    method_reference_url="https://arxiv.org/abs/2503.08099",
+    config_cls=WudiConfig,
+    solver_cls=WudiSolver,
+)
+wudi_cfs_merge_method = SolverMergeMethod(
+    method_name="wudi_cfs",
+    method_pretty_name="WUDI-Merging (closed form)",
+    method_reference_url="https://arxiv.org/abs/2503.08099",
+    config_cls=WudiCfsConfig,
+    solver_cls=WudiCfsSolver,
+)
+doge_merge_method = SolverMergeMethod(
+    method_name="doge",
+    method_pretty_name="DOGE-TA",
+    method_reference_url="https://arxiv.org/abs/2501.01230",
+    config_cls=DogeConfig,
+    solver_cls=DogeSolver,
+)
+
+MERGE_METHODS = (wudi_merge_method, wudi_cfs_merge_method, doge_merge_method)

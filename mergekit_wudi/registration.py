@@ -1,0 +1,137 @@
+"""Registration of the three methods with mergekit: the package's only import-time effects.
+
+mergekit 0.1.5 finds merge methods only through `mergekit.merge_methods.registry`, and
+has no entry-point discovery. So the wheel installs `mergekit_wudi.pth`, whose one line
+calls `autoload()` at interpreter start-up. That installs a one-shot finder on
+`sys.meta_path` which waits for `mergekit.merge_methods` to be imported and registers the
+methods right after it has run. Nothing heavy happens at start-up: this module imports
+only `os` and `sys` (no torch, no mergekit), and `MERGEKIT_WUDI_NO_AUTOLOAD=1` turns the
+whole thing off. `register()` does the same explicitly and is idempotent.
+"""
+
+import os
+import sys
+
+DISABLE_ENV = "MERGEKIT_WUDI_NO_AUTOLOAD"
+_TARGET = "mergekit.merge_methods"
+
+
+def register(*, strict: bool = True) -> tuple:
+    """Register wudi, wudi_cfs and doge with mergekit; return the names newly registered.
+
+    Idempotent: a method that is already ours is left alone. A name already taken by
+    another package's method is not overwritten: with strict=True that raises
+    RuntimeError, otherwise it is logged as a warning.
+    """
+    from mergekit.merge_methods import registry
+
+    from mergekit_wudi.adapter import MERGE_METHODS
+
+    added = []
+    for method in MERGE_METHODS:
+        try:
+            existing = registry.get(method.method_name)
+        except RuntimeError:
+            registry.register(method)
+            added.append(method.method_name)
+            continue
+        if _is_mergekit_wudi(existing):
+            continue
+        message = (
+            f"mergekit-wudi: merge method {method.method_name!r} is already registered by "
+            f"{type(existing).__module__}.{type(existing).__qualname__}; left in place, "
+            f"so merge_method: {method.method_name} does not use mergekit-wudi"
+        )
+        if strict:
+            raise RuntimeError(message)
+        import logging
+
+        logging.getLogger(__name__).warning(message)
+    return tuple(added)
+
+
+def _is_mergekit_wudi(method) -> bool:
+    # By module name rather than isinstance, so a reloaded adapter module still counts.
+    return type(method).__module__ == "mergekit_wudi.adapter"
+
+
+def autoload_disabled() -> bool:
+    return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def autoload() -> None:
+    """Called by mergekit_wudi.pth at start-up: arrange registration, never raise."""
+    try:
+        if autoload_disabled():
+            return
+        if _TARGET in sys.modules:
+            _register_quietly()
+        elif not any(isinstance(finder, _MergekitImportHook) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _MergekitImportHook())
+    except Exception as error:  # pragma: no cover - start-up must survive anything
+        _report(error)
+
+
+def _register_quietly() -> None:
+    try:
+        register(strict=False)
+    except Exception as error:
+        _report(error)
+
+
+def _report(error: BaseException) -> None:
+    import logging
+
+    logging.getLogger(__name__).warning(
+        "mergekit-wudi: automatic registration failed (%s: %s); call mergekit_wudi.register() "
+        "or use `mergekit-wudi run`",
+        type(error).__name__,
+        error,
+    )
+
+
+class _MergekitImportHook:
+    """A meta-path finder that wraps the loader of mergekit.merge_methods, once."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TARGET:
+            return None
+        self._remove()
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            if find_spec is None:
+                continue
+            spec = find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+    def _remove(self) -> None:
+        try:
+            sys.meta_path.remove(self)
+        except ValueError:
+            pass
+
+
+class _RegisteringLoader:
+    """Runs the real loader, restores it on the module, then registers the methods."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _register_quietly()

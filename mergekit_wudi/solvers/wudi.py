@@ -1,0 +1,171 @@
+"""WUDI-Merging solved with Adam, without autograd.
+
+WUDI-Merging: Cheng et al., "Whoever Started the Interference Should End It: Guiding
+Data-Free Model Merging via Task Vectors", ICML 2025, arXiv:2503.08099.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from mergekit_wudi.solvers._common import (
+    _CHUNK_ELEMENTS,
+    adam_update_,
+    check_config,
+    check_non_negative_int,
+    check_positive,
+    config_field,
+    prepare_task_vectors,
+    row_chunks,
+)
+
+# The in-space gradient keeps C = (in, in) in memory; past this many multiples of the
+# tensor's own size the out-space form is used even where it costs more flops.
+_MAX_GRAM_OVER_TENSOR = 2
+
+
+@dataclass(frozen=True)
+class WudiConfig:
+    """Hyperparameters of WUDI-Merging (paper Sec. 4 and A.8: Adam, lr 1e-5, 300 steps).
+
+    Args:
+        steps (int, default 300): Adam iterations; 0 returns task arithmetic's sum.
+        lr (float, default 1e-5): Adam learning rate, in the task vectors' own units.
+    """
+
+    steps: int = config_field(300, check_non_negative_int, "Adam iterations")
+    lr: float = config_field(1e-5, check_positive, "Adam learning rate")
+
+    def __post_init__(self):
+        check_config(self)
+
+
+class WudiSolver:
+    """Merged task vector minimising the WUDI interference loss, solved with Adam.
+
+    WUDI-Merging, Cheng et al., ICML 2025 (arXiv:2503.08099), Eq. 21 of the ICML text
+    (the "Eq. 8" of some notes):
+        L(t_m) = sum_i ||(t_m - t_i) t_i^T||_F^2 / ||t_i||_F^2
+    Gradient used instead of autograd:
+        grad = 2 (t_m C - D),  C = sum_i t_i^T t_i / ||t_i||^2   (in, in)
+                               D = sum_i t_i t_i^T t_i / ||t_i||^2  (out, in)
+    or, where `in` is large next to `out`, the same thing in out-space
+        t_m C = sum_i ((t_m t_i^T) / ||t_i||^2) t_i = ((t_m T^T) * w) T,
+    with T the (N*out, in) stack of task vectors and w the per-block weights
+    1/||t_i||^2: two GEMMs, and no (N, out, out) intermediate. The in-space form costs
+    2*out*in^2 flops a step, the out-space one 4*N*out^2*in; the cheaper is used,
+    unless C would take more than _MAX_GRAM_OVER_TENSOR times the tensor's memory.
+
+    Adam as torch.optim.Adam (betas 0.9/0.999, eps 1e-8), from t_m = sum_i t_i. The
+    loss is a sum over rows of t_m and Adam is element-wise, so rows are solved in
+    chunks (every step of one chunk, then the next): same result, bounded memory.
+
+    Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
+    returns (out, in) in that compute dtype on the input device. Zero or non-finite task
+    vectors are excluded; with none left the result is zero. With one left it is
+    returned as is: t_m = t_1 is a stationary point, where float32 rounding in the
+    gradient would otherwise be amplified by Adam's normalisation.
+    """
+
+    def __init__(self, config: Optional[WudiConfig] = None, *, chunk_elements: int = _CHUNK_ELEMENTS):
+        self.config = config or WudiConfig()
+        self.chunk_elements = chunk_elements
+
+    @staticmethod
+    def uses_in_space(count: int, out_features: int, in_features: int) -> bool:
+        """Whether the (in, in) Gram form is used: cheaper in flops and small enough."""
+        cheaper = in_features <= 2 * count * out_features
+        small = in_features <= _MAX_GRAM_OVER_TENSOR * out_features
+        return cheaper and small
+
+    def solve(self, task_vectors: torch.Tensor) -> torch.Tensor:
+        prepared = prepare_task_vectors(task_vectors)
+        vectors = prepared.vectors  # (n, out, in)
+        count, out_features, in_features = vectors.shape
+        if count == 0:
+            return vectors.new_zeros(task_vectors.shape[1:])
+        if count == 1 or self.config.steps == 0:
+            return vectors.sum(dim=0)
+        weights = [1.0 / sq for sq in prepared.sq_norms]
+
+        if self.uses_in_space(count, out_features, in_features):
+            gram, full_d = self._in_space_terms(vectors, weights)
+        else:
+            gram, full_d = None, None
+            flat = vectors.reshape(count * out_features, in_features)  # (n*out, in)
+            block_weights = torch.tensor(weights, dtype=vectors.dtype, device=vectors.device)
+            block_weights = block_weights.view(1, count, 1)
+
+        merged = torch.empty_like(vectors[0])  # (out, in)
+        for rows in row_chunks(out_features, in_features, self.chunk_elements):
+            if gram is not None:
+                d_rows = full_d[rows]
+                grad_fn = _in_space_gradient(gram, d_rows)
+            else:
+                d_rows = _d_rows_out_space(vectors, weights, rows)
+                grad_fn = _out_space_gradient(flat, block_weights, d_rows, count)
+            merged[rows] = self._adam(vectors[:, rows].sum(dim=0), grad_fn)
+        return merged
+
+    def _adam(self, param: torch.Tensor, grad_fn) -> torch.Tensor:
+        grad = torch.empty_like(param)
+        exp_avg = torch.zeros_like(param)
+        exp_avg_sq = torch.zeros_like(param)
+        denom = torch.empty_like(param)
+        for step in range(1, self.config.steps + 1):
+            grad_fn(param, grad)
+            adam_update_(param, grad, exp_avg, exp_avg_sq, denom, step, self.config.lr)
+        return param
+
+    @staticmethod
+    def _in_space_terms(vectors: torch.Tensor, weights):
+        """C = sum_i w_i t_i^T t_i (in, in) and D = sum_i w_i t_i (t_i^T t_i) (out, in)."""
+        count, out_features, in_features = vectors.shape
+        gram = vectors.new_zeros(in_features, in_features)
+        full_d = vectors.new_zeros(out_features, in_features)
+        if in_features <= out_features:
+            # D through each task's Gram: 4*out*in^2 flops per task.
+            task_gram = torch.empty_like(gram)
+            for task, weight in zip(vectors, weights):
+                torch.mm(task.T, task, out=task_gram)  # (in, in)
+                gram.add_(task_gram, alpha=weight)
+                full_d.addmm_(task, task_gram, alpha=weight)
+            del task_gram
+        else:
+            for task, weight in zip(vectors, weights):
+                gram.addmm_(task.T, task, alpha=weight)
+            full_d = _d_rows_out_space(vectors, weights, slice(None))
+        return gram, full_d
+
+
+def _d_rows_out_space(vectors: torch.Tensor, weights, rows: slice) -> torch.Tensor:
+    """D[rows] = sum_i w_i (t_i[rows] t_i^T) t_i, with (rows, out) intermediates only."""
+    d_rows = None
+    for task, weight in zip(vectors, weights):
+        overlap = task[rows] @ task.T  # (rows, out)
+        if d_rows is None:
+            d_rows = torch.mm(overlap, task).mul_(weight)
+        else:
+            d_rows.addmm_(overlap, task, alpha=weight)
+    return d_rows
+
+
+def _in_space_gradient(gram: torch.Tensor, d_rows: torch.Tensor):
+    def gradient(param: torch.Tensor, out: torch.Tensor) -> None:
+        # grad = 2 (t_m C - D)
+        torch.addmm(d_rows, param, gram, beta=-2, alpha=2, out=out)
+
+    return gradient
+
+
+def _out_space_gradient(flat: torch.Tensor, block_weights: torch.Tensor, d_rows: torch.Tensor, count: int):
+    def gradient(param: torch.Tensor, out: torch.Tensor) -> None:
+        # t_m C = ((t_m T^T) * w) T, T = (n*out, in); grad = 2 (t_m C - D)
+        overlap = param @ flat.T  # (rows, n*out)
+        overlap.view(param.shape[0], count, -1).mul_(block_weights)
+        torch.addmm(d_rows, overlap, flat, beta=-2, alpha=2, out=out)
+
+    return gradient

@@ -1,0 +1,111 @@
+"""Literal float64 transcriptions of each paper's objective, solved the slow, obvious way.
+
+Autograd, torch.optim.Adam, explicit matrices (P = U_k U_k^T), no Gram tricks, no
+chunking, no caching: meant to be read next to the papers. Test-only; the package never
+imports it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+
+def usable(task_vectors: torch.Tensor) -> List[torch.Tensor]:
+    """Task vectors that take part: finite and non-zero, in float64."""
+    result = []
+    for t in task_vectors.to(torch.float64):
+        norm = torch.linalg.norm(t)
+        if torch.isfinite(norm) and norm > 0:
+            result.append(t)
+    return result
+
+
+def wudi_loss(t_m: torch.Tensor, tasks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """WUDI Eq. 21: sum_i ||(t_m - t_i) t_i^T||_F^2 / ||t_i||_F^2."""
+    return sum(((t_m - t) @ t.T).pow(2).sum() / t.pow(2).sum() for t in tasks)
+
+
+def wudi_ridge_loss(t_m: torch.Tensor, tasks: Sequence[torch.Tensor], ridge: float) -> torch.Tensor:
+    """WUDI Eq. 71: sum_i (||(t_m - t_i) t_i^T||^2 + r ||t_m - t_i||^2) / ||t_i||^2."""
+    return sum(
+        (((t_m - t) @ t.T).pow(2).sum() + ridge * (t_m - t).pow(2).sum()) / t.pow(2).sum() for t in tasks
+    )
+
+
+def wudi_adam(task_vectors: torch.Tensor, steps: int = 300, lr: float = 1e-5) -> torch.Tensor:
+    tasks = usable(task_vectors)
+    if not tasks:
+        return torch.zeros(task_vectors.shape[1:], dtype=torch.float64)
+    t_m = torch.stack(tasks).sum(0).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([t_m], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        wudi_loss(t_m, tasks).backward()
+        optimizer.step()
+    return t_m.detach()
+
+
+def wudi_ridge(task_vectors: torch.Tensor, omega: float) -> float:
+    tasks = usable(task_vectors)
+    return omega * sum(t.pow(2).sum().item() for t in tasks) / len(tasks) / task_vectors.shape[2]
+
+
+def wudi_closed_form(task_vectors: torch.Tensor, omega: float) -> torch.Tensor:
+    """Eq. 20, literally: (sum_i a_i t_i (t_i^T t_i + r I)) (sum_i a_i (t_i^T t_i + r I))^+."""
+    tasks = usable(task_vectors)
+    ridge = wudi_ridge(task_vectors, omega)
+    eye = torch.eye(task_vectors.shape[2], dtype=torch.float64)
+    left = sum(t @ (t.T @ t + ridge * eye) / t.pow(2).sum() for t in tasks)
+    right = sum((t.T @ t + ridge * eye) / t.pow(2).sum() for t in tasks)
+    return left @ torch.linalg.pinv(right, hermitian=True)
+
+
+def doge_projector(tasks: Sequence[torch.Tensor], subspace: int) -> Optional[torch.Tensor]:
+    out_features, in_features = tasks[0].shape
+    rank = min(out_features, in_features)
+    k = rank // len(tasks)
+    keep = rank // subspace
+    if k == 0 or keep == 0:
+        return None
+    columns = [torch.linalg.svd(t, full_matrices=False).U[:, :k] for t in tasks]
+    stacked = torch.zeros(out_features, rank, dtype=torch.float64)
+    stacked[:, : k * len(tasks)] = torch.cat(columns, dim=1)
+    u_k = torch.linalg.svd(stacked, full_matrices=False).U[:, :keep]
+    return u_k @ u_k.T
+
+
+def doge_loss(delta, tasks, coefficients):
+    """sum_j sum_rows (rowsum(t_j * (t_j - S - L delta)))^2."""
+    shared = sum(c * t for c, t in zip(coefficients, tasks))
+    total = sum(coefficients)
+    return sum(((t * (t - shared - total * delta)).sum(dim=1)).pow(2).sum() for t in tasks)
+
+
+def doge(task_vectors: torch.Tensor, densities: Sequence[float], eta=0.07, lr=1e-4, steps=400, subspace=6):
+    keep = [i for i, t in enumerate(task_vectors.to(torch.float64)) if torch.isfinite(t.norm()) and t.norm() > 0]
+    tasks = [task_vectors[i].to(torch.float64) for i in keep]
+    densities = [densities[i] for i in keep]
+    if not tasks:
+        return torch.zeros(task_vectors.shape[1:], dtype=torch.float64)
+    coefficients = [eta / t.norm().item() for t in tasks]
+    projector = doge_projector(tasks, subspace)
+    delta = torch.zeros_like(tasks[0], requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        doge_loss(delta, tasks, coefficients).backward()
+        if projector is not None:
+            delta.grad -= projector @ delta.grad
+        optimizer.step()
+    delta = delta.detach()
+    merged = torch.zeros_like(delta)
+    for t, c, density in zip(tasks, coefficients, densities):
+        magnitudes = t.abs().flatten().sort().values
+        d = magnitudes.numel()
+        kth = d - math.floor(d * density)
+        mask = torch.ones_like(t) if kth == 0 else (t.abs() >= magnitudes[kth - 1]).to(t.dtype)
+        merged += c * mask * (t + delta)
+    return merged

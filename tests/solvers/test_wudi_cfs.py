@@ -1,0 +1,66 @@
+"""WudiCfsSolver against Eq. 20 written literally, and against its own objective."""
+
+import pytest
+import torch
+from reference import wudi_closed_form, wudi_ridge, wudi_ridge_loss
+from tensors import full_rank_task_vectors, low_rank_task_vectors
+
+from mergekit_wudi.solvers import WudiCfsConfig, WudiCfsSolver
+
+SHAPES = [(24, 12), (16, 16), (10, 40)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("count", [1, 2, 5])
+@pytest.mark.parametrize("omega", [0.0, 0.1, 2.0])
+@pytest.mark.parametrize("factory", [low_rank_task_vectors, full_rank_task_vectors])
+def test_matches_literal_closed_form(generator, device, shape, count, omega, factory):
+    tv = factory(generator, count, *shape)
+    ours = WudiCfsSolver(WudiCfsConfig(omega=omega)).solve(tv.to(device)).cpu()
+    expected = wudi_closed_form(tv, omega)
+    assert (expected - tv.sum(0)).norm() > 1e-3 * expected.norm() or count == 1
+    torch.testing.assert_close(ours, expected, rtol=1e-8, atol=1e-14 * expected.abs().max().item() + 1e-18)
+
+
+@pytest.mark.parametrize("omega", [0.05, 1.0])
+def test_is_a_stationary_point_of_the_ridge_objective(generator, omega):
+    tv = low_rank_task_vectors(generator, 3, 18, 14)
+    solved = WudiCfsSolver(WudiCfsConfig(omega=omega)).solve(tv).requires_grad_(True)
+    (gradient,) = torch.autograd.grad(wudi_ridge_loss(solved, list(tv), wudi_ridge(tv, omega)), solved)
+    start = tv.sum(0).requires_grad_(True)
+    (gradient_at_sum,) = torch.autograd.grad(wudi_ridge_loss(start, list(tv), wudi_ridge(tv, omega)), start)
+    assert gradient.norm() < 1e-10 * gradient_at_sum.norm()
+
+
+def test_omega_zero_is_the_minimum_norm_minimiser(generator):
+    # Rank-deficient: 2 tasks of rank 3 in a 20-dim input space; many minimisers.
+    tv = low_rank_task_vectors(generator, 2, 8, 20)
+    solved = WudiCfsSolver(WudiCfsConfig(omega=0.0)).solve(tv)
+    torch.testing.assert_close(solved, wudi_closed_form(tv, 0.0), rtol=1e-8, atol=1e-16)
+    span = torch.linalg.svd(torch.cat(list(tv)), full_matrices=False).Vh[:6]  # row space
+    torch.testing.assert_close(solved @ span.T @ span, solved, rtol=1e-8, atol=1e-16)
+
+
+def test_scale_equivariant(generator):
+    tv = low_rank_task_vectors(generator, 3, 12, 12)
+    solver = WudiCfsSolver()
+    torch.testing.assert_close(solver.solve(tv * 1e-4), solver.solve(tv) * 1e-4, rtol=1e-9, atol=0)
+
+
+def test_float32_input_is_solved_in_float32(generator):
+    tv = low_rank_task_vectors(generator, 3, 16, 16)
+    ours = WudiCfsSolver().solve(tv.float())
+    assert ours.dtype == torch.float32
+    expected = wudi_closed_form(tv, 0.1)
+    assert ((ours.double() - expected).norm() / expected.norm()) < 1e-4
+
+
+def test_zero_task_vectors_are_skipped(generator):
+    tv = low_rank_task_vectors(generator, 2, 10, 10)
+    padded = torch.cat([torch.zeros(1, 10, 10, dtype=tv.dtype), tv])
+    torch.testing.assert_close(WudiCfsSolver().solve(padded), WudiCfsSolver().solve(tv), rtol=0, atol=0)
+
+
+def test_negative_omega_is_rejected():
+    with pytest.raises(ValueError, match="omega"):
+        WudiCfsConfig(omega=-0.1)
