@@ -15,9 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Mapping, Optional, Tuple
 
 import torch
-from pydantic import AfterValidator
-from typing_extensions import Annotated
-
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import (
     MISSING,
@@ -29,6 +26,9 @@ from mergekit.merge_methods.base import (
     ParameterSpec,
     TensorGroup,
 )
+from pydantic import AfterValidator
+from typing_extensions import Annotated
+
 from mergekit_wudi.solvers import (
     DogeConfig,
     DogeSolver,
@@ -264,7 +264,7 @@ def _require_finite(method_name: str, group: TensorGroup) -> None:
             )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _build_spec(method: SolverMergeMethod, registered: Tuple[str, ...]) -> MergeMethodSpec:
     passthrough = _passthrough_parameters(registered)
     hints = typing.get_type_hints(method.config_cls)

@@ -1,0 +1,36 @@
+"""Build a tiny Llama family (base + 3 fine-tunes) and write a ready YAML per method.
+
+    python examples/demo.py /tmp/wudi-demo
+    mergekit-yaml /tmp/wudi-demo/wudi.yml /tmp/wudi-demo/out-wudi --no-copy-tokenizer
+
+Offline and CPU-only: the models are random, with low-rank deltas on the linear weights
+(like fine-tunes) and small dense deltas elsewhere.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from models import make_family, write_config  # noqa: E402
+
+RECIPES = {
+    "wudi": {"steps": 300, "lr": 1.0e-5},
+    "wudi_cfs": {"omega": 0.1},
+    "doge": {"eta": 0.07, "density": 0.3},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("root", type=Path)
+    root = parser.parse_args().root.resolve()
+    base, *models = make_family(root / "models")
+    for method, parameters in RECIPES.items():
+        config = write_config(root / f"{method}.yml", method, base, models, parameters)
+        print(f"mergekit-yaml {config} {root / ('out-' + method)} --no-copy-tokenizer")
+
+
+if __name__ == "__main__":
+    main()

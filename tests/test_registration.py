@@ -1,0 +1,73 @@
+"""Automatic registration: the .pth hook, idempotence, the off switch, name conflicts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def python(code: str, **env) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "MERGEKIT_WUDI_NO_AUTOLOAD"}
+    environment.update(env)
+    return subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+
+
+def test_plain_import_of_mergekit_sees_the_methods_and_startup_stays_light():
+    result = python(
+        "import sys; light = 'torch' not in sys.modules and 'mergekit' not in sys.modules\n"
+        "from mergekit.merge_methods import registry\n"
+        "print(light, [registry.get(n).spec.name for n in ('wudi', 'wudi_cfs', 'doge')])"
+    )
+    assert result.stdout.strip() == "True ['wudi', 'wudi_cfs', 'doge']", result.stderr
+
+
+def test_environment_variable_turns_autoload_off_and_register_is_idempotent():
+    result = python(
+        "from mergekit.merge_methods import registry\n"
+        "names = [m.spec.name for m in registry.registered_methods()]\n"
+        "import mergekit_wudi\n"
+        "print('wudi' in names, mergekit_wudi.register(), mergekit_wudi.register())",
+        MERGEKIT_WUDI_NO_AUTOLOAD="1",
+    )
+    assert result.stdout.strip() == "False ('wudi', 'wudi_cfs', 'doge') ()", result.stderr
+
+
+def test_a_name_taken_by_another_method_is_reported_not_overwritten():
+    code = (
+        "from mergekit.merge_methods import registry\n"
+        "from mergekit.merge_methods.registry import _METHODS\n"
+        "impostor = _METHODS.pop('task_arithmetic')\n"
+        "from dataclasses import replace\n"
+        "_METHODS['wudi'] = replace(impostor, method_name='wudi')\n"
+        "import mergekit_wudi\n"
+        "try:\n"
+        "    mergekit_wudi.register()\n"
+        "except RuntimeError as e:\n"
+        "    print('strict:', e)\n"
+        "print(mergekit_wudi.register(strict=False), type(registry.get('wudi')).__name__)"
+    )
+    result = python(code, MERGEKIT_WUDI_NO_AUTOLOAD="1")
+    assert "strict: mergekit-wudi: merge method 'wudi' is already registered by" in result.stdout
+    assert "('wudi_cfs', 'doge') GeneralizedTaskArithmeticMerge" in result.stdout
+    assert "left in place" in result.stderr  # the warning of the non-strict call
+
+
+def test_autoload_after_mergekit_was_imported_registers_at_once():
+    result = python(
+        "from mergekit.merge_methods import registry\n"
+        "import mergekit_wudi.registration as r, os\n"
+        "del os.environ['MERGEKIT_WUDI_NO_AUTOLOAD']\n"
+        "r.autoload(); r.autoload()\n"
+        "print(registry.get('doge').spec.pretty_name)",
+        MERGEKIT_WUDI_NO_AUTOLOAD="1",
+    )
+    assert result.stdout.strip() == "DOGE-TA", result.stderr
+
+
+@pytest.mark.parametrize("value, off", [("1", True), ("true", True), ("0", False), ("", False)])
+def test_off_switch_values(monkeypatch, value, off):
+    from mergekit_wudi import registration
+
+    monkeypatch.setenv(registration.DISABLE_ENV, value)
+    assert registration.autoload_disabled() is off
