@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import is_llama_linear, load_model, make_family, write_config
+from models import is_llama_linear, load_model, make_family, save_model, write_config
 from reference import doge, wudi_adam, wudi_closed_form
 
-from mergekit_wudi.solvers import DogeSolver
+from mergekit_wudi.solvers import DogeConfig, DogeSolver
 
 pytestmark = pytest.mark.e2e
 
@@ -170,3 +170,19 @@ def test_bad_parameter_fails_before_writing(family, tmp_path):
     assert result.returncode != 0
     assert "lr must be a finite number > 0" in result.stderr
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_doge_with_one_real_and_one_all_zero_task_vector(family, tmp_path):
+    # ft_zero is a copy of the base: its task vector is zero everywhere and takes no
+    # part, so the merge is DOGE with N = 1 on ft1's task vector.
+    zero = save_model(tmp_path / "ft_zero", load_model(family[0]))
+    config = write_config(tmp_path / "doge.yml", "doge", family[0], [family[1], zero], {"steps": 50})
+    mergekit_yaml(config, tmp_path / "out")
+    merged = load_model(tmp_path / "out")
+    base, ft1 = load_model(family[0]), load_model(family[1])
+    for name, tensor in merged.items():
+        assert torch.isfinite(tensor).all(), name
+        if is_llama_linear(name):
+            single = (ft1[name].float() - base[name].float()).unsqueeze(0)
+            expected = base[name].float() + DogeSolver(DogeConfig(steps=50)).solve(single)
+            torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-7)
