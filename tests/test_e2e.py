@@ -5,31 +5,19 @@ formula; every other tensor against a plain `merge_method: task_arithmetic` run.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from models import is_llama_linear, load_model, make_family, save_model, write_config
 from reference import doge, wudi_adam, wudi_closed_form
+from runner import mergekit_yaml
 
 from mergekit_wudi.solvers import DogeConfig, DogeSolver
 
 pytestmark = pytest.mark.e2e
 
 WEIGHTS = [1.0, 0.8, 1.2]
-
-
-def mergekit_yaml(config: Path, out: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
-    env.pop("MERGEKIT_WUDI_NO_AUTOLOAD", None)
-    command = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(config), str(out), "--no-copy-tokenizer", *flags]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"mergekit-yaml failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
 
 
 @pytest.fixture(scope="module")
