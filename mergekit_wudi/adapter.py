@@ -29,6 +29,7 @@ from mergekit.merge_methods.base import (
 from pydantic import AfterValidator
 from typing_extensions import Annotated
 
+from mergekit_wudi.errors import ConfigError, lookalike_parameters, suggest, value_error_as_config_error
 from mergekit_wudi.solvers import (
     DogeConfig,
     DogeSolver,
@@ -90,8 +91,10 @@ def _check_fallback(value: str) -> str:
         method = registry.get(value)
     except RuntimeError:
         names = sorted(m.spec.name for m in registry.registered_methods() if not _is_ours(m))
+        guess = suggest(value, [*names, BASE_FALLBACK])
+        hint = f"did you mean {guess!r}? " if guess else ""
         raise ValueError(
-            f"fallback {value!r} is not a registered merge method; use 'base' or one of: {', '.join(names)}"
+            f"fallback {value!r} is not a registered merge method; {hint}use 'base' or one of: {', '.join(names)}"
         ) from None
     if _is_ours(method):
         raise ValueError(f"fallback {value!r} is a solver method of mergekit-wudi; pick a method that merges any tensor")
@@ -104,8 +107,9 @@ def _is_ours(method: Any) -> bool:
     return isinstance(method, SolverMergeMethod)
 
 
-def _validated(value_type: Any, check) -> Any:
-    return Annotated[value_type, AfterValidator(check)]
+def _validated(value_type: Any, check, method_name: str, name: str) -> Any:
+    checks = () if check is None else (AfterValidator(check),)
+    return Annotated[(value_type, *checks, value_error_as_config_error(method_name, name))]
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,20 @@ class SolverMergeMethod(GroupMergeMethod):
         # Pass-through parameters mirror the registry, which can grow after this method
         # was built; the key is the tuple of registered names.
         return _build_spec(self, tuple(m.spec.name for m in registry.registered_methods() if not _is_ours(m)))
+
+    def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
+        """mergekit's structural checks, with the two a user can cause said in one line."""
+        if base_id is None:
+            raise ConfigError(
+                f"merge_method {self.method_name} needs a base model: set base_model to the model "
+                "the fine-tunes started from (base_index= in merge_tensors)"
+            )
+        if all(input_id == base_id for input_id in input_ids):
+            raise ConfigError(
+                f"merge_method {self.method_name} needs at least one model besides the base model {base_id}: "
+                "list the fine-tunes under models"
+            )
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
 
     # --- the merge -----------------------------------------------------------------
 
@@ -273,7 +291,7 @@ def _build_spec(method: SolverMergeMethod, registered: Tuple[str, ...]) -> Merge
         ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0, description="scales the merged task vector"),
         ParameterSpec(
             "fallback",
-            _validated(str, _check_fallback),
+            _validated(str, _check_fallback, method.method_name, "fallback"),
             ParameterScope.SHARED,
             default=DEFAULT_FALLBACK,
             description="merge method for tensors that are not solved, or 'base'",
@@ -302,14 +320,23 @@ def _build_spec(method: SolverMergeMethod, registered: Tuple[str, ...]) -> Merge
         parameters.append(
             ParameterSpec(
                 field.name,
-                _validated(value_type, check),
+                _validated(value_type, check, method.method_name, field.name),
                 scope,
                 default=None if shared_name else field.default,
                 description=description,
             )
         )
     own = {parameter.name for parameter in parameters}
-    parameters.extend(spec for name, spec in passthrough.items() if name not in own)
+    parameters.extend(
+        dataclasses.replace(spec, value_type=_validated(spec.value_type, None, method.method_name, name))
+        for name, spec in passthrough.items()
+        if name not in own
+    )
+    foreign: Dict[str, str] = {}  # our other methods' own parameters -> "wudi or doge"
+    for other in MERGE_METHODS:
+        for field in dataclasses.fields(other.config_cls) if other is not method else ():
+            foreign[field.name] = " or ".join(filter(None, (foreign.get(field.name), other.method_name)))
+    parameters.extend(lookalike_parameters(method.method_name, own, [p.name for p in parameters], foreign))
     return MergeMethodSpec(
         name=method.method_name,
         parameters=tuple(parameters),
