@@ -30,6 +30,7 @@ from pydantic import AfterValidator
 from typing_extensions import Annotated
 
 from mergekit_wudi.errors import ConfigError, lookalike_parameters, suggest, value_error_as_config_error
+from mergekit_wudi.progress import PROGRESS, log_objective
 from mergekit_wudi.solvers import (
     DogeConfig,
     DogeSolver,
@@ -157,11 +158,14 @@ class SolverMergeMethod(GroupMergeMethod):
         _require_finite(self.method_name, group)
         if not parameters["solve"]:
             logger.debug("%s: %s -> fallback %s (solve: false)", self.method_name, name, parameters["fallback"])
+            PROGRESS.skipped(self.method_name, name)
             return self._fallback(group, parameters)
         if not is_linear_weight(name, base.tensor, group.metadata.vocabulary_axis):
             logger.debug("%s: %s -> fallback %s (not a linear weight)", self.method_name, name, parameters["fallback"])
+            PROGRESS.skipped(self.method_name, name)
             return self._fallback(group, parameters)
-        return self._solve(group, parameters)
+        with PROGRESS.solving(self.method_name, name):
+            return self._solve(group, parameters)
 
     def _solve(self, group: TensorGroup, parameters: Mapping[str, Any]) -> torch.Tensor:
         name = group.metadata.name
@@ -184,6 +188,7 @@ class SolverMergeMethod(GroupMergeMethod):
 
         config, per_model = self._config(parameters, entries)
         merged = self.solver_cls(config).solve(task_vectors, **per_model)  # (out, in)
+        log_objective(self.method_name, name, task_vectors, merged)
         del task_vectors
         result = torch.add(base_c, merged, alpha=parameters["lambda"])
         if not bool(torch.isfinite(result).all()):
