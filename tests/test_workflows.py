@@ -1,0 +1,205 @@
+"""The methods inside mergekit's other workflows, unchanged: the model card, the Python
+API (`run_merge`), multi-stage merges (`mergekit-multi`), LoRA adapters (`model+lora`)
+and `mergekit-evolve`'s genome."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+from models import is_llama_linear, load_model, make_family, write_config
+from reference import wudi_closed_form
+from runner import mergekit_yaml
+
+from mergekit_wudi.errors import check_config_keys
+
+pytestmark = pytest.mark.e2e
+
+ARXIV_WUDI = "https://arxiv.org/abs/2503.08099"
+ARXIV_DOGE = "https://arxiv.org/abs/2501.01230"
+METHODS = {
+    "wudi": ({"steps": 20}, f"[WUDI-Merging]({ARXIV_WUDI})"),
+    "wudi_cfs": ({"omega": 0.1}, f"[WUDI-Merging (closed form)]({ARXIV_WUDI})"),
+    "doge": ({"steps": 20}, f"[DOGE-TA]({ARXIV_DOGE})"),
+}
+API_OPTIONS = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture(scope="module")
+def cli_runs(family, tmp_path_factory):
+    """One real mergekit-yaml run per method (model card on, as by default)."""
+    base, *models = family
+    runs = {}
+    for method, (parameters, _) in METHODS.items():
+        root = tmp_path_factory.mktemp(method)
+        config = write_config(root / f"{method}.yml", method, base, models, parameters, [{"weight": 0.9}, {}, {}])
+        mergekit_yaml(config, root / "out")
+        runs[method] = (config, root / "out")
+    return runs
+
+
+def assert_same_tensors(left: dict, right: dict) -> None:
+    assert left.keys() == right.keys()
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_model_card_links_the_paper(cli_runs, method):
+    config, out = cli_runs[method]
+    card = (out / "README.md").read_text()
+    assert METHODS[method][1] in card, card[:1500]
+    assert (out / "mergekit_config.yml").read_text() == config.read_text()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_python_api_equals_mergekit_yaml(cli_runs, method, tmp_path):
+    config, out = cli_runs[method]
+    merge_config = MergeConfiguration.model_validate(yaml.safe_load(config.read_text()))
+    run_merge(merge_config, str(tmp_path / "api"), options=API_OPTIONS)
+    assert_same_tensors(load_model(tmp_path / "api"), load_model(out))
+
+
+def test_multi_stage_merge(family, tmp_path):
+    base, ft1, ft2, ft3 = family
+    stage1 = {"name": "stage1", "merge_method": "wudi_cfs", "base_model": str(base),
+              "models": [{"model": str(ft1)}, {"model": str(ft2)}]}
+    final = {"merge_method": "task_arithmetic", "base_model": str(base),
+             "models": [{"model": "stage1", "parameters": {"weight": 1.0}},
+                        {"model": str(ft3), "parameters": {"weight": 0.5}}]}
+    config = tmp_path / "multi.yml"
+    config.write_text(yaml.safe_dump_all([stage1, final]))
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
+    command = [sys.executable, "-m", "mergekit.scripts.multimerge", str(config), "--intermediate-dir",
+               str(tmp_path / "stages"), "--out-path", str(tmp_path / "out"), "--no-copy-tokenizer", "--quiet"]
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # Stage 1 is the same wudi_cfs merge as a direct run of its own YAML...
+    direct = {k: v for k, v in stage1.items() if k != "name"}
+    run_merge(MergeConfiguration.model_validate(direct), str(tmp_path / "direct"), options=API_OPTIONS)
+    staged = load_model(tmp_path / "stages" / "stage1")
+    assert_same_tensors(staged, load_model(tmp_path / "direct"))
+    # ...which solved the linear weights (Eq. 20 in float64, not the plain sum)...
+    tensors = [load_model(p) for p in (base, ft1, ft2, ft3)]
+    name = "model.layers.1.self_attn.o_proj.weight"
+    task_vectors = torch.stack([t[name].double() - tensors[0][name].double() for t in tensors[1:3]])
+    expected = tensors[0][name].double() + wudi_closed_form(task_vectors, 0.1)
+    change = (expected - tensors[0][name].double()).norm()
+    assert (staged[name].double() - expected).norm() < 1e-4 * change
+    # ...and stage 2 is task arithmetic on stage 1's output: W0 + (S - W0) + 0.5 (W3 - W0).
+    merged = load_model(tmp_path / "out")
+    for key, tensor in merged.items():
+        w0 = tensors[0][key].double()
+        expected = w0 + (staged[key].double() - w0) + 0.5 * (tensors[3][key].double() - w0)
+        torch.testing.assert_close(tensor.double(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_lora_adapter_through_model_plus_lora(family, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base, ft1 = family[0], family[1]
+    rank, alpha, targets = 2, 8, ["q_proj", "v_proj", "down_proj"]
+    generator = torch.Generator().manual_seed(7)
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for parameter_name, parameter in peft_model.named_parameters():
+            if "lora_" in parameter_name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    del peft_model
+
+    # The independent expectation: each adapted weight moves by B A * alpha / r.
+    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    lora_delta = {
+        key[len(prefix):].replace(".lora_A.weight", ".weight"): adapter[key.replace("lora_A", "lora_B")].double()
+        @ adapter[key].double() * (alpha / rank)
+        for key in adapter
+        if ".lora_A." in key
+    }
+    assert len(lora_delta) == 2 * len(targets)
+
+    config = write_config(tmp_path / "lora.yml", "wudi_cfs", base, [ft1, f"{base}+{tmp_path / 'adapter'}"])
+    check_config_keys(MergeConfiguration.model_validate(json.loads(config.read_text())))
+    mergekit_yaml(config, tmp_path / "out", "--lora-merge-cache", str(tmp_path / "lora-cache"))
+
+    # The weights mergekit sees for `base+adapter` (peft's merge, cached on disk)...
+    (seen_path,) = [p for p in (tmp_path / "lora-cache").iterdir() if p.is_dir()]
+    seen = load_model(seen_path)
+    base_tensors, ft1_tensors = load_model(base), load_model(ft1)
+    for name, tensor in base_tensors.items():
+        expected = tensor.double() + lora_delta.get(name, 0)
+        torch.testing.assert_close(seen[name].double(), expected, rtol=0, atol=1e-6)
+    # ...and the merge: the adapter's task vector is B A alpha / r, and zero (left out of
+    # the solve) where it adapts nothing.
+    merged = load_model(tmp_path / "out")
+    solved_with_lora = 0
+    for name, tensor in merged.items():
+        if not is_llama_linear(name):
+            continue
+        w0 = base_tensors[name].double()
+        vectors = [ft1_tensors[name].double() - w0]
+        if name in lora_delta:
+            vectors.append(lora_delta[name])
+            solved_with_lora += 1
+        expected = w0 + wudi_closed_form(torch.stack(vectors), 0.1)
+        error = (tensor.double() - expected).norm() / (expected - w0).norm()
+        assert error < 1e-4, f"{name}: relative error {error:.1e}"
+    assert solved_with_lora == 6
+
+
+def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
+    """What mergekit-evolve does with a genome, minus the evaluation (lm-eval, ray, cma).
+
+    mergekit 0.1.5's genome only knows the methods in its METHOD_PARAM_MAPS (linear,
+    task_arithmetic, ties, dare_ties, slerp) and rejects any other merge_method. Adding
+    `wudi_cfs: [weight]` there is all it takes: the genome's per-layer, per-model
+    weights are plain floats that the method takes as they are.
+    """
+    from mergekit.evo import genome as evo_genome
+
+    base, *models = family
+    with pytest.raises(Exception, match="Invalid merge method"):
+        evo_genome.ModelGenomeDefinition(models=[str(m) for m in models], base_model=str(base), merge_method="wudi_cfs")
+
+    monkeypatch.setitem(evo_genome.METHOD_PARAM_MAPS, "wudi_cfs", ["weight"])
+    definition = evo_genome.ModelGenomeDefinition(
+        models=[str(m) for m in models], base_model=str(base), merge_method="wudi_cfs", layer_granularity=1
+    )
+    genome = evo_genome.ModelGenome(definition)
+    genotype = genome.initial_genotype(random=True)  # (layer groups, models, param sets, params)
+    assert genotype.shape == (2, 3, 1, 1)
+    merge_config = genome.genotype_merge_config(genotype)
+    check_config_keys(merge_config)  # normalize / int8_mask: the fallback's parameters
+    run_merge(merge_config, str(tmp_path / "out"), options=API_OPTIONS)
+
+    merged = load_model(tmp_path / "out")
+    tensors = [load_model(p) for p in family]
+    for layer in range(2):
+        name = f"model.layers.{layer}.mlp.up_proj.weight"
+        weights = genotype[layer, :, 0, 0].abs().double()
+        w0 = tensors[0][name].double()
+        task_vectors = torch.stack([w * (t[name].double() - w0) for w, t in zip(weights, tensors[1:])])
+        expected = w0 + wudi_closed_form(task_vectors, 0.1)
+        # The genome asks for bfloat16: compare at bf16 resolution.
+        error = (merged[name].double() - expected).norm()
+        rounding = (expected.to(torch.bfloat16).double() - expected).norm()
+        assert merged[name].dtype == torch.bfloat16
+        assert error <= 1.5 * rounding + 1e-3 * (expected - w0).norm(), name
