@@ -292,8 +292,20 @@ def _build_spec(method: SolverMergeMethod, registered: Tuple[str, ...]) -> Merge
     passthrough = _passthrough_parameters(registered)
     hints = typing.get_type_hints(method.config_cls)
     parameters = [
-        ParameterSpec("weight", float, ParameterScope.NON_BASE, default=1.0, description="scales this model's task vector"),
-        ParameterSpec("lambda", float, ParameterScope.SHARED, default=1.0, description="scales the merged task vector"),
+        ParameterSpec(
+            "weight",
+            _validated(float, None, method.method_name, "weight"),
+            ParameterScope.NON_BASE,
+            default=1.0,
+            description="scales this model's task vector",
+        ),
+        ParameterSpec(
+            "lambda",
+            _validated(float, None, method.method_name, "lambda"),
+            ParameterScope.SHARED,
+            default=1.0,
+            description="scales the merged task vector",
+        ),
         ParameterSpec(
             "fallback",
             _validated(str, _check_fallback, method.method_name, "fallback"),
@@ -301,10 +313,16 @@ def _build_spec(method: SolverMergeMethod, registered: Tuple[str, ...]) -> Merge
             default=DEFAULT_FALLBACK,
             description="merge method for tensors that are not solved, or 'base'",
         ),
-        ParameterSpec("solve", bool, ParameterScope.SHARED, default=True, description="false sends the tensor to the fallback"),
+        ParameterSpec(
+            "solve",
+            _validated(bool, None, method.method_name, "solve"),
+            ParameterScope.SHARED,
+            default=True,
+            description="false sends the tensor to the fallback",
+        ),
         ParameterSpec(
             "input_major",
-            Optional[bool],
+            _validated(Optional[bool], None, method.method_name, "input_major"),
             ParameterScope.SHARED,
             default=None,
             description="weight stored (in, out); unset: detect GPT-2 Conv1D names",
