@@ -36,6 +36,30 @@ class ConfigError(RuntimeError):
     """
 
 
+def install_excepthook() -> None:
+    """Print an uncaught ConfigError as one line (`error: ...`) instead of a traceback.
+
+    mergekit-yaml lets a configuration mistake escape as an exception, so the user would
+    read our sentence at the bottom of a 40-line traceback. The hook is chained: every
+    other exception goes to the hook that was there before. Idempotent.
+    """
+    import sys
+
+    previous = sys.excepthook
+    if getattr(previous, "_mergekit_wudi", False):
+        return
+
+    def hook(exc_type, exc, tb):
+        if isinstance(exc, ConfigError):
+            sys.stderr.write(f"error: {exc}\n")
+            sys.stderr.flush()
+        else:
+            previous(exc_type, exc, tb)
+
+    hook._mergekit_wudi = True
+    sys.excepthook = hook
+
+
 # Words people write for our parameters (other libraries' names, paper symbols,
 # misspellings). Spelling variants (case, plural, trailing "_", "-" for "_") are
 # generated from every declared name by `_variants`.

@@ -75,6 +75,9 @@ def autoload() -> None:
 def _register_quietly() -> None:
     try:
         register(strict=False)
+        from mergekit_wudi.errors import install_excepthook
+
+        install_excepthook()  # configuration mistakes print as one line in mergekit-yaml
     except Exception as error:
         _report(error)
 

@@ -75,13 +75,14 @@ def test_off_switch_values(monkeypatch, value, off):
 
 def test_pth_line_is_silent_when_the_package_cannot_be_imported(tmp_path):
     # A stale .pth (package moved or half-uninstalled) must not print a traceback in
-    # every Python process; run its line with site disabled and the package off sys.path.
+    # every Python process; run its line with site disabled and the package off sys.path
+    # (-I: PYTHONPATH ignored too).
     from pathlib import Path
 
     line = (Path(__file__).parents[1] / "mergekit_wudi.pth").read_text().strip()
     assert line.startswith("import ")  # site.py only executes lines that start with "import"
     code = "import sys; sys.path = [p for p in sys.path if p]; exec(sys.argv[1]); print('ok', 'mergekit_wudi' in sys.modules)"
     result = subprocess.run(
-        [sys.executable, "-S", "-c", code, line], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, "-I", "-S", "-c", code, line], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "ok False", "")
