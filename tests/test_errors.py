@@ -131,3 +131,18 @@ def test_closeness_rule_agrees_with_the_synonym_table(key, meant):
 def test_closeness_rule_on_typos(typo, meant):
     names = ["weight", "lambda", "fallback", "solve", "input_major", "steps", "lr", "eta", "density", "subspace"]
     assert suggest(typo, names) == meant
+
+
+def test_excepthook_prints_config_errors_as_one_line_and_chains_the_rest(monkeypatch, capsys):
+    import sys
+
+    from mergekit_wudi.errors import install_excepthook
+
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda *args: seen.append(args[0]))
+    install_excepthook()
+    install_excepthook()  # idempotent: one wrapper, not two
+    sys.excepthook(ConfigError, ConfigError("set lr > 0"), None)
+    sys.excepthook(KeyError, KeyError("x"), None)
+    assert capsys.readouterr().err == "error: set lr > 0\n"
+    assert seen == [KeyError]
