@@ -29,6 +29,7 @@ from mergekit.merge_methods.base import (
 from pydantic import AfterValidator
 from typing_extensions import Annotated
 
+from mergekit_wudi.cache import SolveCache
 from mergekit_wudi.solvers import (
     DogeConfig,
     DogeSolver,
@@ -143,7 +144,21 @@ class SolverMergeMethod(GroupMergeMethod):
         if not is_linear_weight(name, base.tensor, group.metadata.vocabulary_axis):
             logger.debug("%s: %s -> fallback %s (not a linear weight)", self.method_name, name, parameters["fallback"])
             return self._fallback(group, parameters)
-        return self._solve(group, parameters)
+        cache = SolveCache.from_environment()  # opt-in: MERGEKIT_WUDI_CACHE=DIR
+        if cache is None:
+            return self._solve(group, parameters)
+        inputs = [base.tensor, *(entry.tensor for entry in group.non_base)]
+        keyed = self._keyed_parameters(parameters, group.non_base)
+        return cache.solve(self.method_name, name, inputs, keyed, lambda: self._solve(group, parameters))
+
+    def _keyed_parameters(self, parameters: Mapping[str, Any], entries) -> Dict[str, Any]:
+        """What a solved tensor depends on besides its inputs (the cache key): never `fallback`."""
+        keyed = {name: parameters[name] for name in ("lambda", "input_major")}
+        keyed["weight"] = [parameters["weight"][entry.id] for entry in entries]
+        for field in dataclasses.fields(self.config_cls):
+            value = parameters[field.name]
+            keyed[field.name] = [value[entry.id] for entry in entries] if field.metadata.get("per_model") else value
+        return keyed
 
     def _solve(self, group: TensorGroup, parameters: Mapping[str, Any]) -> torch.Tensor:
         name = group.metadata.name
