@@ -11,7 +11,7 @@ import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
 from models import is_llama_linear, load_model, make_family, write_config
-from runner import mergekit_yaml
+from runner import mergekit_yaml, mergekit_yaml_in_process
 from tensors import low_rank_task_vectors
 
 from mergekit_wudi.cache import CACHE_ENV
@@ -35,7 +35,7 @@ def test_killed_merge_resumes_from_the_cache_with_the_same_bits(family, tmp_path
     # ~0.5 s a tensor: slow enough to kill between two solves.
     config = write_config(tmp_path / "wudi.yml", "wudi", base, models, {"steps": 5000, "lambda": 0.9},
                           [{"weight": 0.7}, {"weight": 1.2}])
-    mergekit_yaml(config, tmp_path / "reference")  # no cache
+    mergekit_yaml_in_process(config, tmp_path / "reference")  # no cache
     reference = load_model(tmp_path / "reference")
 
     cache = tmp_path / "cache"
@@ -63,15 +63,16 @@ def test_killed_merge_resumes_from_the_cache_with_the_same_bits(family, tmp_path
 
 
 @pytest.mark.e2e
-def test_changing_only_the_fallback_solves_nothing_again(family, tmp_path):
+def test_changing_only_the_fallback_solves_nothing_again(family, tmp_path, monkeypatch, caplog):
     base, *models = family
-    cache = str(tmp_path / "cache")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     first = write_config(tmp_path / "a.yml", "wudi_cfs", base, models, {"lambda": 0.9})
-    mergekit_yaml(first, tmp_path / "a", **{CACHE_ENV: cache})
+    mergekit_yaml_in_process(first, tmp_path / "a")
     second = write_config(tmp_path / "b.yml", "wudi_cfs", base, models, {"lambda": 0.9, "fallback": "base"})
-    result = mergekit_yaml(second, tmp_path / "b", "-v", **{CACHE_ENV: cache})
-    assert result.stderr.count("from the solve cache") == LINEAR_TENSORS
-    assert "solved; cached" not in result.stderr
+    with caplog.at_level(logging.INFO, logger="mergekit_wudi.cache"):
+        mergekit_yaml_in_process(second, tmp_path / "b")
+    assert caplog.text.count("from the solve cache") == LINEAR_TENSORS
+    assert "solved; cached" not in caplog.text
     a, b, base_tensors = load_model(tmp_path / "a"), load_model(tmp_path / "b"), load_model(base)
     for name, tensor in b.items():
         expected = a[name] if is_llama_linear(name) else base_tensors[name]  # fallback: base
