@@ -29,6 +29,7 @@ from mergekit.merge_methods.base import (
 from pydantic import AfterValidator
 from typing_extensions import Annotated
 
+from mergekit_wudi.cache import SolveCache
 from mergekit_wudi.errors import ConfigError, lookalike_parameters, suggest, value_error_as_config_error
 from mergekit_wudi.progress import PROGRESS, log_objective
 from mergekit_wudi.solvers import (
@@ -165,7 +166,21 @@ class SolverMergeMethod(GroupMergeMethod):
             PROGRESS.skipped(self.method_name, name)
             return self._fallback(group, parameters)
         with PROGRESS.solving(self.method_name, name):
-            return self._solve(group, parameters)
+            cache = SolveCache.from_environment()  # opt-in: MERGEKIT_WUDI_CACHE=DIR
+            if cache is None:
+                return self._solve(group, parameters)
+            inputs = [base.tensor, *(entry.tensor for entry in group.non_base)]
+            keyed = self._keyed_parameters(parameters, group.non_base)
+            return cache.solve(self.method_name, name, inputs, keyed, lambda: self._solve(group, parameters))
+
+    def _keyed_parameters(self, parameters: Mapping[str, Any], entries) -> Dict[str, Any]:
+        """What a solved tensor depends on besides its inputs (the cache key): never `fallback`."""
+        keyed = {name: parameters[name] for name in ("lambda", "input_major")}
+        keyed["weight"] = [parameters["weight"][entry.id] for entry in entries]
+        for field in dataclasses.fields(self.config_cls):
+            value = parameters[field.name]
+            keyed[field.name] = [value[entry.id] for entry in entries] if field.metadata.get("per_model") else value
+        return keyed
 
     def _solve(self, group: TensorGroup, parameters: Mapping[str, Any]) -> torch.Tensor:
         name = group.metadata.name

@@ -16,3 +16,20 @@ def mergekit_yaml(config: Path, out: Path, *flags: str, check: bool = True, **en
     if check and result.returncode != 0:
         raise AssertionError(f"mergekit-yaml failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+def mergekit_yaml_in_process(config: Path, out: Path, *flags: str, check: bool = True):
+    """The same `mergekit-yaml` click command, run in this process (click's CliRunner).
+
+    Parses the same options and runs the same planner, executor and writer, without the
+    ~5 s of interpreter start-up and imports of a subprocess. Exceptions come back in
+    `.exception`. Do not pass `-j` here: it sets torch's thread count for the whole
+    test process.
+    """
+    from click.testing import CliRunner
+    from mergekit.scripts.run_yaml import main
+
+    result = CliRunner().invoke(main, [str(config), str(out), "--no-copy-tokenizer", *flags])
+    if check and result.exit_code != 0:
+        raise AssertionError(f"mergekit-yaml failed ({result.exit_code}): {result.exception!r}\n{result.output[-4000:]}")
+    return result

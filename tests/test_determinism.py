@@ -1,0 +1,105 @@
+"""Determinism on CPU: the same config gives the same bits, whatever the threads and shards."""
+
+import os
+
+import pytest
+import torch
+from models import load_model, make_family, write_config
+from runner import mergekit_yaml, mergekit_yaml_in_process
+from tensors import full_rank_task_vectors
+
+from mergekit_wudi.solvers import DogeConfig, DogeSolver, WudiCfsSolver, WudiConfig, WudiSolver
+
+PARAMETERS = {"wudi": {"steps": 50}, "wudi_cfs": {}, "doge": {"steps": 50}}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("family"), fine_tunes=3)
+
+
+def assert_same_bits(a, b):
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+def run(family, tmp_path, method):
+    base, *models = family
+    return write_config(tmp_path / "cfg.yml", method, base, models, {"lambda": 0.9, **PARAMETERS[method]},
+                        [{"weight": w} for w in (1.0, 0.8, 1.2)])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", ["wudi", "wudi_cfs", "doge"])
+def test_same_bits_across_runs_and_shard_sizes(family, tmp_path, method):
+    config = run(family, tmp_path, method)
+    mergekit_yaml_in_process(config, tmp_path / "a")
+    mergekit_yaml_in_process(config, tmp_path / "b", "--out-shard-size", "30K")
+    assert len(list((tmp_path / "b").glob("*.safetensors"))) > 3
+    assert_same_bits(load_model(tmp_path / "b"), load_model(tmp_path / "a"))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method", ["wudi", "wudi_cfs"])
+def test_same_bits_across_thread_counts(family, tmp_path, method):
+    # doge is left out: its SVDs depend on the thread count (see below), and on these
+    # rank-2 task vectors its shared subspace is set by rounding (README, DOGE section).
+    config = run(family, tmp_path, method)
+    mergekit_yaml_in_process(config, tmp_path / "default")  # torch's default: one thread a core
+    mergekit_yaml(config, tmp_path / "three", "-j", "3", "--out-shard-size", "30K")
+    assert torch.get_num_threads() != 3
+    assert_same_bits(load_model(tmp_path / "three"), load_model(tmp_path / "default"))
+
+
+# At 384x512 MKL splits work across threads: torch.mm stays bit-identical across thread
+# counts, but Cholesky, eigh and SVD (MKL LAPACK: wudi_cfs, doge) do not. (At the tiny
+# family's 64x96, only the SVD, so doge, changes.)
+
+
+@pytest.fixture
+def threads():
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
+def solve_with_threads(set_threads, solver, count):
+    task_vectors = full_rank_task_vectors(torch.Generator().manual_seed(0), 3, 384, 512, scale=1e-2, dtype=torch.float32)
+    results = []
+    for number in (1, count):
+        set_threads(number)
+        results.append(solver.solve(task_vectors))
+    return results
+
+
+needs_cores = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to run 2 threads")
+
+
+@needs_cores
+def test_wudi_is_bit_identical_across_thread_counts(threads):
+    one, two = solve_with_threads(threads, WudiSolver(WudiConfig(steps=20)), 2)
+    assert torch.equal(one, two)
+
+
+SOLVERS = [WudiCfsSolver(), DogeSolver(DogeConfig(steps=20))]
+
+
+@needs_cores
+@pytest.mark.parametrize("solver", SOLVERS, ids=["wudi_cfs", "doge"])
+def test_lapack_solvers_agree_across_thread_counts_to_float32_rounding(threads, solver):
+    one, two = solve_with_threads(threads, solver, 2)
+    # measured 1e-7 (wudi_cfs) and 5e-5 (doge: its trim keeps or drops entries at the threshold)
+    assert float((one - two).norm() / one.norm()) < 1e-3
+
+
+@needs_cores
+@pytest.mark.xfail(
+    strict=True,
+    reason="MKL LAPACK (cholesky_ex/cholesky_solve, eigh, svd) rounds differently with another thread count, "
+    "so wudi_cfs and doge outputs depend on -j; issue 7 asks for bit-identical (a solver-side fix)",
+)
+@pytest.mark.parametrize("solver", SOLVERS, ids=["wudi_cfs", "doge"])
+def test_lapack_solvers_are_bit_identical_across_thread_counts(threads, solver):
+    one, two = solve_with_threads(threads, solver, 2)
+    assert torch.equal(one, two)
