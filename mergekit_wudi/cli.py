@@ -217,6 +217,11 @@ Examples:
     )
 
 
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def _validate_config(path: str) -> None:
     """Fail with one line, before mergekit starts, on a config mergekit would reject."""
     from mergekit.merge_methods import registry
@@ -317,15 +322,20 @@ def report(
         transformers_cache=transformers_cache,
         device=device,
     )
-    rows = []
+    bars = []  # the progress callback runs only while the iterator below is consumed
     try:
-        iterator = reporting.iter_reports(
-            config, options=options, name_filter=name_filter, max_tensors=max_tensors, device=device, ranks=ranks
+        count, iterator = reporting.plan_reports(
+            config, options=options, name_filter=name_filter, max_tensors=max_tensors, device=device, ranks=ranks,
+            progress=lambda: bars[0].update(),
         )
-        for row in tqdm.tqdm(iterator, desc="Reporting", unit="tensor", disable=quiet):
-            rows.append(row)
     except reporting.UnsupportedConfig as error:
         raise click.ClickException(f"{config_file}: {error}") from None
+    except (OSError, RuntimeError, ValueError) as error:
+        # Unreadable models, unknown architectures, inconsistent slices: mergekit's own message.
+        raise click.ClickException(f"{config_file}: cannot plan the merge: {_one_line(error)}") from None
+    with tqdm.tqdm(total=count, desc="Reporting", unit="tensor", disable=quiet) as bar:
+        bars.append(bar)
+        rows = list(iterator)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reporting.write_csv(rows, out / "report.csv")

@@ -116,7 +116,7 @@ def load_config(path: str):
         raise UnsupportedConfig(f"config {path!r} is not a valid mergekit config: {' '.join(first[:3])}") from None
 
 
-def iter_reports(
+def plan_reports(
     config,
     *,
     options=None,
@@ -124,11 +124,16 @@ def iter_reports(
     max_tensors: Optional[int] = None,
     device: str = "cpu",
     ranks: bool = True,
-) -> Iterator[TensorReport]:
-    """Yield one TensorReport per solved tensor of a `MergeConfiguration`, in mergekit's order.
+    progress: Optional[Callable[[], None]] = None,
+) -> Tuple[int, Iterator[TensorReport]]:
+    """Check and plan at once; return (number of candidate tensors, lazy iterator of reports).
 
+    config: a mergekit MergeConfiguration with merge_method wudi, wudi_cfs or doge
+    (UnsupportedConfig otherwise). The iterator yields one TensorReport per solved tensor,
+    in mergekit's order, reading the tensors only as it goes.
     name_filter: a regular expression searched in tensor names (a plain substring works).
     max_tensors: stop after this many reports. device: where tensors are solved.
+    progress: called once per candidate tensor examined (a progress bar's update).
     options: mergekit MergeOptions (trust_remote_code, caches, lora_merge_dtype...).
     """
     from mergekit.architecture import get_architecture_info
@@ -143,8 +148,7 @@ def iter_reports(
     # register() first: importing the adapter before mergekit.merge_methods makes the
     # import hook register while the adapter is half-initialised (a warning, no methods).
     register()
-    from mergekit_wudi.adapter import MERGE_METHODS, is_linear_weight
-    from mergekit_wudi.solvers.objective import task_arithmetic_objective, wudi_objective
+    from mergekit_wudi.adapter import MERGE_METHODS
 
     ours = {method.method_name: method for method in MERGE_METHODS}
     if config.merge_method not in ours:
@@ -165,51 +169,72 @@ def iter_reports(
     # plan_to_disk builds the tasks mergekit-yaml runs; only their ExecuteMergeMethodTasks are used and
     # nothing is written (plan_in_memory fails in mergekit 0.1.5: ReturnTensor rejects a Task field).
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
-    planned = [task.tensor_task for task in planner.plan_to_disk(out_path=os.devnull) if isinstance(task, SaveTensor)]
-
-    records: List[Tuple[torch.Tensor, torch.Tensor]] = []
-    probe = dataclasses.replace(method, solver_cls=_recording_solver(method.solver_cls, records))
-    produced = 0
-    for task in planned:
-        weight = task.output_weight
-        name = weight.name
-        if pattern is not None and not pattern.search(name):
+    candidates = []
+    for save in planner.plan_to_disk(out_path=os.devnull):
+        if not isinstance(save, SaveTensor):
             continue
-        if weight.vocabulary_axis is not None or not name.endswith(".weight"):
+        task = save.tensor_task
+        weight = task.output_weight
+        if pattern is not None and not pattern.search(weight.name):
+            continue
+        if weight.vocabulary_axis is not None or not weight.name.endswith(".weight"):
             continue
         if not task.parameters.get("solve", True):
             continue
-        loads = _load_tasks(task)
-        if loads is None:
+        candidates.append(task)
+    count = len(candidates) if max_tensors is None else min(max_tensors, len(candidates))
+    return count, _iter_reports(
+        method, candidates, max_tensors=max_tensors, device=device, ranks=ranks, progress=progress or (lambda: None)
+    )
+
+
+def _iter_reports(method, candidates, *, max_tensors, device, ranks, progress) -> Iterator[TensorReport]:
+    for task in candidates:
+        report = _report_one(method, task, device=device, ranks=ranks)
+        progress()
+        if report is None:
             continue
-        base_model = task.base_model
-        base_tensor = loads[base_model]().to(device) if base_model in loads else None
-        if base_tensor is None or not is_linear_weight(name, base_tensor, weight.vocabulary_axis):
-            continue
-        tensors = {base_model: base_tensor}
-        for model, load in loads.items():
-            if model != base_model:
-                tensors[model] = load().to(device)
-        records.clear()
-        _call(probe, task, tensors)
-        del tensors, base_tensor
-        if not records:  # the adapter sent it to the fallback after all
-            continue
-        task_vectors, merged = records.pop()
-        non_base = [model for model in task.model_order if model != base_model]
-        yield TensorReport(
-            name=name,
-            shape=tuple(task_vectors.shape[1:]),
-            models=tuple(str(model) for model in non_base),
-            norms=tuple(float(torch.linalg.vector_norm(t)) for t in task_vectors),
-            effective_ranks=tuple(effective_rank(t) if ranks else math.nan for t in task_vectors),
-            objective_task_arithmetic=task_arithmetic_objective(task_vectors),
-            objective_solved=wudi_objective(task_vectors, merged),
-        )
-        del task_vectors, merged
-        produced += 1
-        if max_tensors is not None and produced >= max_tensors:
+        yield report
+        max_tensors = None if max_tensors is None else max_tensors - 1
+        if max_tensors == 0:
             return
+
+
+def _report_one(method, task, *, device: str, ranks: bool) -> Optional[TensorReport]:
+    """Load one tensor group, solve it through the adapter, and measure; None: not solved."""
+    from mergekit_wudi.adapter import is_linear_weight
+    from mergekit_wudi.solvers.objective import task_arithmetic_objective, wudi_objective
+
+    records: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    probe = dataclasses.replace(method, solver_cls=_recording_solver(method.solver_cls, records))
+    name = task.output_weight.name
+    loads = _load_tasks(task)
+    if loads is None or task.base_model not in loads:
+        return None
+    base_model = task.base_model
+    base_tensor = loads[base_model]()
+    if base_tensor is None or not is_linear_weight(name, base_tensor, task.output_weight.vocabulary_axis):
+        return None
+    tensors = {base_model: base_tensor.to(device)}
+    for model, load in loads.items():
+        if model != base_model:
+            tensor = load()
+            tensors[model] = None if tensor is None else tensor.to(device)
+    _call(probe, task, tensors)
+    del tensors, base_tensor
+    if not records:  # the adapter sent it to the fallback after all
+        return None
+    task_vectors, merged = records.pop()
+    non_base = [model for model in task.model_order if model != base_model]
+    return TensorReport(
+        name=name,
+        shape=tuple(task_vectors.shape[1:]),
+        models=tuple(str(model) for model in non_base),
+        norms=tuple(float(torch.linalg.vector_norm(t)) for t in task_vectors),
+        effective_ranks=tuple(effective_rank(t) if ranks else math.nan for t in task_vectors),
+        objective_task_arithmetic=task_arithmetic_objective(task_vectors),
+        objective_solved=wudi_objective(task_vectors, merged),
+    )
 
 
 def _recording_solver(solver_cls: type, records: list) -> type:
