@@ -17,7 +17,7 @@ import click
 
 from mergekit_wudi import __version__
 
-# The adapter describes the other methods' parameters, which it forwards to the fallback, so.
+# How the adapter describes the other methods' parameters, which it only forwards to the fallback.
 _PASSTHROUGH_DESCRIPTION = "passed to the fallback method"
 
 _MAIN_EPILOG = """\b
@@ -198,8 +198,9 @@ def _run_command() -> click.Command:
         _validate_config(kwargs["config_file"])
         mergekit_yaml.callback(**kwargs)
 
-    params = list(mergekit_yaml.params)
-    params[0] = click.Argument(["config_file"], type=click.Path(exists=True, dir_okay=False))
+    # mergekit's parameters as they are, except that a missing CONFIG_FILE is a usage error, not a traceback.
+    config_file = click.Argument(["config_file"], type=click.Path(exists=True, dir_okay=False))
+    params = [config_file if param.name == "config_file" else param for param in mergekit_yaml.params]
     return PrettyPrintHelp(
         "run",
         params=params,

@@ -202,6 +202,8 @@ def _iter_reports(method, candidates, *, max_tensors, device, ranks, progress) -
 
 def _report_one(method, task, *, device: str, ranks: bool) -> Optional[TensorReport]:
     """Load one tensor group, solve it through the adapter, and measure; None: not solved."""
+    from mergekit.io.tasks import LoaderCache
+
     from mergekit_wudi.adapter import is_linear_weight
     from mergekit_wudi.solvers.objective import task_arithmetic_objective, wudi_objective
 
@@ -220,6 +222,10 @@ def _report_one(method, task, *, device: str, ranks: bool) -> Optional[TensorRep
         if model != base_model:
             tensor = load()
             tensors[model] = None if tensor is None else tensor.to(device)
+    # Close the shards just read: mergekit's loaders keep the current safetensors file
+    # mapped, and its touched pages would otherwise stay resident until the next shard.
+    for model in loads:
+        LoaderCache().get(model).flush()
     _call(probe, task, tensors)
     del tensors, base_tensor
     if not records:  # the adapter sent it to the fallback after all

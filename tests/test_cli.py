@@ -284,6 +284,11 @@ def test_report_errors_are_one_line(family, tmp_path, monkeypatch):
     result = invoke("report", broken)
     assert result.exit_code == 1 and "is not a valid mergekit config" in result.output
 
+    absent = write_config(tmp_path / "absent.yml", "wudi", tmp_path / "no-such-model", models)
+    result = invoke("report", absent, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and "cannot plan the merge" in result.output and "no-such-model" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
     bad_regex = invoke("report", other, "--filter", "(")
     assert bad_regex.exit_code == 2 and "--filter" in bad_regex.output
 
