@@ -7,8 +7,11 @@ text)
 
     L(t) = sum_i ||(t - t_i) t_i^T||_F^2 / ||t_i||_F^2
 
-at task arithmetic's merged vector t = sum_i t_i and at the solved t = t_m (before
-`lambda`). For `doge` the solver minimises DOGE's own loss; its L is still reported.
+at the two vectors that would be added to W0: task arithmetic's lambda * sum_i t_i (what
+`merge_method: task_arithmetic` gives with the same weights and lambda) and the solved
+lambda * t_m. With lambda = 1 the first is the solvers' starting point. For `doge` the
+solver minimises DOGE's own loss, and t_m carries its eta / ||t_i|| scale; L is still
+the WUDI loss.
 
 Everything that decides what a merge computes comes from mergekit and the adapter
 themselves: mergekit's planner enumerates the output tensors and resolves every
@@ -47,6 +50,7 @@ class TensorReport:
     models: Tuple[str, ...]
     norms: Tuple[float, ...]
     effective_ranks: Tuple[float, ...]
+    scale: float  # the config's lambda for this tensor
     objective_task_arithmetic: float
     objective_solved: float
 
@@ -56,7 +60,7 @@ class TensorReport:
 
     @property
     def ratio(self) -> float:
-        """L(t_m) / L(sum_i t_i); nan when task arithmetic has no interference."""
+        """L(lambda t_m) / L(lambda sum_i t_i); nan when task arithmetic has no interference."""
         if self.objective_task_arithmetic == 0.0:
             return math.nan
         return self.objective_solved / self.objective_task_arithmetic
@@ -205,7 +209,7 @@ def _report_one(method, task, *, device: str, ranks: bool) -> Optional[TensorRep
     from mergekit.io.tasks import LoaderCache
 
     from mergekit_wudi.adapter import is_linear_weight
-    from mergekit_wudi.solvers.objective import task_arithmetic_objective, wudi_objective
+    from mergekit_wudi.solvers.objective import wudi_objective
 
     records: List[Tuple[torch.Tensor, torch.Tensor]] = []
     probe = dataclasses.replace(method, solver_cls=_recording_solver(method.solver_cls, records))
@@ -232,14 +236,16 @@ def _report_one(method, task, *, device: str, ranks: bool) -> Optional[TensorRep
         return None
     task_vectors, merged = records.pop()
     non_base = [model for model in task.model_order if model != base_model]
+    scale = float(task.parameters["lambda"])
     return TensorReport(
         name=name,
         shape=tuple(task_vectors.shape[1:]),
         models=tuple(str(model) for model in non_base),
         norms=tuple(float(torch.linalg.vector_norm(t)) for t in task_vectors),
         effective_ranks=tuple(effective_rank(t) if ranks else math.nan for t in task_vectors),
-        objective_task_arithmetic=task_arithmetic_objective(task_vectors),
-        objective_solved=wudi_objective(task_vectors, merged),
+        scale=scale,
+        objective_task_arithmetic=wudi_objective(task_vectors, scale * task_vectors.sum(dim=0)),
+        objective_solved=wudi_objective(task_vectors, scale * merged),
     )
 
 
@@ -302,6 +308,7 @@ CSV_COLUMNS = (
     "model",
     "norm",
     "effective_rank",
+    "lambda",
     "objective_task_arithmetic",
     "objective_solved",
     "ratio",
@@ -324,6 +331,7 @@ def write_csv(reports: Sequence[TensorReport], path: Path) -> None:
                         model,
                         repr(norm),
                         repr(rank),
+                        repr(report.scale),
                         repr(report.objective_task_arithmetic),
                         repr(report.objective_solved),
                         repr(report.ratio),
@@ -336,8 +344,8 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
         f"# Interference report: `{method}`",
         "",
         f"Config: `{config_path}`. Objective: the WUDI interference loss "
-        "L(t) = sum_i ||(t - t_i) t_i^T||_F^2 / ||t_i||_F^2 (arXiv:2503.08099, Eq. 21), at task "
-        "arithmetic's t = sum_i t_i and at the solved t_m (before `lambda`); t_i = weight_i (W_i - W0). "
+        "L(t) = sum_i ||(t - t_i) t_i^T||_F^2 / ||t_i||_F^2 (arXiv:2503.08099, Eq. 21), at the vectors added "
+        "to W0: task arithmetic's t = lambda sum_i t_i and the solved t = lambda t_m; t_i = weight_i (W_i - W0). "
         "Effective rank: exp of the entropy of the normalised singular values (Roy & Vetterli 2007).",
         "",
     ]
