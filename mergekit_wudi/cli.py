@@ -77,7 +77,7 @@ def methods(names: tuple, output_format: str) -> None:
     """List the merge methods and their YAML parameters (from each method's spec)."""
     from mergekit_wudi.registration import register
 
-    register()  # before importing the adapter (see iter_reports in report.py)
+    register(strict=False)  # before importing the adapter (see plan_reports in report.py)
     from mergekit_wudi.adapter import MERGE_METHODS
 
     known = {method.method_name: method for method in MERGE_METHODS}
@@ -194,7 +194,10 @@ def _run_command() -> click.Command:
     def callback(**kwargs: Any) -> None:
         from mergekit_wudi.registration import register
 
-        register()
+        try:
+            register()
+        except RuntimeError as error:  # a method name taken by another package
+            raise click.ClickException(str(error)) from None
         _validate_config(kwargs["config_file"])
         mergekit_yaml.callback(**kwargs)
 
