@@ -193,8 +193,12 @@ def plan_reports(
 
 
 def _iter_reports(method, candidates, *, max_tensors, device, ranks, progress) -> Iterator[TensorReport]:
+    # One probe per run: the method with its solver wrapped to keep each solve's input and output.
+    records: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    probe = dataclasses.replace(method, solver_cls=_recording_solver(method.solver_cls, records))
     for task in candidates:
-        report = _report_one(method, task, device=device, ranks=ranks)
+        records.clear()
+        report = _report_one(probe, records, task, device=device, ranks=ranks)
         progress()
         if report is None:
             continue
@@ -204,15 +208,13 @@ def _iter_reports(method, candidates, *, max_tensors, device, ranks, progress) -
             return
 
 
-def _report_one(method, task, *, device: str, ranks: bool) -> Optional[TensorReport]:
+def _report_one(probe, records: list, task, *, device: str, ranks: bool) -> Optional[TensorReport]:
     """Load one tensor group, solve it through the adapter, and measure; None: not solved."""
     from mergekit.io.tasks import LoaderCache
 
     from mergekit_wudi.adapter import is_linear_weight
     from mergekit_wudi.solvers.objective import wudi_objective
 
-    records: List[Tuple[torch.Tensor, torch.Tensor]] = []
-    probe = dataclasses.replace(method, solver_cls=_recording_solver(method.solver_cls, records))
     name = task.output_weight.name
     loads = _load_tasks(task)
     if loads is None or task.base_model not in loads:
