@@ -1,0 +1,430 @@
+"""Interference report: how much a solved merge lowers the WUDI objective, tensor by tensor.
+
+For each linear weight that a `wudi`, `wudi_cfs` or `doge` config would solve, the report
+gives its shape, the number N of task vectors, ||t_i||_F and the effective rank of each
+t_i, and the WUDI interference loss (WUDI-Merging, arXiv:2503.08099, Eq. 21 of the ICML
+text)
+
+    L(t) = sum_i ||(t - t_i) t_i^T||_F^2 / ||t_i||_F^2
+
+at the two vectors that would be added to W0: task arithmetic's lambda * sum_i t_i (what
+`merge_method: task_arithmetic` gives with the same weights and lambda) and the solved
+lambda * t_m. With lambda = 1 the first is the solvers' starting point. For `doge` the
+solver minimises DOGE's own loss, and t_m carries its eta / ||t_i|| scale; L is still
+the WUDI loss.
+
+Everything that decides what a merge computes comes from mergekit and the adapter
+themselves: mergekit's planner enumerates the output tensors and resolves every
+parameter (per-model `weight`, gradients, `filter`s, slices), mergekit's lazy loaders
+read one tensor of each model at a time, and the adapter builds the task vectors
+t_i = weight_i (W_i - W0) and calls the solver. The report only wraps the solver class
+to keep its input and output. So at any moment one tensor group is in memory (plus the
+loaders' currently open shard), never a whole model.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_LAYER_RE = re.compile(r"\.layers?\.(\d+)\.|\.h\.(\d+)\.|\.blocks?\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """One solved tensor: its name, shape, task-vector statistics and objectives."""
+
+    name: str
+    shape: Tuple[int, int]
+    models: Tuple[str, ...]
+    norms: Tuple[float, ...]
+    effective_ranks: Tuple[float, ...]
+    scale: float  # the config's lambda for this tensor
+    objective_task_arithmetic: float
+    objective_solved: float
+
+    @property
+    def count(self) -> int:
+        return len(self.models)
+
+    @property
+    def ratio(self) -> float:
+        """L(lambda t_m) / L(lambda sum_i t_i); nan when task arithmetic has no interference."""
+        if self.objective_task_arithmetic == 0.0:
+            return math.nan
+        return self.objective_solved / self.objective_task_arithmetic
+
+    @property
+    def layer(self) -> Optional[int]:
+        return layer_index(self.name)
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The block index in a tensor name (`model.layers.3.mlp...` -> 3), or None."""
+    match = _LAYER_RE.search(f".{name}")
+    if match is None:
+        return None
+    return int(next(group for group in match.groups() if group is not None))
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """exp of the Shannon entropy of the normalised singular values (Roy & Vetterli, EUSIPCO 2007).
+
+        p_k = s_k / sum_j s_j,   erank = exp(-sum_k p_k log p_k)
+
+    Between 1 (rank one) and min(out, in) (all singular values equal); 0.0 for a zero matrix.
+    Computed in float64 for float64 input, else float32.
+    """
+    dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+    singular_values = torch.linalg.svdvals(matrix.to(dtype))
+    total = singular_values.sum()
+    if not bool(total > 0):
+        return 0.0
+    p = singular_values / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+class UnsupportedConfig(ValueError):
+    """The config cannot be reported on (not one of our methods, or unreadable)."""
+
+
+def load_config(path: str):
+    """A mergekit MergeConfiguration from a YAML file; UnsupportedConfig with one line on failure."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = yaml.safe_load(file)
+    except OSError as error:
+        raise UnsupportedConfig(f"cannot read config {path!r}: {error.strerror or error}") from None
+    except yaml.YAMLError as error:
+        raise UnsupportedConfig(f"config {path!r} is not valid YAML: {error}") from None
+    try:
+        return MergeConfiguration.model_validate(data)
+    except (ValidationError, RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()
+        raise UnsupportedConfig(f"config {path!r} is not a valid mergekit config: {' '.join(first[:3])}") from None
+
+
+def plan_reports(
+    config,
+    *,
+    options=None,
+    name_filter: Optional[str] = None,
+    max_tensors: Optional[int] = None,
+    device: str = "cpu",
+    ranks: bool = True,
+    progress: Optional[Callable[[], None]] = None,
+) -> Tuple[int, Iterator[TensorReport]]:
+    """Check and plan at once; return (number of candidate tensors, lazy iterator of reports).
+
+    config: a mergekit MergeConfiguration with merge_method wudi, wudi_cfs or doge
+    (UnsupportedConfig otherwise). The iterator yields one TensorReport per solved tensor,
+    in mergekit's order, reading the tensors only as it goes.
+    name_filter: a regular expression searched in tensor names (a plain substring works).
+    max_tensors: stop after this many reports. device: where tensors are solved.
+    progress: called once per candidate tensor examined (a progress bar's update).
+    options: mergekit MergeOptions (trust_remote_code, caches, lora_merge_dtype...).
+    """
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache, SaveTensor
+    from mergekit.merge import _model_out_config
+    from mergekit.merge_methods import registry
+    from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
+
+    from mergekit_wudi.registration import register
+
+    # register() first: importing the adapter before mergekit.merge_methods makes the
+    # import hook register while the adapter is half-initialised (a warning, no methods).
+    register()
+    from mergekit_wudi.adapter import MERGE_METHODS
+
+    ours = {method.method_name: method for method in MERGE_METHODS}
+    if config.merge_method not in ours:
+        raise UnsupportedConfig(
+            f"merge_method {config.merge_method!r} is not a mergekit-wudi method; "
+            f"the report needs one of: {', '.join(ours)}"
+        )
+    method = ours[config.merge_method]
+    if registry.get(method.method_name) is not method:
+        raise UnsupportedConfig(f"merge method {method.method_name!r} is registered by another package")
+    options = options or MergeOptions(quiet=True)
+    pattern = re.compile(name_filter) if name_filter else None
+
+    config = config.model_copy(deep=True)  # the planner normalises it in place
+    arch_info = get_architecture_info(config, options)
+    LoaderCache().setup(options=options)
+    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    # plan_to_disk builds the tasks mergekit-yaml runs; only their ExecuteMergeMethodTasks are used and
+    # nothing is written (plan_in_memory fails in mergekit 0.1.5: ReturnTensor rejects a Task field).
+    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+    candidates = []
+    for save in planner.plan_to_disk(out_path=os.devnull):
+        if not isinstance(save, SaveTensor):
+            continue
+        task = save.tensor_task
+        weight = task.output_weight
+        if pattern is not None and not pattern.search(weight.name):
+            continue
+        if weight.vocabulary_axis is not None or not weight.name.endswith(".weight"):
+            continue
+        if not task.parameters.get("solve", True):
+            continue
+        candidates.append(task)
+    count = len(candidates) if max_tensors is None else min(max_tensors, len(candidates))
+    return count, _iter_reports(
+        method, candidates, max_tensors=max_tensors, device=device, ranks=ranks, progress=progress or (lambda: None)
+    )
+
+
+def _iter_reports(method, candidates, *, max_tensors, device, ranks, progress) -> Iterator[TensorReport]:
+    # One probe per run: the method with its solver wrapped to keep each solve's input and output.
+    records: List[Tuple[torch.Tensor, torch.Tensor]] = []
+    probe = dataclasses.replace(method, solver_cls=_recording_solver(method.solver_cls, records))
+    for task in candidates:
+        records.clear()
+        report = _report_one(probe, records, task, device=device, ranks=ranks)
+        progress()
+        if report is None:
+            continue
+        yield report
+        max_tensors = None if max_tensors is None else max_tensors - 1
+        if max_tensors == 0:
+            return
+
+
+def _report_one(probe, records: list, task, *, device: str, ranks: bool) -> Optional[TensorReport]:
+    """Load one tensor group, solve it through the adapter, and measure; None: not solved."""
+    from mergekit.io.tasks import LoaderCache
+
+    from mergekit_wudi.adapter import is_linear_weight
+    from mergekit_wudi.solvers.objective import wudi_objective
+
+    name = task.output_weight.name
+    loads = _load_tasks(task)
+    if loads is None or task.base_model not in loads:
+        return None
+    base_model = task.base_model
+    base_tensor = loads[base_model]()
+    if base_tensor is None or not is_linear_weight(name, base_tensor, task.output_weight.vocabulary_axis):
+        return None
+    tensors = {base_model: base_tensor.to(device)}
+    for model, load in loads.items():
+        if model != base_model:
+            tensor = load()
+            tensors[model] = None if tensor is None else tensor.to(device)
+    # Close the shards just read: mergekit's loaders keep the current safetensors file
+    # mapped, and its touched pages would otherwise stay resident until the next shard.
+    for model in loads:
+        LoaderCache().get(model).flush()
+    _call(probe, task, tensors)
+    del tensors, base_tensor
+    if not records:  # the adapter sent it to the fallback after all
+        return None
+    task_vectors, merged = records.pop()
+    non_base = [model for model in task.model_order if model != base_model]
+    scale = float(task.parameters["lambda"])
+    return TensorReport(
+        name=name,
+        shape=tuple(task_vectors.shape[1:]),
+        models=tuple(str(model) for model in non_base),
+        norms=tuple(float(torch.linalg.vector_norm(t)) for t in task_vectors),
+        effective_ranks=tuple(effective_rank(t) if ranks else math.nan for t in task_vectors),
+        scale=scale,
+        objective_task_arithmetic=wudi_objective(task_vectors, scale * task_vectors.sum(dim=0)),
+        objective_solved=wudi_objective(task_vectors, scale * merged),
+    )
+
+
+def _recording_solver(solver_cls: type, records: list) -> type:
+    """solver_cls, but each solve keeps (task_vectors, merged) in records."""
+
+    class RecordingSolver(solver_cls):
+        def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
+            merged = super().solve(task_vectors, **per_model)
+            records.append((task_vectors, merged))
+            return merged
+
+    RecordingSolver.__qualname__ = f"Recording{solver_cls.__qualname__}"
+    return RecordingSolver
+
+
+def _load_tasks(task) -> Optional[Dict[Any, Callable[[], Optional[torch.Tensor]]]]:
+    """model -> a function that reads that model's tensor, through mergekit's LoadTensor tasks."""
+    from mergekit.io.tasks import GatherTensors
+
+    gather = task.gather_tensors
+    if not isinstance(gather, GatherTensors):
+        return None  # vocabulary permutation or truncation: not a linear weight
+    loads = {}
+    for model, info in gather.weight_info.items():
+        load = gather.arguments()[f"{model}:{info.name}"]
+        loads[model] = load.execute
+    return loads
+
+
+def _call(method, task, tensors: Dict[Any, torch.Tensor]) -> torch.Tensor:
+    """Run method on one tensor group with the parameters mergekit resolved for it."""
+    from mergekit.common import dtype_from_name
+    from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
+
+    entries = tuple(
+        TensorEntry(id=model, tensor=tensors[model], is_base=model == task.base_model)
+        for model in task.model_order
+        if tensors.get(model) is not None
+    )
+    group = TensorGroup(entries=entries, metadata=TensorMetadata.from_weight_info(task.output_weight))
+    parameters = dict(task.parameters.items())
+    for parameter in method.spec.input_parameters:
+        parameters[parameter.name] = {
+            entry.id: task.input_parameters[entry.id][parameter.name]
+            for entry in entries
+            if parameter.name in task.input_parameters[entry.id]
+        }
+    (result,) = method((group,), parameters=parameters, dtype=dtype_from_name(task.dtype))
+    return result
+
+
+# --- output --------------------------------------------------------------------------
+
+CSV_COLUMNS = (
+    "name",
+    "layer",
+    "shape",
+    "n",
+    "model",
+    "norm",
+    "effective_rank",
+    "lambda",
+    "objective_task_arithmetic",
+    "objective_solved",
+    "ratio",
+)
+
+
+def write_csv(reports: Sequence[TensorReport], path: Path) -> None:
+    """One row per (tensor, model); the objectives repeat on each row of a tensor."""
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(CSV_COLUMNS)
+        for report in reports:
+            for model, norm, rank in zip(report.models, report.norms, report.effective_ranks):
+                writer.writerow(
+                    [
+                        report.name,
+                        "" if report.layer is None else report.layer,
+                        "x".join(map(str, report.shape)),
+                        report.count,
+                        model,
+                        repr(norm),
+                        repr(rank),
+                        repr(report.scale),
+                        repr(report.objective_task_arithmetic),
+                        repr(report.objective_solved),
+                        repr(report.ratio),
+                    ]
+                )
+
+
+def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, config_path: str) -> None:
+    lines = [
+        f"# Interference report: `{method}`",
+        "",
+        f"Config: `{config_path}`. Objective: the WUDI interference loss "
+        "L(t) = sum_i ||(t - t_i) t_i^T||_F^2 / ||t_i||_F^2 (arXiv:2503.08099, Eq. 21), at the vectors added "
+        "to W0: task arithmetic's t = lambda sum_i t_i and the solved t = lambda t_m; t_i = weight_i (W_i - W0). "
+        "Effective rank: exp of the entropy of the normalised singular values (Roy & Vetterli 2007).",
+        "",
+    ]
+    if not reports:
+        lines.append("No tensor was solved (check `--filter`, `solve` filters and the models).")
+    else:
+        total_ta = sum(r.objective_task_arithmetic for r in reports)
+        total_solved = sum(r.objective_solved for r in reports)
+        ratio = total_solved / total_ta if total_ta else math.nan
+        lines += [
+            f"{len(reports)} tensors; summed L: task arithmetic {total_ta:.6g}, solved {total_solved:.6g} "
+            f"(ratio {ratio:.4g}).",
+            "",
+            "| tensor | shape | N | \\|\\|t_i\\|\\| | effective rank | L task arithmetic | L solved | ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in reports:
+            norms = ", ".join(f"{v:.4g}" for v in r.norms)
+            ranks = ", ".join(f"{v:.3g}" for v in r.effective_ranks)
+            lines.append(
+                f"| `{r.name}` | {r.shape[0]}x{r.shape[1]} | {r.count} | {norms} | {ranks} | "
+                f"{r.objective_task_arithmetic:.6g} | {r.objective_solved:.6g} | {r.ratio:.4g} |"
+            )
+        lines += ["", "Models: " + "; ".join(f"t_{i + 1} = `{m}`" for i, m in enumerate(reports[0].models))]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_plots(reports: Sequence[TensorReport], directory: Path) -> List[Path]:
+    """One PNG per layer (tensors without a layer index go to `other.png`): L before/after, norms."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            "the report's plots need matplotlib: pip install 'mergekit-wudi[report]' (or pass --no-plots)"
+        ) from None
+
+    by_layer: Dict[Optional[int], List[TensorReport]] = {}
+    for report in reports:
+        by_layer.setdefault(report.layer, []).append(report)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for layer, group in by_layer.items():
+        labels = [_short_name(r.name) for r in group]
+        positions = range(len(group))
+        figure, (left, right) = plt.subplots(1, 2, figsize=(max(8, 1.3 * len(group) + 4), 4.5))
+        width = 0.4
+        left.bar([p - width / 2 for p in positions], [r.objective_task_arithmetic for r in group], width,
+                 label="task arithmetic")
+        left.bar([p + width / 2 for p in positions], [r.objective_solved for r in group], width, label="solved")
+        left.set_yscale("log")
+        left.set_ylabel("WUDI objective L")
+        left.set_title("interference loss")
+        left.legend()
+        count = max(r.count for r in group)
+        width = 0.8 / count
+        for index in range(count):
+            right.bar([p - 0.4 + width * (index + 0.5) for p in positions],
+                      [r.norms[index] if index < r.count else 0.0 for r in group], width, label=f"t_{index + 1}")
+        right.set_ylabel("||t_i||_F")
+        right.set_title("task-vector norms")
+        right.legend()
+        for axis in (left, right):
+            axis.set_xticks(list(positions))
+            axis.set_xticklabels(labels, rotation=45, ha="right")
+        figure.suptitle("other tensors" if layer is None else f"layer {layer}")
+        figure.tight_layout()
+        path = directory / ("other.png" if layer is None else f"layer_{layer:03d}.png")
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _short_name(name: str) -> str:
+    match = _LAYER_RE.search(f".{name}")
+    short = name[match.end() - 1:] if match else name
+    return short.removesuffix(".weight")
