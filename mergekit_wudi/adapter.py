@@ -29,8 +29,15 @@ from mergekit.merge_methods.base import (
 from pydantic import AfterValidator
 from typing_extensions import Annotated
 
+from mergekit_wudi import registration as _registration
 from mergekit_wudi.cache import SolveCache
-from mergekit_wudi.errors import ConfigError, lookalike_parameters, suggest, value_error_as_config_error
+from mergekit_wudi.errors import (
+    ConfigError,
+    LookAlikeParameter,
+    lookalike_parameters,
+    suggest,
+    value_error_as_config_error,
+)
 from mergekit_wudi.progress import PROGRESS, log_objective
 from mergekit_wudi.solvers import (
     DogeConfig,
@@ -55,7 +62,20 @@ _TABLE_MODULES = frozenset(
 # GPT-2 style Conv1D modules store their weight as (in, out).
 _INPUT_MAJOR_MODULES = frozenset({"c_attn", "c_fc", "c_proj", "q_attn"})
 
+# How the spec describes the other methods' parameters, which it only forwards to the fallback.
+PASSTHROUGH_DESCRIPTION = "passed to the fallback method"
+
 _SCOPE_ORDER = (ParameterScope.SHARED, ParameterScope.NON_BASE, ParameterScope.INPUT)
+
+
+def parameter_role(parameter: ParameterSpec) -> str:
+    """What a parameter of our spec is: 'own', 'passthrough' (another method's, for the
+    fallback) or 'lookalike' (a trap for a misspelt name: not a parameter)."""
+    if isinstance(parameter, LookAlikeParameter):
+        return "lookalike"
+    if parameter.description == PASSTHROUGH_DESCRIPTION:
+        return "passthrough"
+    return "own"
 
 
 def _module_name(tensor_name: str) -> str:
@@ -411,7 +431,7 @@ def _passthrough_parameters(registered: Tuple[str, ...]) -> Dict[str, ParameterS
                 Optional[value_type],
                 scope,
                 default=None,
-                description="passed to the fallback method",
+                description=PASSTHROUGH_DESCRIPTION,
             )
     return collected
 
@@ -439,3 +459,8 @@ doge_merge_method = SolverMergeMethod(
 )
 
 MERGE_METHODS = (wudi_merge_method, wudi_cfs_merge_method, doge_merge_method)
+
+
+# mergekit may have been imported for the first time by this module: finish the automatic
+# registration that had to wait for it (a no-op otherwise).
+_registration.module_loaded(__name__)

@@ -17,9 +17,6 @@ import click
 
 from mergekit_wudi import __version__
 
-# How the adapter describes the other methods' parameters, which it only forwards to the fallback.
-_PASSTHROUGH_DESCRIPTION = "passed to the fallback method"
-
 _MAIN_EPILOG = """\b
 Examples:
   mergekit-wudi methods                     # parameters, types, defaults of wudi, wudi_cfs, doge
@@ -95,9 +92,14 @@ def methods(names: tuple, output_format: str) -> None:
 
 
 def _describe(spec) -> dict:
+    from mergekit_wudi.adapter import parameter_role
+
     own, passthrough = [], []
     for parameter in spec.parameters:
-        if parameter.description == _PASSTHROUGH_DESCRIPTION:
+        role = parameter_role(parameter)
+        if role == "lookalike":
+            continue
+        if role == "passthrough":
             passthrough.append(parameter.name)
             continue
         own.append(

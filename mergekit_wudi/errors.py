@@ -27,6 +27,8 @@ from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from pydantic import AfterValidator, ValidationError, WrapValidator
 from typing_extensions import Annotated
 
+from mergekit_wudi import registration as _registration
+
 
 class ConfigError(RuntimeError):
     """A mistake in the merge configuration that the user fixes in the YAML.
@@ -271,3 +273,8 @@ def _parameter_blocks(config: Any) -> Sequence[Tuple[str, Optional[dict], bool]]
             blocks.append((f"modules.{name}.models[{index}] ({model.model}) parameters", model.parameters, True))
         slices(f"modules.{name}.", module.slices)
     return blocks
+
+
+# mergekit may have been imported for the first time by this module: finish the automatic
+# registration that had to wait for it (a no-op otherwise).
+_registration.module_loaded(__name__)

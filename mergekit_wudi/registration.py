@@ -72,7 +72,37 @@ def autoload() -> None:
         _report(error)
 
 
-def _register_quietly() -> None:
+_pending = False
+
+
+def _our_module_is_loading(finished: str = "") -> bool:
+    """Whether a mergekit_wudi module is partway through its own import.
+
+    That is the case when it was the first to import mergekit (`import
+    mergekit_wudi.adapter` in a fresh process): registering now would import it again
+    half-done. Such modules call `module_loaded()` on their last line instead.
+    """
+    return any(
+        name.partition(".")[0] == "mergekit_wudi"
+        and name != finished
+        and getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+    )
+
+
+def module_loaded(name: str) -> None:
+    """Last line of every module of ours that imports mergekit: finish a deferred registration."""
+    global _pending
+    if _pending and not _our_module_is_loading(finished=name):
+        _pending = False
+        _register_quietly(finished=name)
+
+
+def _register_quietly(finished: str = "") -> None:
+    global _pending
+    if _our_module_is_loading(finished):
+        _pending = True
+        return
     try:
         register(strict=False)
         from mergekit_wudi.errors import install_excepthook

@@ -86,3 +86,15 @@ def test_pth_line_is_silent_when_the_package_cannot_be_imported(tmp_path):
         [sys.executable, "-I", "-S", "-c", code, line], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "ok False", "")
+
+
+@pytest.mark.parametrize("module", ["mergekit_wudi.adapter", "mergekit_wudi.errors", "mergekit_wudi.cli", "mergekit_wudi"])
+def test_importing_one_of_our_modules_first_still_registers(module):
+    # The module itself may be what first imports mergekit: registration waits for it.
+    result = python(
+        f"import sys, {module}\n"
+        "from mergekit.merge_methods import registry\n"
+        "print([registry.get(n).spec.name for n in ('wudi', 'wudi_cfs', 'doge')])"
+    )
+    assert result.stdout.strip() == "['wudi', 'wudi_cfs', 'doge']", result.stderr
+    assert "registration failed" not in result.stderr
