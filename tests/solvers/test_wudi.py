@@ -87,6 +87,7 @@ def test_steps_zero_is_task_arithmetic(generator):
 def test_in_space_choice_follows_flops_and_memory():
     assert WudiSolver.uses_in_space(3, 1024, 1024)
     assert WudiSolver.uses_in_space(3, 2816, 1024)
+    assert WudiSolver.uses_in_space(2, 1024, 2816)  # Llama down_proj: C is 2.75x the tensor
     assert not WudiSolver.uses_in_space(3, 1024, 2816 * 2)  # C would be 5.5x the tensor
     assert not WudiSolver.uses_in_space(1, 100, 300)  # 2*N*out < in: out-space is cheaper
 
