@@ -110,14 +110,6 @@ def task_vectors(count: int, out_features: int, in_features: int, device: str, s
     return result.to(device)
 
 
-def per_step(solve, low: int, high: int, device: str):
-    """(setup, per-step) seconds of an Adam solver, from whole solves at two step counts."""
-    t_low = best_time(lambda: solve(low), device)
-    t_high = best_time(lambda: solve(high), device)
-    step = max(t_high - t_low, 1e-9) / (high - low)
-    return max(t_low - low * step, 0.0), step
-
-
 def autograd_wudi(tv: torch.Tensor, steps: int, lr: float = 1e-5):
     """The paper's loop, plainly: autograd through (t_m - t_i) @ t_i^T, torch.optim.Adam."""
     merged = tv.sum(0).clone().requires_grad_(True)
@@ -134,22 +126,13 @@ def autograd_wudi(tv: torch.Tensor, steps: int, lr: float = 1e-5):
     return merged, run
 
 
-def task_arithmetic_time(tv: torch.Tensor, device: str) -> float:
+def task_arithmetic_merge(tv: torch.Tensor):
+    """mergekit's task_arithmetic on W0 = 0, W_i = t_i, as a function to time."""
     from mergekit.merge_methods import merge_tensors
 
     base = torch.zeros_like(tv[0])
     tensors = [base] + [base + t for t in tv]
-    return best_time(
-        lambda: merge_tensors(tensors, "task_arithmetic", base_index=0, parameters={"weight": 1.0}), device, 3
-    )
-
-
-def mm_time(shapes, device: str) -> float:
-    """Seconds for torch.mm over a list of ((m, k), (k, n)) products."""
-    operands = [(torch.randn(*a, device=device), torch.randn(*b, device=device)) for a, b in shapes]
-    for a, b in operands:
-        torch.mm(a, b)
-    return best_time(lambda: [torch.mm(a, b) for a, b in operands], device, 3)
+    return lambda: merge_tensors(tensors, "task_arithmetic", base_index=0, parameters={"weight": 1.0})
 
 
 # --- memory, in a fresh subprocess per case ------------------------------------------------
@@ -219,17 +202,24 @@ def measure_memory(method: str, count: int, out_features: int, in_features: int,
 # --- the per-tensor table ----------------------------------------------------------------------
 
 
+def interleaved(functions: dict, device: str, rounds: int) -> dict:
+    """Fastest time of each function over `rounds` rounds that run them in turn, so that
+    load from other processes falls alike on everything a ratio compares."""
+    times = {name: float("inf") for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            times[name] = min(times[name], best_time(function, device, 1))
+    return times
+
+
 def tensor_row(out_features: int, in_features: int, count: int, device: str, compare_full: bool) -> str:
     tv = task_vectors(count, out_features, in_features, device)
     big = out_features * in_features >= 2**24
-    low, high = (1, 3) if big else (2, 12)
-
-    # wudi: per step against the autograd loop and against torch.mm on the same GEMMs
-    wudi_setup, wudi_step = per_step(lambda s: WudiSolver(WudiConfig(steps=s)).solve(tv), low, high, device)
+    low, high = (1, 3) if big else (2, 10)
+    reference_steps = 2 if big else 3
     _, run_reference = autograd_wudi(tv, 1)
     run_reference(1)  # Adam state allocated, autograd warm
-    reference_steps = 2 if big else 4
-    reference_step = best_time(lambda: run_reference(reference_steps), device) / reference_steps
+
     in_space = WudiSolver.uses_in_space(count, out_features, in_features)
     if in_space:
         flops = 2 * out_features * in_features**2
@@ -240,19 +230,40 @@ def tensor_row(out_features: int, in_features: int, count: int, device: str, com
             ((out_features, in_features), (in_features, count * out_features)),
             ((out_features, count * out_features), (count * out_features, in_features)),
         ]
-    wudi_vs_mm = (flops / wudi_step) / (flops / mm_time(gemms, device))
+    mm_operands = [(torch.randn(*a, device=device), torch.randn(*b, device=device)) for a, b in gemms]
+    square = [(torch.randn(out_features, in_features, device=device), torch.randn(in_features, in_features, device=device))]
+    times = interleaved(
+        {
+            "low": lambda: WudiSolver(WudiConfig(steps=low)).solve(tv),
+            "high": lambda: WudiSolver(WudiConfig(steps=high)).solve(tv),
+            "reference": lambda: run_reference(reference_steps),
+            "mm": lambda: [torch.mm(a, b) for a, b in mm_operands],
+            "square_mm": lambda: [torch.mm(a, b) for a, b in square],
+            "cfs": lambda: WudiCfsSolver().solve(tv),
+            "task_arithmetic": task_arithmetic_merge(tv),
+        },
+        device,
+        1 if big else 3,
+    )
+    # wudi: per step against the autograd loop and against torch.mm on the same GEMMs
+    wudi_step = max(times["high"] - times["low"], 1e-9) / (high - low)
+    wudi_setup = max(times["low"] - low * wudi_step, 0.0)
+    reference_step = times["reference"] / reference_steps
+    wudi_vs_mm = times["mm"] / wudi_step
 
     # wudi_cfs: whole solve; its GEMM flops (per task: Gram + D; then the triangular solves)
-    cfs = best_time(lambda: WudiCfsSolver().solve(tv), device, 1 if big else 2)
+    cfs = times["cfs"]
     cfs_flops = count * 4 * out_features * in_features**2 + in_features**3 / 3 + 2 * out_features * in_features**2
-    cfs_mm = mm_time([((out_features, in_features), (in_features, in_features))], device)
-    cfs_vs_mm = (cfs_flops / cfs) / (2 * out_features * in_features**2 / cfs_mm)
+    cfs_vs_mm = (cfs_flops / cfs) / (2 * out_features * in_features**2 / times["square_mm"])
 
     # doge: setup (SVDs, subspace) + 400 steps (not on the large row: N + 1 SVDs per solve)
     if not big:
-        doge_setup, doge_step = per_step(lambda s: DogeSolver(DogeConfig(steps=s)).solve(tv), 1, 11, device)
+        doge_low = best_time(lambda: DogeSolver(DogeConfig(steps=1)).solve(tv), device, 1)
+        doge_high = best_time(lambda: DogeSolver(DogeConfig(steps=21)).solve(tv), device, 1)
+        doge_step = max(doge_high - doge_low, 1e-9) / 20
+        doge_setup = max(doge_low - doge_step, 0.0)
 
-    task_arithmetic = task_arithmetic_time(tv, device)
+    task_arithmetic = times["task_arithmetic"]
     wudi_full = wudi_setup + 300 * wudi_step
     doge = f"{(doge_setup + 400 * doge_step) / task_arithmetic:.0f}x" if not big else "not run"
 
@@ -276,7 +287,8 @@ def tensor_row(out_features: int, in_features: int, count: int, device: str, com
     memory += ["—"] * (4 - len(memory))
     return (
         f"| {out_features}x{in_features} | {count} | {wudi_step * 1e3:.1f} ms "
-        f"| {reference_step / wudi_step:.1f}x | {wudi_vs_mm:.0%} ({'in' if in_space else 'out'}-space) "
+        f"| {reference_step / wudi_step:.1f}x | {wudi_vs_mm:.0%} ({flops / wudi_step / 1e9:.0f} GFLOP/s, "
+        f"{'in' if in_space else 'out'}-space) "
         f"| {full} | {task_arithmetic * 1e3:.1f} ms | {wudi_full / task_arithmetic:.0f}x "
         f"| {cfs / task_arithmetic:.0f}x ({cfs:.2f} s) | {cfs_vs_mm:.0%} | {doge} "
         f"| {' / '.join(memory)} (bound {count + 6}) |"

@@ -15,11 +15,11 @@ import torch
 # Row chunks hold at most this many elements of the (out, in) solution, so the
 # per-chunk state (gradient, two Adam moments) stays small...
 _CHUNK_ELEMENTS = 1 << 22
-# ...and at most 1/_CHUNK_DIVISOR of the tensor, so that state stays under 3/8 of the
+# ...and at most 1/_CHUNK_DIVISOR of the tensor, so that state stays under 3/4 of the
 # tensor's size (the memory bound of a solve is N + 6 times the tensor), except for
 # tensors under _MIN_CHUNK_ELEMENTS, kept whole (one chunk is faster, and small anyway).
-_CHUNK_DIVISOR = 8
-_MIN_CHUNK_ELEMENTS = 1 << 16
+_CHUNK_DIVISOR = 4
+_MIN_CHUNK_ELEMENTS = 1 << 18
 
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999

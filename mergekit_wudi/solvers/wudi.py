@@ -25,9 +25,10 @@ from mergekit_wudi.solvers._common import (
 
 # The in-space gradient keeps C = (in, in) in memory; past this many multiples of the
 # tensor's own size the out-space form is used even where it costs more flops. At 3,
-# C, D, the iterate and a row chunk's Adam state (3/8) stay within N + 6 tensors with
-# the N task vectors, and Llama's down_proj (in = 2.7 out) keeps the cheaper form.
-_MAX_GRAM_OVER_TENSOR = 3
+# C, D, the iterate and a row chunk's Adam state (3/4) stay within N + 6 tensors with
+# the N task vectors, and the down_proj of Llama 2 (in = 2.7 out) and of Llama 3 and
+# Mistral (in = 3.5 out) keeps the cheaper form.
+_MAX_GRAM_OVER_TENSOR = 3.5
 
 
 @dataclass(frozen=True)
