@@ -83,10 +83,10 @@ def row_chunks(rows: int, cols: int, chunk_elements: int) -> Iterator[slice]:
         yield slice(start, min(rows, start + step))
 
 
-def solver_row_chunks(rows: int, cols: int, chunk_elements: int) -> Iterator[slice]:
+def solver_row_chunks(rows: int, cols: int, chunk_elements: int, divisor: int = _CHUNK_DIVISOR) -> Iterator[slice]:
     """row_chunks with at most chunk_elements and, past _MIN_CHUNK_ELEMENTS, at most
-    1/_CHUNK_DIVISOR of the tensor's elements per chunk (at least one row)."""
-    limit = max(_MIN_CHUNK_ELEMENTS, -(-rows * cols // _CHUNK_DIVISOR))
+    1/divisor of the tensor's elements per chunk (at least one row)."""
+    limit = max(_MIN_CHUNK_ELEMENTS, -(-rows * cols // divisor))
     return row_chunks(rows, cols, min(chunk_elements, limit))
 
 

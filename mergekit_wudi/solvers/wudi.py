@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from mergekit_wudi.solvers._common import (
+    _CHUNK_DIVISOR,
     _CHUNK_ELEMENTS,
     adam_optimizer,
     check_config,
@@ -24,11 +25,14 @@ from mergekit_wudi.solvers._common import (
 )
 
 # The in-space gradient keeps C = (in, in) in memory; past this many multiples of the
-# tensor's own size the out-space form is used even where it costs more flops. At 3,
-# C, D, the iterate and a row chunk's Adam state (3/4) stay within N + 6 tensors with
-# the N task vectors, and the down_proj of Llama 2 (in = 2.7 out) and of Llama 3 and
-# Mistral (in = 3.5 out) keeps the cheaper form.
+# tensor's own size the out-space form is used even where it costs more flops. At 3.5,
+# C, D, the iterate and a row chunk's Adam state stay within N + 6 tensors with the N
+# task vectors (chunks of 1/16 of the tensor where C is over 2.5 tensors), and the
+# down_proj of Llama 2 (in = 2.7 out), Llama 3 and Mistral (in = 3.5 out) keeps the
+# cheaper form.
 _MAX_GRAM_OVER_TENSOR = 3.5
+_WIDE_GRAM_OVER_TENSOR = 2.5
+_WIDE_CHUNK_DIVISOR = 16
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,10 @@ class WudiSolver:
             block_weights = torch.tensor(weights, dtype=vectors.dtype, device=vectors.device)
             block_weights = block_weights.view(1, count, 1)
 
+        wide_gram = gram is not None and in_features > _WIDE_GRAM_OVER_TENSOR * out_features
+        divisor = _WIDE_CHUNK_DIVISOR if wide_gram else _CHUNK_DIVISOR
         merged = torch.empty_like(vectors[0])  # (out, in)
-        for rows in solver_row_chunks(out_features, in_features, self.chunk_elements):
+        for rows in solver_row_chunks(out_features, in_features, self.chunk_elements, divisor):
             if gram is not None:
                 d_rows = full_d[rows]
                 grad_fn = _in_space_gradient(gram, d_rows)
