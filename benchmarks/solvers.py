@@ -353,7 +353,7 @@ def tensors_table(args) -> None:
 def memory_table(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"machine: {machine()}")
-    print(f"| shape | N | method | peak extra memory (x float32 tensor) | bound N + 6 | time ({MEMORY_STEPS} Adam steps) |")
+    print(f"| shape | N | method | peak extra memory (x float32 tensor) | bound N + 6 | time (whole merge; wudi, doge: {MEMORY_STEPS} Adam steps) |")
     print("|---|---|---|---|---|---|")
     for method in args.methods:
         result = measure_memory(method, args.count, args.size, args.size, device)
