@@ -210,22 +210,26 @@ class SolverMergeMethod(GroupMergeMethod):
         if transpose is None:
             transpose = is_input_major(name)
 
+        # Peak memory of a solve, in tensors: the N task vectors, a float32 base where the
+        # checkpoint is not float32, and what the solver adds (at most 6, see README).
         dtype = compute_dtype(base.dtype)
         base_c = base.to(dtype)
         if transpose:
             base_c = base_c.T
         task_vectors = base_c.new_empty((len(entries), *base_c.shape))  # (N, out, in)
         for index, entry in enumerate(entries):
-            tensor = entry.tensor.to(dtype)
+            tensor = entry.tensor
+            if torch.promote_types(tensor.dtype, dtype) != dtype:
+                tensor = tensor.to(dtype)  # wider than the compute dtype
+            # bf16/fp16 are promoted inside the subtraction: no float32 temporary
             torch.sub(tensor.T if transpose else tensor, base_c, out=task_vectors[index])
             task_vectors[index].mul_(parameters["weight"][entry.id])
-            del tensor
 
         config, per_model = self._config(parameters, entries)
         merged = self.solver_cls(config).solve(task_vectors, **per_model)  # (out, in)
         log_objective(self.method_name, name, task_vectors, merged)
         del task_vectors
-        result = torch.add(base_c, merged, alpha=parameters["lambda"])
+        result = torch.add(base_c, merged, alpha=parameters["lambda"], out=merged)  # in place
         if not bool(torch.isfinite(result).all()):
             models = ", ".join(str(entry.id) for entry in entries)
             raise FloatingPointError(

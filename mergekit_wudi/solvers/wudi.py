@@ -12,19 +12,27 @@ from typing import Optional
 import torch
 
 from mergekit_wudi.solvers._common import (
+    _CHUNK_DIVISOR,
     _CHUNK_ELEMENTS,
-    adam_update_,
+    adam_optimizer,
     check_config,
     check_non_negative_int,
     check_positive,
     config_field,
     prepare_task_vectors,
-    row_chunks,
+    release,
+    solver_row_chunks,
 )
 
 # The in-space gradient keeps C = (in, in) in memory; past this many multiples of the
-# tensor's own size the out-space form is used even where it costs more flops.
-_MAX_GRAM_OVER_TENSOR = 2
+# tensor's own size the out-space form is used even where it costs more flops. At 3.5,
+# C, D, the iterate and a row chunk's Adam state stay within N + 6 tensors with the N
+# task vectors (chunks of 1/8 of the tensor where C is over 2.5 tensors), and the
+# down_proj of Llama 2 (in = 2.7 out), Llama 3 and Mistral (in = 3.5 out) keeps the
+# cheaper form.
+_MAX_GRAM_OVER_TENSOR = 3.5
+_WIDE_GRAM_OVER_TENSOR = 2.5
+_WIDE_CHUNK_DIVISOR = 8
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ class WudiSolver:
     2*out*in^2 flops a step, the out-space one 4*N*out^2*in; the cheaper is used,
     unless C would take more than _MAX_GRAM_OVER_TENSOR times the tensor's memory.
 
-    Adam as torch.optim.Adam (betas 0.9/0.999, eps 1e-8), from t_m = sum_i t_i. The
+    Adam as torch.optim.Adam (betas 0.9/0.999, eps 1e-8; the fused kernel where the
+    device has one, see adam_optimizer), from t_m = sum_i t_i. The
     loss is a sum over rows of t_m and Adam is element-wise, so rows are solved in
     chunks (every step of one chunk, then the next): same result, bounded memory.
 
@@ -99,26 +108,29 @@ class WudiSolver:
             block_weights = torch.tensor(weights, dtype=vectors.dtype, device=vectors.device)
             block_weights = block_weights.view(1, count, 1)
 
+        wide_gram = gram is not None and in_features > _WIDE_GRAM_OVER_TENSOR * out_features
+        divisor = _WIDE_CHUNK_DIVISOR if wide_gram else _CHUNK_DIVISOR
         merged = torch.empty_like(vectors[0])  # (out, in)
-        for rows in row_chunks(out_features, in_features, self.chunk_elements):
+        for rows in solver_row_chunks(out_features, in_features, self.chunk_elements, divisor):
             if gram is not None:
                 d_rows = full_d[rows]
                 grad_fn = _in_space_gradient(gram, d_rows)
             else:
                 d_rows = _d_rows_out_space(vectors, weights, rows)
                 grad_fn = _out_space_gradient(flat, block_weights, d_rows, count)
-            merged[rows] = self._adam(vectors[:, rows].sum(dim=0), grad_fn)
+            # The chunk of the iterate lives in `merged` itself: Adam updates that view.
+            torch.sum(vectors[:, rows], dim=0, out=merged[rows])
+            self._adam(merged[rows], grad_fn)
+            del d_rows, grad_fn
         return merged
 
-    def _adam(self, param: torch.Tensor, grad_fn) -> torch.Tensor:
-        grad = torch.empty_like(param)
-        exp_avg = torch.zeros_like(param)
-        exp_avg_sq = torch.zeros_like(param)
-        denom = torch.empty_like(param)
-        for step in range(1, self.config.steps + 1):
-            grad_fn(param, grad)
-            adam_update_(param, grad, exp_avg, exp_avg_sq, denom, step, self.config.lr)
-        return param
+    def _adam(self, param: torch.Tensor, grad_fn) -> None:
+        """config.steps Adam steps on `param`, in place."""
+        optimizer = adam_optimizer(param, self.config.lr)
+        for _ in range(self.config.steps):
+            grad_fn(param, param.grad)
+            optimizer.step()
+        release(optimizer)
 
     @staticmethod
     def _in_space_terms(vectors: torch.Tensor, weights):
@@ -162,9 +174,11 @@ def _in_space_gradient(gram: torch.Tensor, d_rows: torch.Tensor):
 
 
 def _out_space_gradient(flat: torch.Tensor, block_weights: torch.Tensor, d_rows: torch.Tensor, count: int):
+    overlap = flat.new_empty(d_rows.shape[0], flat.shape[0])  # (rows, n*out), reused every step
+
     def gradient(param: torch.Tensor, out: torch.Tensor) -> None:
         # t_m C = ((t_m T^T) * w) T, T = (n*out, in); grad = 2 (t_m C - D)
-        overlap = param @ flat.T  # (rows, n*out)
+        torch.mm(param, flat.T, out=overlap)
         overlap.view(param.shape[0], count, -1).mul_(block_weights)
         torch.addmm(d_rows, overlap, flat, beta=-2, alpha=2, out=out)
 

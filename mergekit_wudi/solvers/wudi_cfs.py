@@ -56,7 +56,9 @@ class WudiCfsSolver:
     t_i^T t_i; Eq. 20 and this code use the latter.)
 
     The (in, in) matrix M = C + r A I is symmetric positive semi-definite: with r > 0 it
-    is solved by Cholesky (M X = B^T, t_m = X^T); where that fails, or at omega = 0, by
+    is solved by Cholesky, M = L L^T, t_m = B L^-T L^-1 (factor and triangular solves
+    in place: peak memory N + 2 tensors plus one (in, in) matrix); where that fails
+    (the matrix is rebuilt), or at omega = 0, by
     an eigendecomposition that gives the pseudo-inverse (minimum-norm) solution, with
     eigenvalues below in * eps(dtype) * max eigenvalue treated as zero, as
     torch.linalg.pinv does for Hermitian input.
@@ -78,26 +80,58 @@ class WudiCfsSolver:
         inv_norms = [1.0 / sq for sq in prepared.sq_norms]  # a_i
         ridge = self.config.omega * (sum(prepared.sq_norms) / count) / in_features  # r
 
-        # M = sum_i a_i (t_i^T t_i + r I), B = sum_i a_i t_i (t_i^T t_i + r I)
-        matrix = vectors.new_zeros(in_features, in_features)  # (in, in)
-        rhs = vectors.new_zeros(out_features, in_features)  # (out, in)
+        matrix, rhs = _normal_equations(vectors, inv_norms, ridge)
+        if ridge > 0:
+            # M = L L^T, L lower, factored in place: M is symmetric, so its row-major storage
+            # is the column-major (LAPACK) storage of M.mT, which torch then factors
+            # without a copy (measured: no extra memory; a row-major `out` costs one copy).
+            factor = matrix.mT  # (in, in)
+            _, info = torch.linalg.cholesky_ex(factor, out=(factor, torch.empty((), dtype=torch.int32)))
+            if int(info) == 0:
+                # t_m M = B  <=>  t_m = B L^-T L^-1: two triangular solves, in place in B
+                # (the same arithmetic as cholesky_solve, without its two copies).
+                torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False, out=rhs)
+                torch.linalg.solve_triangular(factor, rhs, upper=False, left=False, out=rhs)
+                return rhs
+            logger.debug("Cholesky failed (info=%d); using the eigendecomposition", int(info))
+            del factor, matrix
+            matrix, _ = _normal_equations(vectors, inv_norms, ridge, rhs=False)
+        return _pinv_solve(matrix, rhs)
+
+
+def _normal_equations(vectors: torch.Tensor, inv_norms, ridge: float, rhs: bool = True):
+    """M = sum_i a_i (t_i^T t_i + r I) (in, in) and B = sum_i a_i t_i (t_i^T t_i + r I) (out, in).
+
+    B's Gram term a_i t_i (t_i^T t_i) is evaluated with each task's (in, in) Gram where
+    in <= out, else as a_i (t_i t_i^T) t_i, with an (out, out) intermediate: fewer flops
+    where in > 2 out, and no (in, in) temporary beside M where in > out.
+    """
+    count, out_features, in_features = vectors.shape
+    matrix = vectors.new_zeros(in_features, in_features)  # (in, in)
+    result = vectors.new_zeros(out_features, in_features) if rhs else None  # (out, in)
+    if in_features <= out_features:
         task_gram = torch.empty_like(matrix)
         for task, weight in zip(vectors, inv_norms):
-            torch.mm(task.T, task, out=task_gram)
+            torch.mm(task.T, task, out=task_gram)  # (in, in)
             matrix.add_(task_gram, alpha=weight)
-            rhs.addmm_(task, task_gram, alpha=weight)
-            if ridge > 0:
-                rhs.add_(task, alpha=weight * ridge)
+            if rhs:
+                result.addmm_(task, task_gram, alpha=weight)
+                if ridge > 0:
+                    result.add_(task, alpha=weight * ridge)
         del task_gram
-        if ridge > 0:
-            matrix.diagonal().add_(ridge * sum(inv_norms))
-            factor, info = torch.linalg.cholesky_ex(matrix)
-            if int(info) == 0:
-                # t_m M = B  <=>  M t_m^T = B^T  (M symmetric)
-                return torch.cholesky_solve(rhs.T, factor).T
-            logger.debug("Cholesky failed (info=%d); using the eigendecomposition", int(info))
-            del factor
-        return _pinv_solve(matrix, rhs)
+    else:
+        overlap = vectors.new_empty(out_features, out_features) if rhs else None
+        for task, weight in zip(vectors, inv_norms):
+            matrix.addmm_(task.T, task, alpha=weight)
+            if rhs:
+                torch.mm(task, task.T, out=overlap)  # (out, out)
+                result.addmm_(overlap, task, alpha=weight)
+                if ridge > 0:
+                    result.add_(task, alpha=weight * ridge)
+        del overlap
+    if ridge > 0:
+        matrix.diagonal().add_(ridge * sum(inv_norms))
+    return matrix, result
 
 
 def _pinv_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:

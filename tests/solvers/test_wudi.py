@@ -6,9 +6,10 @@ from reference import wudi_adam, wudi_loss
 from tensors import full_rank_task_vectors, low_rank_task_vectors
 
 from mergekit_wudi.solvers import WudiConfig, WudiSolver
+from mergekit_wudi.solvers._common import _CHUNK_DIVISOR, _CHUNK_ELEMENTS, _MIN_CHUNK_ELEMENTS, solver_row_chunks
 
-# (out, in): out > in and square use the in-space Gram; out << in uses the out-space form.
-SHAPES = [(24, 12), (16, 16), (10, 40)]
+# (out, in): out > in, square and out < in <= 3 out use the in-space Gram; out << in the out-space form.
+SHAPES = [(24, 12), (16, 16), (12, 30), (10, 40)]
 
 
 def relative(a, b):
@@ -87,6 +88,8 @@ def test_steps_zero_is_task_arithmetic(generator):
 def test_in_space_choice_follows_flops_and_memory():
     assert WudiSolver.uses_in_space(3, 1024, 1024)
     assert WudiSolver.uses_in_space(3, 2816, 1024)
+    assert WudiSolver.uses_in_space(2, 1024, 2816)  # Llama 2 down_proj: C is 2.75x the tensor
+    assert WudiSolver.uses_in_space(2, 4096, 14336)  # Llama 3 down_proj: 3.5x
     assert not WudiSolver.uses_in_space(3, 1024, 2816 * 2)  # C would be 5.5x the tensor
     assert not WudiSolver.uses_in_space(1, 100, 300)  # 2*N*out < in: out-space is cheaper
 
@@ -100,3 +103,15 @@ def test_config_rejects_bad_values(bad):
 def test_input_shape_is_checked():
     with pytest.raises(ValueError, match="shape"):
         WudiSolver().solve(torch.zeros(4, 5))
+
+
+@pytest.mark.parametrize("shape", [(1024, 512), (1000, 300), (3, 100000)])
+def test_row_chunks_bound_the_adam_state(shape):
+    # Past _MIN_CHUNK_ELEMENTS a chunk holds at most 1/_CHUNK_DIVISOR of the tensor (at
+    # least one row), so gradient and moments stay under 3/4 of it; chunks tile the rows.
+    rows, cols = shape
+    chunks = list(solver_row_chunks(rows, cols, _CHUNK_ELEMENTS))
+    assert [c.start for c in chunks] == [0] + [c.stop for c in chunks[:-1]] and chunks[-1].stop == rows
+    largest = max(c.stop - c.start for c in chunks) * cols
+    assert largest <= max(_MIN_CHUNK_ELEMENTS, rows * cols / _CHUNK_DIVISOR) or largest == cols
+    assert len(list(solver_row_chunks(16, 16, _CHUNK_ELEMENTS))) == 1  # small: one chunk

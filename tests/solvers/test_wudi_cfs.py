@@ -64,3 +64,22 @@ def test_zero_task_vectors_are_skipped(generator):
 def test_negative_omega_is_rejected():
     with pytest.raises(ValueError, match="omega"):
         WudiCfsConfig(omega=-0.1)
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (10, 40)])
+def test_cholesky_failure_falls_back_to_the_eigendecomposition(generator, monkeypatch, shape):
+    # The factorisation runs in place in M; a failed one (info > 0) leaves M half
+    # overwritten, so the fallback must rebuild M before its eigendecomposition.
+    tv = full_rank_task_vectors(generator, 3, *shape)
+    factorise = torch.linalg.cholesky_ex
+
+    def failing(matrix, *args, **kwargs):
+        factor, info = factorise(matrix, *args, **kwargs)
+        factor.fill_(float("nan"))
+        info.fill_(1)
+        return factor, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
+    ours = WudiCfsSolver(WudiCfsConfig(omega=0.1)).solve(tv)
+    expected = wudi_closed_form(tv, 0.1)
+    torch.testing.assert_close(ours, expected, rtol=1e-8, atol=1e-14 * expected.abs().max().item())
