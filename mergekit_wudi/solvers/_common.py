@@ -5,8 +5,10 @@ Pure torch: nothing here imports mergekit, click or logging configuration.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Sequence, Tuple
 
@@ -74,6 +76,32 @@ def prepare_task_vectors(task_vectors: torch.Tensor) -> TaskVectors:
     if len(indices) != vectors.shape[0]:
         vectors = vectors[list(indices)]  # (n, out, in)
     return TaskVectors(vectors=vectors, sq_norms=tuple(sq_norms), indices=tuple(indices))
+
+
+_THREADS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def thread_independent(device: torch.device) -> Iterator[None]:
+    """Run LAPACK factorisations on one CPU thread, so their bits do not depend on `-j`.
+
+    MKL's Cholesky, eigh and SVD round differently with another thread count (measured:
+    1 vs 2 threads, 600x600), while its matrix products and triangular solves do not.
+    mergekit's `-j/--num-threads` sets torch's thread count, so without this a
+    `wudi_cfs` or `doge` merge would depend on `-j` and on the machine's cores. The
+    factorisations are a small part of a solve (the Gram products and Adam steps stay
+    multi-threaded). No effect off the CPU.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    with _THREADS_LOCK:
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved)
 
 
 def row_chunks(rows: int, cols: int, chunk_elements: int) -> Iterator[slice]:

@@ -23,6 +23,7 @@ from mergekit_wudi.solvers._common import (
     per_task_values,
     prepare_task_vectors,
     release,
+    thread_independent,
 )
 
 
@@ -114,10 +115,12 @@ class DogeSolver:
             return None
         stacked = vectors.new_zeros(out_features, rank)  # (out, r)
         for index, task in enumerate(vectors):
-            left = torch.linalg.svd(task, full_matrices=False).U  # (out, r)
+            with thread_independent(task.device):
+                left = torch.linalg.svd(task, full_matrices=False).U  # (out, r)
             stacked[:, index * per_task : (index + 1) * per_task] = left[:, :per_task]
             del left
-        return torch.linalg.svd(stacked, full_matrices=False).U[:, :keep].contiguous()
+        with thread_independent(stacked.device):
+            return torch.linalg.svd(stacked, full_matrices=False).U[:, :keep].contiguous()
 
     def _solve_delta(self, vectors: torch.Tensor, coefficients) -> torch.Tensor:
         count, out_features, in_features = vectors.shape

@@ -17,6 +17,7 @@ from mergekit_wudi.solvers._common import (
     check_non_negative,
     config_field,
     prepare_task_vectors,
+    thread_independent,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,7 +87,8 @@ class WudiCfsSolver:
             # is the column-major (LAPACK) storage of M.mT, which torch then factors
             # without a copy (measured: no extra memory; a row-major `out` costs one copy).
             factor = matrix.mT  # (in, in)
-            _, info = torch.linalg.cholesky_ex(factor, out=(factor, torch.empty((), dtype=torch.int32)))
+            with thread_independent(factor.device):
+                _, info = torch.linalg.cholesky_ex(factor, out=(factor, torch.empty((), dtype=torch.int32)))
             if int(info) == 0:
                 # t_m M = B  <=>  t_m = B L^-T L^-1: two triangular solves, in place in B
                 # (the same arithmetic as cholesky_solve, without its two copies).
@@ -136,7 +138,8 @@ def _normal_equations(vectors: torch.Tensor, inv_norms, ridge: float, rhs: bool 
 
 def _pinv_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """rhs @ pinv(matrix) for a symmetric PSD matrix, through its eigendecomposition."""
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)  # (in,), (in, in)
+    with thread_independent(matrix.device):
+        eigenvalues, eigenvectors = torch.linalg.eigh(matrix)  # (in,), (in, in)
     cutoff = matrix.shape[0] * torch.finfo(matrix.dtype).eps * eigenvalues.abs().max()
     keep = eigenvalues > cutoff
     basis = eigenvectors[:, keep]  # (in, k)
