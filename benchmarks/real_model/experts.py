@@ -120,11 +120,20 @@ def _fine_tune(encoder, tokenizer, head: dict, task, lr: float, recipe: Recipe) 
             optimizer.step()
 
 
+def base_checkpoint(root: Path) -> Path:
+    """The pretrained encoder re-saved by the installed transformers, so that base, experts and
+    LoRA-applied models share one tensor layout (the packaged file also holds the
+    `embeddings.position_ids` buffer, which transformers 5 no longer saves)."""
+    return root / "base"
+
+
 def ensure_experts(recipe: Recipe = Recipe(), lora: bool = True) -> Path:
     """Train whatever is missing from the cache; return the cache folder."""
     root = cache_dir(recipe)
     tokenizer = load_tokenizer()
     base = model_dir()
+    if not (base_checkpoint(root) / "model.safetensors").exists():
+        load_encoder(base).save_pretrained(base_checkpoint(root))
     for name in TASK_NAMES:
         task = load_task(name)
         head_path = root / "heads" / f"{name}.safetensors"
