@@ -45,7 +45,9 @@ MERGES = [  # cheap rows first, so that a stopped run still has them (results ar
     ("dare_ties d=0.5 (seed 0)", "dare_ties", {"density": 0.5}, "full"),
     *[(f"wudi_cfs ω={omega}", "wudi_cfs", {"omega": omega}, "full") for omega in (0.0, 0.1, 1.0, 10.0)],
     ("LoRA: task_arithmetic λ=0.3", "task_arithmetic", {"lambda": 0.3}, "lora"),
+    ("LoRA: task_arithmetic λ=1.0", "task_arithmetic", {"lambda": 1.0}, "lora"),
     ("LoRA: wudi_cfs ω=0.1", "wudi_cfs", {}, "lora"),
+    ("LoRA: wudi_cfs ω=0.1 λ=0.3", "wudi_cfs", {"lambda": 0.3}, "lora"),
     ("wudi (defaults: lr=1e-5, 300 steps)", "wudi", {}, "full"),
     ("LoRA: wudi (defaults)", "wudi", {}, "lora"),
     # DOGE's 400 default steps cost ~6x wudi's 300 per step on this CPU; 40 steps keep the run under 45 min
@@ -155,6 +157,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {sorted(QUICK)}")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.md/json and accuracy.png go")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in OUT/results.json, run the others")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
@@ -187,9 +190,15 @@ def main() -> None:
             expert_accuracy[family][name] = score(encoder, tokenizer, root, {name: tasks[name]})[name]
     stats = {family: task_vector_stats(base_state, states, 1e-5, 300) for family, states in families.items()}
 
+    done = {}
+    if args.resume and (args.out / "results.json").exists():
+        done = {row["label"]: row for row in json.loads((args.out / "results.json").read_text())["merges"]}
     results = []
     for label, method, parameters, family in MERGES:
         if args.quick and label not in QUICK:
+            continue
+        if label in done:
+            results.append(done[label])
             continue
         config = work / f"{len(results):02d}.yml"
         out = work / f"{len(results):02d}"
