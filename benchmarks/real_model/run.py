@@ -50,8 +50,8 @@ MERGES = [  # cheap rows first, so that a stopped run still has them (results ar
     ("LoRA: wudi_cfs ω=0.1 λ=0.3", "wudi_cfs", {"lambda": 0.3}, "lora"),
     ("wudi (defaults: lr=1e-5, 300 steps)", "wudi", {}, "full"),
     ("LoRA: wudi (defaults)", "wudi", {}, "lora"),
-    # DOGE's 400 default steps cost ~6x wudi's 300 per step on this CPU; 40 steps keep the run under 45 min
     ("doge steps=40 (other defaults)", "doge", {"steps": 40}, "full"),
+    ("doge (defaults: 400 steps)", "doge", {}, "full"),
 ]
 QUICK = {"task_arithmetic λ=0.3", "wudi_cfs ω=0.1", "LoRA: wudi_cfs ω=0.1"}
 
