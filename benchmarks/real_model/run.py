@@ -73,8 +73,20 @@ def write_config(path: Path, method: str, parameters: dict, family: str, root: P
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
 
 
+# Runs the command and writes its child's peak RSS (KiB) to argv[1]. The launcher is small, so
+# the child's ru_maxrss is mergekit's own: Linux carries the RSS a process had at fork time
+# across exec, which would otherwise charge this (large) benchmark process to every merge.
+_LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_mergekit(config: Path, out: Path, work: Path) -> dict:
-    """The real CLI in a child process; wall time and the child's peak RSS (os.wait4)."""
+    """The real CLI in a child process: wall time and peak RSS of that process."""
     command = [
         shutil.which("mergekit-yaml") or "mergekit-yaml",
         str(config),
@@ -83,16 +95,14 @@ def run_mergekit(config: Path, out: Path, work: Path) -> dict:
         "--random-seed", "0",  # dare_ties draws its masks from torch's global generator
         "--lora-merge-cache", str(work / "lora-cache"),
     ]
-    log = out.with_suffix(".log")
+    log, rss = out.with_suffix(".log"), out.with_suffix(".maxrss")
     with open(log, "w") as stream:
         started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)
+        returncode = subprocess.call([sys.executable, "-c", _LAUNCHER, str(rss), *command], stdout=stream, stderr=subprocess.STDOUT)
         wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"mergekit-yaml {config} failed ({process.returncode}), see {log}:\n{log.read_text()[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024}
+    if returncode != 0:
+        raise SystemExit(f"mergekit-yaml {config} failed ({returncode}), see {log}:\n{log.read_text()[-3000:]}")
+    return {"wall_s": wall, "peak_rss_mib": int(rss.read_text()) / 1024}
 
 
 def score(encoder, tokenizer, root: Path, tasks: dict) -> dict:
@@ -260,12 +270,12 @@ def summary(accuracy: dict, pretrained: dict, expert: dict) -> tuple:
 def render_markdown(report: dict) -> str:
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     header = "| model | " + " | ".join(TASK_NAMES) + " | avg | norm. acc | gap closed | L(t_m)/L(TA) | wall s | peak RSS MiB |"
-    rule = "|" + "---|" * (len(TASK_NAMES) + 8)
+    rule = "|" + "---|" * (len(TASK_NAMES) + 7)
     lines = [header, rule]
     pretrained = report["pretrained"]
     full = report["experts"]["full"]
     lines.append("| pretrained encoder | " + " | ".join(pct(pretrained[t]) for t in TASK_NAMES) + f" | {pct(_mean(pretrained.values()))} | | 0 | | | |")
-    for family, title in (("full", "experts (each on its task)"), ("lora", "LoRA experts (each on its task)")):
+    for family, title in (("full", "experts (each on its task)"), ("lora", "LoRA experts (each on its task; vs full experts)")):
         expert = report["experts"][family]
         average, normalized, gap = summary(expert, pretrained, full)
         lines.append(f"| {title} | " + " | ".join(pct(expert[t]) for t in TASK_NAMES) + f" | {pct(average)} | {pct(normalized)} | {pct(gap)} | | | |")
