@@ -26,7 +26,9 @@ def register(*, strict: bool = True) -> tuple:
     from mergekit.merge_methods import registry
 
     from mergekit_wudi.adapter import MERGE_METHODS
+    from mergekit_wudi.architectures import register_architectures
 
+    register_architectures()
     added = []
     for method in MERGE_METHODS:
         try:
