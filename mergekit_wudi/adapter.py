@@ -162,7 +162,13 @@ class SolverMergeMethod(GroupMergeMethod):
                 f"merge_method {self.method_name} needs a base model: set base_model to the model "
                 "the fine-tunes started from (base_index= in merge_tensors)"
             )
-        if all(input_id == base_id for input_id in input_ids):
+        # mergekit checks the configured models at plan time (group_name "<module>.slices[i]",
+        # or None from merge_tensors) and, per tensor, the models that hold it. A tensor that
+        # only the base holds (an optional buffer the fine-tunes were saved without) goes to
+        # the fallback, as task_arithmetic keeps the base's; only a config without
+        # fine-tunes is an error.
+        planning = group_name is None or ".slices[" in group_name
+        if planning and all(input_id == base_id for input_id in input_ids):
             raise ConfigError(
                 f"merge_method {self.method_name} needs at least one model besides the base model {base_id}: "
                 "list the fine-tunes under models"
@@ -177,6 +183,10 @@ class SolverMergeMethod(GroupMergeMethod):
         if base is None:
             raise ValueError(f"{self.method_name}: tensor {name!r} has no base model; set base_model")
         _require_finite(self.method_name, group)
+        if not group.non_base:
+            logger.debug("%s: %s -> fallback %s (only the base model has it)", self.method_name, name, parameters["fallback"])
+            PROGRESS.skipped(self.method_name, name)
+            return self._fallback(group, parameters)
         if not parameters["solve"]:
             logger.debug("%s: %s -> fallback %s (solve: false)", self.method_name, name, parameters["fallback"])
             PROGRESS.skipped(self.method_name, name)
@@ -402,7 +412,7 @@ def _build_spec(method: SolverMergeMethod, registered: Tuple[str, ...]) -> Merge
     return MergeMethodSpec(
         name=method.method_name,
         parameters=tuple(parameters),
-        contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+        contract=InputContract(base=BasePolicy.REQUIRED),  # no fine-tune: validate_inputs
         pretty_name=method.method_pretty_name,
         reference_url=method.method_reference_url,
         uses_accelerator=True,

@@ -178,3 +178,24 @@ def test_register_architectures_is_idempotent():
     assert optional and all(not w.aliases for w in optional)
     # mergekit's own definition stays behind it, unchanged
     assert any(w.aliases for d in NAME_TO_ARCH["BertModel"][1:] for w in d.modules["default"].architecture.definition.pre_weights if w.optional)
+
+
+@pytest.mark.parametrize("method", ["wudi", "wudi_cfs", "doge"])
+def test_a_buffer_only_the_base_has_is_kept_like_task_arithmetic(family, tmp_path, method):
+    """transformers 5 saves fine-tunes without `position_ids`, the packaged base has it: the
+    tensor that only the base holds goes to the fallback (task_arithmetic keeps the base's)."""
+    base, *models = family
+    stripped = []
+    for index, path in enumerate(models):
+        state = {k: v for k, v in load_model(path).items() if k != "embeddings.position_ids"}
+        stripped.append(save_bert(tmp_path / f"ft{index}", state))
+    parameters = {"lambda": LAMBDA, **({"steps": 5} if method != "wudi_cfs" else {})}
+    weights = [{"weight": w} for w in WEIGHTS]
+    config = write_config(tmp_path / "m.yml", method, base, stripped, parameters, weights)
+    mergekit_yaml(config, tmp_path / "out")
+    plain = write_config(tmp_path / "ta.yml", "task_arithmetic", base, stripped, {"lambda": LAMBDA}, weights)
+    mergekit_yaml(plain, tmp_path / "ta")
+    merged, expected = load_model(tmp_path / "out"), load_model(tmp_path / "ta")
+    assert torch.equal(merged["embeddings.position_ids"], load_model(base)["embeddings.position_ids"])
+    for name in merged.keys() - {n for n in merged if is_bert_linear(n)}:
+        assert torch.equal(merged[name], expected[name]), name
