@@ -257,7 +257,8 @@ def _recording_solver(solver_cls: type, records: list) -> type:
     class RecordingSolver(solver_cls):
         def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
             merged = super().solve(task_vectors, **per_model)
-            records.append((task_vectors, merged))
+            # A copy: the adapter writes W0 + lambda * t_m into the solver's output in place.
+            records.append((task_vectors, merged.clone()))
             return merged
 
     RecordingSolver.__qualname__ = f"Recording{solver_cls.__qualname__}"
