@@ -104,3 +104,16 @@ def test_lapack_solvers_are_bit_identical_across_thread_counts(threads, solver):
     one, two = solve_with_threads(threads, solver, 2)
     assert torch.equal(one, two)
     assert torch.get_num_threads() == 2  # the solver gave the thread count back
+
+
+@needs_cores
+def test_threaded_lapack_opt_out_runs_the_factorisations_on_every_thread(threads, monkeypatch):
+    from mergekit_wudi.solvers import _common
+
+    threads(2)
+    seen = []
+    for value in ("", "1"):
+        monkeypatch.setenv(_common.THREADED_LAPACK_ENV, value)
+        with _common.thread_independent(torch.device("cpu")):
+            seen.append(torch.get_num_threads())
+    assert seen == [1, 2] and torch.get_num_threads() == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Sequence, Tuple
@@ -79,6 +80,7 @@ def prepare_task_vectors(task_vectors: torch.Tensor) -> TaskVectors:
 
 
 _THREADS_LOCK = threading.Lock()
+THREADED_LAPACK_ENV = "MERGEKIT_WUDI_THREADED_LAPACK"
 
 
 @contextlib.contextmanager
@@ -90,9 +92,10 @@ def thread_independent(device: torch.device) -> Iterator[None]:
     mergekit's `-j/--num-threads` sets torch's thread count, so without this a
     `wudi_cfs` or `doge` merge would depend on `-j` and on the machine's cores. The
     factorisations are a small part of a solve (the Gram products and Adam steps stay
-    multi-threaded). No effect off the CPU.
+    multi-threaded). No effect off the CPU, nor with MERGEKIT_WUDI_THREADED_LAPACK=1
+    (faster SVDs for doge on many cores, at the price of that dependence).
     """
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or os.environ.get(THREADED_LAPACK_ENV, "") not in ("", "0"):
         yield
         return
     with _THREADS_LOCK:
