@@ -1,6 +1,6 @@
 """Solver cost and memory, as ratios measured in one run.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py tensors [--large] [--quick]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py tensors [--large] [--quick] [--target]
     OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py memory [--size 8192] [--count 8]
     OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py e2e
 
@@ -331,6 +331,8 @@ def tensors_table(args) -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     if args.quick:
         cases = [(512, 512, 3, True), (512, 1408, 2, False)]
+    elif args.target:
+        cases = [(1024, 1024, 3, True)]
     else:
         cases = [(1024, 1024, 3, True)]
         cases += [(o, i, n, False) for o, i in [(1024, 1024), (2816, 1024), (1024, 2816)] for n in (2, 4, 8)]
@@ -472,6 +474,7 @@ def main() -> None:
     tensors = commands.add_parser("tensors", help="per-tensor table")
     tensors.add_argument("--large", action="store_true", help="add 4096x4096 with N = 8")
     tensors.add_argument("--quick", action="store_true", help="two small cases (a smoke test)")
+    tensors.add_argument("--target", action="store_true", help="only the target row: 1024x1024, N = 3")
     memory = commands.add_parser("memory", help="peak memory of one large solve")
     memory.add_argument("--size", type=int, default=8192)
     memory.add_argument("--count", type=int, default=8)
