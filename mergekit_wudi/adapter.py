@@ -340,45 +340,24 @@ def _require_finite(method_name: str, group: TensorGroup) -> None:
 def _build_spec(method: SolverMergeMethod, registered: Tuple[str, ...]) -> MergeMethodSpec:
     passthrough = _passthrough_parameters(registered)
     hints = typing.get_type_hints(method.config_cls)
+
+    def declare(name, value_type, scope, default, description, check=None) -> ParameterSpec:
+        """One of our parameters, its value checked into a one-line ConfigError."""
+        return ParameterSpec(
+            name, _validated(value_type, check, method.method_name, name), scope, default=default, description=description
+        )
+
+    shared = ParameterScope.SHARED
     parameters = [
-        ParameterSpec(
-            "weight",
-            _validated(float, None, method.method_name, "weight"),
-            ParameterScope.NON_BASE,
-            default=1.0,
-            description="scales this model's task vector",
-        ),
-        ParameterSpec(
-            "lambda",
-            _validated(float, None, method.method_name, "lambda"),
-            ParameterScope.SHARED,
-            default=1.0,
-            description="scales the merged task vector",
-        ),
-        ParameterSpec(
-            "fallback",
-            _validated(str, _check_fallback, method.method_name, "fallback"),
-            ParameterScope.SHARED,
-            default=DEFAULT_FALLBACK,
-            description="merge method for tensors that are not solved, or 'base'",
-        ),
-        ParameterSpec(
-            "solve",
-            _validated(bool, None, method.method_name, "solve"),
-            ParameterScope.SHARED,
-            default=True,
-            description="false sends the tensor to the fallback",
-        ),
-        ParameterSpec(
-            "input_major",
-            _validated(Optional[bool], None, method.method_name, "input_major"),
-            ParameterScope.SHARED,
-            default=None,
-            description="weight stored (in, out); unset: detect GPT-2 Conv1D names",
-        ),
+        declare("weight", float, ParameterScope.NON_BASE, 1.0, "scales this model's task vector"),
+        declare("lambda", float, shared, 1.0, "scales the merged task vector"),
+        declare("fallback", str, shared, DEFAULT_FALLBACK, "merge method for tensors that are not solved, or 'base'",
+            check=_check_fallback),
+        declare("solve", bool, shared, True, "false sends the tensor to the fallback"),
+        declare("input_major", Optional[bool], shared, None, "weight stored (in, out); unset: detect GPT-2 Conv1D names"),
     ]
     for field in dataclasses.fields(method.config_cls):
-        scope = ParameterScope.NON_BASE if field.metadata.get("per_model") else ParameterScope.SHARED
+        scope = ParameterScope.NON_BASE if field.metadata.get("per_model") else shared
         check = functools.partial(field.metadata["check"], field.name)
         shared_name = field.name in passthrough
         value_type = hints[field.name]
@@ -390,13 +369,7 @@ def _build_spec(method: SolverMergeMethod, registered: Tuple[str, ...]) -> Merge
             description += f" (default {field.default}; when set, also passed to the fallback)"
             check = functools.partial(_none_or, check)
         parameters.append(
-            ParameterSpec(
-                field.name,
-                _validated(value_type, check, method.method_name, field.name),
-                scope,
-                default=None if shared_name else field.default,
-                description=description,
-            )
+            declare(field.name, value_type, scope, None if shared_name else field.default, description, check=check)
         )
     own = {parameter.name for parameter in parameters}
     parameters.extend(

@@ -34,11 +34,6 @@ def model_weights(layer: int):
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return make_family(tmp_path_factory.mktemp("family"))
-
-
-@pytest.fixture(scope="module")
 def cfs_config(family, tmp_path_factory):
     base, *models = family
     root = tmp_path_factory.mktemp("cfs")

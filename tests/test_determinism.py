@@ -4,18 +4,13 @@ import os
 
 import pytest
 import torch
-from models import load_model, make_family, write_config
+from models import load_model, write_config
 from runner import mergekit_yaml, mergekit_yaml_in_process
 from tensors import full_rank_task_vectors
 
 from mergekit_wudi.solvers import DogeConfig, DogeSolver, WudiCfsConfig, WudiCfsSolver, WudiConfig, WudiSolver
 
 PARAMETERS = {"wudi": {"steps": 50}, "wudi_cfs": {}, "doge": {"steps": 50}}
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return make_family(tmp_path_factory.mktemp("family"), fine_tunes=3)
 
 
 def assert_same_bits(a, b):

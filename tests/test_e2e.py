@@ -21,11 +21,6 @@ WEIGHTS = [1.0, 0.8, 1.2]
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return make_family(tmp_path_factory.mktemp("family"))
-
-
-@pytest.fixture(scope="module")
 def task_arithmetic(family, tmp_path_factory):
     root = tmp_path_factory.mktemp("ta")
     base, *models = family

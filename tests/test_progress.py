@@ -6,18 +6,13 @@ import re
 import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
-from models import is_llama_linear, load_model, make_family, write_config
+from models import is_llama_linear, load_model, write_config
 from runner import mergekit_yaml
 
 pytestmark = pytest.mark.e2e
 
 LINEAR = 14  # 7 projections x 2 layers in the tiny Llama
 LAMBDA = 0.9
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return make_family(tmp_path_factory.mktemp("family"))
 
 
 @pytest.fixture(scope="module")

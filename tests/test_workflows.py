@@ -13,7 +13,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-from models import is_llama_linear, load_model, make_family, write_config
+from models import is_llama_linear, load_model, write_config
 from reference import wudi_closed_form
 from runner import mergekit_yaml
 
@@ -29,11 +29,6 @@ METHODS = {
     "doge": ({"steps": 20}, f"[DOGE-TA]({ARXIV_DOGE})"),
 }
 API_OPTIONS = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory):
-    return make_family(tmp_path_factory.mktemp("family"))
 
 
 @pytest.fixture(scope="module")
