@@ -201,7 +201,12 @@ def _run_command() -> click.Command:
         except RuntimeError as error:  # a method name taken by another package
             raise click.ClickException(str(error)) from None
         _validate_config(kwargs["config_file"])
-        mergekit_yaml.callback(**kwargs)
+        from mergekit_wudi.errors import ConfigError
+
+        try:
+            mergekit_yaml.callback(**kwargs)
+        except ConfigError as error:  # one line, also where the autoload's excepthook is off
+            raise click.ClickException(str(error)) from None
 
     # mergekit's parameters as they are, except that a missing CONFIG_FILE is a usage error, not a traceback.
     config_file = click.Argument(["config_file"], type=click.Path(exists=True, dir_okay=False))

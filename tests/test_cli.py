@@ -158,7 +158,7 @@ def test_run_without_autoload_matches_mergekit_yaml(cfs_config, tmp_path):
         assert torch.equal(ours[name], reference[name]), name
 
 
-def test_run_errors_are_one_line(tmp_path):
+def test_run_errors_are_one_line(family, tmp_path):
     missing = invoke("run", tmp_path / "nope.yml", tmp_path / "out")
     assert missing.exit_code == 2 and "does not exist" in missing.output
     bad = tmp_path / "bad.yml"
@@ -167,6 +167,15 @@ def test_run_errors_are_one_line(tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith("Error: config") and "unknown merge_method 'wudy'" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    # A value our spec rejects while mergekit plans: one line too, and nothing written.
+    base, *models = family
+    negative = write_config(tmp_path / "neg.yml", "wudi", base, models, {"lr": -1.0})
+    result = invoke("run", negative, tmp_path / "out", "--no-copy-tokenizer")
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: invalid value for parameter 'lr' of merge_method wudi: lr must be a finite number > 0, got -1.0"
+    )
+    assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
 # --- report --------------------------------------------------------------------------------
