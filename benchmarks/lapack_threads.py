@@ -2,7 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/lapack_threads.py
 
-wudi_cfs (Cholesky) and doge (SVDs) run their factorisations on one CPU thread so that
+wudi_cfs (Cholesky) and doge (eigh and SVD) run their factorisations on one CPU thread so that
 the output does not depend on torch's thread count (`-j`); see
 `mergekit_wudi.solvers._common.thread_independent`. This times both ways, interleaved in
 rounds (best of 3 each), and prints the ratios measured in this one run.
@@ -32,7 +32,7 @@ def timed(function) -> float:
 def main() -> None:
     generator = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| shape | N | doge SVD phase: one thread / all | wudi_cfs: one thread / all | doge, 400 steps: one thread / all |")
+    print("| shape | N | doge subspace phase (shared_basis): one thread / all | wudi_cfs: one thread / all | doge, 400 steps: one thread / all |")
     print("|---|---|---|---|---|")
     for shape, count in CASES:
         task_vectors = torch.randn(count, *shape, generator=generator) * 1e-3

@@ -72,8 +72,8 @@ def threads():
     torch.set_num_threads(saved)
 
 
-def solve_with_threads(set_threads, solver, count):
-    task_vectors = full_rank_task_vectors(torch.Generator().manual_seed(0), 3, 384, 512, scale=1e-2, dtype=torch.float32)
+def solve_with_threads(set_threads, solver, count, shape=(384, 512)):
+    task_vectors = full_rank_task_vectors(torch.Generator().manual_seed(0), 3, *shape, scale=1e-2, dtype=torch.float32)
     results = []
     for number in (1, count):
         set_threads(number)
@@ -99,6 +99,18 @@ def test_lapack_solvers_are_bit_identical_across_thread_counts(threads, solver):
     one, two = solve_with_threads(threads, solver, 2)
     assert torch.equal(one, two)
     assert torch.get_num_threads() == 2  # the solver gave the thread count back
+
+
+@needs_cores
+@pytest.mark.parametrize("shape", [(384, 512), (512, 384)], ids=["wide", "tall"])
+def test_doge_gram_route_is_bit_identical_across_thread_counts(threads, monkeypatch, shape):
+    # At 384x512 doge takes gesdd (under GRAM_MIN_ELEMENTS); forced here onto the route
+    # of larger tensors: Gram products, eigh, the Rayleigh-Ritz products and SVD.
+    from mergekit_wudi.solvers import doge
+
+    monkeypatch.setattr(doge, "GRAM_MIN_ELEMENTS", 0)
+    one, two = solve_with_threads(threads, DogeSolver(DogeConfig(steps=20)), 2, shape)
+    assert torch.equal(one, two)
 
 
 @needs_cores

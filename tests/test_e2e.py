@@ -84,7 +84,7 @@ def test_doge(family, task_arithmetic, tmp_path):
     merged = run_method(family, tmp_path, "doge")
     # These task vectors have rank 2, below DOGE's k = floor(r / N) = 21 singular vectors
     # per task: the other 19 are arbitrary, so the shared subspace (and the float32
-    # result) is set by rounding (README, "DOGE and low-rank task vectors"). The solver
+    # result) is set by rounding (README, "DOGE subspaces and low-rank task vectors"). The solver
     # itself is checked against the float64 reference in tests/solvers/test_doge.py;
     # here the float32 merge must equal the float32 solver on the same float32 task
     # vectors, and the short run (steps=0: trim + coefficients only) the reference.

@@ -72,7 +72,7 @@ class DogeSolver:
     across layers (mergekit hands over one tensor at a time, as for its TIES), and the
     loss uses row-wise inner products (one per output neuron). Where k = 0 (more tasks
     than r) or floor(r / subspace) = 0 there is no shared direction and no projection.
-    Singular vectors come from a full thin SVD (torch.linalg.svd, full_matrices=False).
+    Singular subspaces: see top_left_singular_vectors.
 
     Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
     returns (out, in) in the compute dtype on the input device. Zero or non-finite task
@@ -98,15 +98,20 @@ class DogeSolver:
         coefficients = [self.config.eta / math.sqrt(sq) for sq in prepared.sq_norms]  # l_i
 
         delta = self._solve_delta(vectors, coefficients)
-        merged = torch.zeros_like(vectors[0])
+        merged = torch.zeros_like(delta)
+        kept = torch.empty_like(delta)  # |t_i|, then M_i * (t_i + delta)
         for task, coefficient, density in zip(vectors, coefficients, densities):
-            kept = task + delta
-            kept.mul_(trim_mask(task, density))
+            mask = _trim_mask_of_magnitudes(torch.abs(task, out=kept), density)
+            torch.add(task, delta, out=kept).mul_(mask)
             merged.add_(kept, alpha=coefficient)
         return merged
 
     def shared_basis(self, vectors: torch.Tensor) -> Optional[torch.Tensor]:
-        """U_k, (out, floor(r / subspace)), or None where there is no shared direction."""
+        """U_k, (out, floor(r / subspace)), or None where there is no shared direction.
+
+        Only the subspaces matter: P = U_k U_k^T, and the stacked matrix's left singular
+        subspace depends on each task's top-k subspace, not on the basis chosen in it.
+        """
         count, out_features, in_features = vectors.shape
         rank = min(out_features, in_features)
         per_task = rank // count
@@ -115,12 +120,8 @@ class DogeSolver:
             return None
         stacked = vectors.new_zeros(out_features, rank)  # (out, r)
         for index, task in enumerate(vectors):
-            with thread_independent(task.device):
-                left = torch.linalg.svd(task, full_matrices=False).U  # (out, r)
-            stacked[:, index * per_task : (index + 1) * per_task] = left[:, :per_task]
-            del left
-        with thread_independent(stacked.device):
-            return torch.linalg.svd(stacked, full_matrices=False).U[:, :keep].contiguous()
+            stacked[:, index * per_task : (index + 1) * per_task] = top_left_singular_vectors(task, per_task)
+        return top_left_singular_vectors(stacked, keep).contiguous()
 
     def _solve_delta(self, vectors: torch.Tensor, coefficients) -> torch.Tensor:
         count, out_features, in_features = vectors.shape
@@ -156,21 +157,112 @@ class DogeSolver:
         return delta
 
 
+# Singular subspaces of matrices with fewer elements come from a full SVD; from this
+# many on, from a Gram eigendecomposition refined by a small SVD (top_left_singular_vectors).
+GRAM_MIN_ELEMENTS = 1 << 20
+
+
+def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """(out, k): orthonormal columns spanning the first k left singular vectors of M.
+
+    Under GRAM_MIN_ELEMENTS elements (1024x1024): torch.linalg.svd (LAPACK gesdd), as
+    methods.md and the paper's code write it; there its workspace is at most ~25 MiB.
+    From there on, in two steps that need far less memory than gesdd (6.1 tensors of
+    M's size on 1024x1024 and 2048x2048: the input copy, U, Vh and its divide-and-
+    conquer buffers, more than the N + 6 bound of a whole DOGE solve leaves):
+      1. Q, the top k + p eigenvectors of the smaller Gram matrix, M M^T or M^T M
+         (p = k / 4 extra directions, at least 16, at most r - k);
+      2. a Rayleigh-Ritz step on M itself, which resolves the cut at k: for out <= in
+         (Q holds left singular vectors), Q times the top k eigenvectors of B B^T,
+         B = Q^T M, in float64 (the float32 Gram would square M again); for out > in
+         (Q holds right singular vectors), the SVD of M Q, (out, k + p).
+    The Gram matrix squares M, so float32 rounding moves the subspace, and a DOGE merge,
+    3-9x as much as gesdd does (benchmarks/doge_subspace.py: merged tensors 6.5e-4 to
+    3.3e-3 relative against a float64 SVD, where gesdd gives 1.1e-4 to 5.4e-4); step 1
+    alone was worse still (up to 4e-2). Where M has rank below k, both routes complete
+    the basis with directions set by rounding.
+    """
+    if matrix.numel() < GRAM_MIN_ELEMENTS:
+        with thread_independent(matrix.device):
+            return torch.linalg.svd(matrix, full_matrices=False).U[:, :k]
+    out_features, in_features = matrix.shape
+    width = k + min(min(out_features, in_features) - k, max(16, k // 4))  # k + p
+    gram = matrix @ matrix.T if out_features <= in_features else matrix.T @ matrix
+    top = _top_eigenvectors(gram, width)
+    del gram
+    if out_features <= in_features:
+        # B B^T, B = Q^T M (k + p, in), accumulated in float64 over column blocks of M.
+        small = top.new_zeros(width, width, dtype=torch.float64)
+        step = -(-in_features // 8)
+        for start in range(0, in_features, step):
+            block = (top.T @ matrix[:, start : start + step]).double()
+            small.addmm_(block, block.T)
+        del block
+        return top @ _top_eigenvectors(small, k).to(matrix.dtype)
+    ritz = matrix @ top  # (out, k + p)
+    del top
+    with thread_independent(matrix.device):
+        return torch.linalg.svd(ritz, full_matrices=False).U[:, :k]
+
+
+def _top_eigenvectors(symmetric: torch.Tensor, count: int) -> torch.Tensor:
+    """The eigenvectors of the `count` largest eigenvalues, as a new contiguous tensor.
+
+    Overwrites `symmetric`: its transpose is the column-major layout LAPACK works in,
+    so eigh writes the eigenvectors over it instead of into a copy (one tensor less).
+    """
+    eigenvectors = symmetric.mT
+    with thread_independent(symmetric.device):
+        try:
+            torch.linalg.eigh(eigenvectors, out=(symmetric.new_empty(symmetric.shape[0]), eigenvectors))
+        except RuntimeError as error:  # a torch that refuses the aliased out= (2.13 accepts it)
+            if isinstance(error, torch.linalg.LinAlgError):
+                raise
+            eigenvectors = torch.linalg.eigh(symmetric).eigenvectors
+    return eigenvectors[:, -count:].contiguous()  # ascending eigenvalues: the last columns
+
+
 def _row_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """rowsum(left * right) for (out, in) tensors, as a batch of dot products: (out,)."""
     return torch.bmm(left.unsqueeze(1), right.unsqueeze(2)).view(left.shape[0])
 
 
 def trim_mask(task: torch.Tensor, density: float) -> torch.Tensor:
-    """M: keep |t| >= the (d - floor(d * density))-th smallest |t|, d = t.numel().
+    """M (bool): keep |t| >= the (d - floor(d * density))-th smallest |t|, d = t.numel().
 
     This keeps floor(d * density) + 1 entries when magnitudes are distinct (the
     threshold entry itself is kept), and every entry at density 1.
     """
-    magnitude = task.abs()
+    return _trim_mask_of_magnitudes(task.abs(), density)
+
+
+def _trim_mask_of_magnitudes(magnitude: torch.Tensor, density: float) -> torch.Tensor:
     numel = magnitude.numel()
     kth = numel - math.floor(numel * density)
     if kth <= 0:
-        return torch.ones_like(magnitude)
-    threshold = magnitude.view(-1).kthvalue(kth).values
-    return (magnitude >= threshold).to(task.dtype)
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    bits = _magnitude_bits(magnitude)
+    return bits >= kth_smallest_bits(bits, kth)
+
+
+def _magnitude_bits(magnitude: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of finite magnitudes (>= 0) as signed integers of the same width,
+    a view: for such floats the integer order is the float order."""
+    return magnitude.view(torch.int64 if magnitude.dtype == torch.float64 else torch.int32)
+
+
+def kth_smallest_bits(bits: torch.Tensor, kth: int) -> int:
+    """The k-th smallest of non-negative integers (1-based), by bisection on the value.
+
+    Equal to torch.kthvalue(bits.view(-1), kth), which copies its input and allocates
+    int64 indices (3 tensors of float32 size on top of |t|); this allocates one bool
+    tensor per pass and makes at most bit-width passes (31 for float32 magnitudes).
+    """
+    low, high = 0, int(bits.max())  # the answer lies in [low, high]
+    while low < high:
+        middle = (low + high) // 2
+        if int(torch.count_nonzero(bits <= middle)) >= kth:
+            high = middle
+        else:
+            low = middle + 1
+    return low
