@@ -127,7 +127,7 @@ class DogeSolver:
         count, out_features, in_features = vectors.shape
         if self.config.steps == 0:
             return torch.zeros_like(vectors[0])
-        basis = self.shared_basis(vectors)  # first: LAPACK's SVD workspace is the peak
+        basis = self.shared_basis(vectors)  # first, before delta and the Adam state exist
         delta = torch.zeros_like(vectors[0])
         total = sum(coefficients)  # L
         weighted_sum = torch.zeros_like(delta)  # S
@@ -157,8 +157,8 @@ class DogeSolver:
         return delta
 
 
-# Singular subspaces of matrices with fewer elements come from a full SVD; from this
-# many on, from a Gram eigendecomposition refined by a small SVD (top_left_singular_vectors).
+# Singular subspaces of matrices with fewer elements come from a full SVD; from this many
+# on, from a Gram eigendecomposition and a Rayleigh-Ritz step (top_left_singular_vectors).
 GRAM_MIN_ELEMENTS = 1 << 20
 
 
