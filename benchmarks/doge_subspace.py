@@ -27,6 +27,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+from solvers import reset_peak_rss, status_bytes  # noqa: E402  (benchmarks/solvers.py)
 
 from mergekit_wudi.solvers import DogeSolver, doge  # noqa: E402
 
@@ -62,15 +63,9 @@ def memory_child(route: str, out_features: int, in_features: int) -> float:
     doge.top_left_singular_vectors(torch.randn(600, 500), 100)  # load the kernels first
     matrix = task_vectors(out_features, in_features)[0].clone()
 
-    def status(field: str) -> int:
-        with open("/proc/self/status") as lines:
-            return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
-
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset VmHWM to the current RSS
-    before = status("VmRSS")
+    before = reset_peak_rss()
     doge.top_left_singular_vectors(matrix, min(out_features, in_features) // COUNT)
-    return (status("VmHWM") - before) / (out_features * in_features * 4)
+    return (status_bytes("VmHWM") - before) / (out_features * in_features * 4)
 
 
 def measure_memory(route: str, out_features: int, in_features: int) -> float:

@@ -138,7 +138,7 @@ def task_arithmetic_merge(tv: torch.Tensor):
 # --- memory, in a fresh subprocess per case ------------------------------------------------
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field + ":"):
@@ -146,11 +146,11 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _reset_peak_rss() -> int:
+def reset_peak_rss() -> int:
     """Reset the resident-set high-water mark (VmHWM) to the current RSS; return that."""
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # Linux >= 4.0: reset the peak RSS
-    return _status_bytes("VmRSS")
+    return status_bytes("VmRSS")
 
 
 def memory_child(method: str, count: int, out_features: int, in_features: int, device: str) -> dict:
@@ -175,12 +175,12 @@ def memory_child(method: str, count: int, out_features: int, in_features: int, d
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = _reset_peak_rss()
+        before = reset_peak_rss()
     start = time.perf_counter()
     result = merge_tensors(tensors, method, base_index=0, name=LINEAR_NAME, parameters=parameters)
     sync(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _status_bytes("VmHWM")
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else status_bytes("VmHWM")
     assert result.shape == (out_features, in_features) and bool(torch.isfinite(result).all())
     return {"extra": peak - before, "seconds": seconds}
 
