@@ -184,15 +184,15 @@ class SolverMergeMethod(GroupMergeMethod):
             raise ValueError(f"{self.method_name}: tensor {name!r} has no base model; set base_model")
         _require_finite(self.method_name, group)
         if not group.non_base:
-            logger.debug("%s: %s -> fallback %s (only the base model has it)", self.method_name, name, parameters["fallback"])
-            PROGRESS.skipped(self.method_name, name)
-            return self._fallback(group, parameters)
-        if not parameters["solve"]:
-            logger.debug("%s: %s -> fallback %s (solve: false)", self.method_name, name, parameters["fallback"])
-            PROGRESS.skipped(self.method_name, name)
-            return self._fallback(group, parameters)
-        if not is_linear_weight(name, base.tensor, group.metadata.vocabulary_axis):
-            logger.debug("%s: %s -> fallback %s (not a linear weight)", self.method_name, name, parameters["fallback"])
+            reason = "only the base model has it"
+        elif not parameters["solve"]:
+            reason = "solve: false"
+        elif not is_linear_weight(name, base.tensor, group.metadata.vocabulary_axis):
+            reason = "not a linear weight"
+        else:
+            reason = None
+        if reason is not None:
+            logger.debug("%s: %s -> fallback %s (%s)", self.method_name, name, parameters["fallback"], reason)
             PROGRESS.skipped(self.method_name, name)
             return self._fallback(group, parameters)
         with PROGRESS.solving(self.method_name, name):
@@ -205,11 +205,16 @@ class SolverMergeMethod(GroupMergeMethod):
 
     def _keyed_parameters(self, parameters: Mapping[str, Any], entries) -> Dict[str, Any]:
         """What a solved tensor depends on besides its inputs (the cache key): never `fallback`."""
-        keyed = {name: parameters[name] for name in ("lambda", "input_major")}
-        keyed["weight"] = [parameters["weight"][entry.id] for entry in entries]
-        for field in dataclasses.fields(self.config_cls):
-            value = parameters[field.name]
-            keyed[field.name] = [value[entry.id] for entry in entries] if field.metadata.get("per_model") else value
+        config, per_model = self._config(parameters, entries)
+        keyed = {
+            "lambda": parameters["lambda"],
+            "input_major": parameters["input_major"],
+            "weight": [parameters["weight"][entry.id] for entry in entries],
+        }
+        # The values the solver runs with: an unset parameter and its default share a key.
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            keyed[field.name] = per_model.get(field.name, [value] * len(entries)) if field.metadata.get("per_model") else value
         return keyed
 
     def _solve(self, group: TensorGroup, parameters: Mapping[str, Any]) -> torch.Tensor:

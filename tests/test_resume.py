@@ -123,6 +123,21 @@ def test_a_changed_solve_parameter_misses_and_the_fallback_hits(generator, cache
     assert not torch.equal(other, first)
 
 
+@pytest.mark.parametrize(
+    "method, unset, explicit",
+    [
+        ("doge", {"steps": 5}, {"steps": 5, "density": 0.3, "eta": 0.07}),  # density: also a ties parameter
+        ("wudi", {"steps": 20}, {"steps": 20, "lr": 1e-5}),
+    ],
+)
+def test_a_parameter_at_its_default_hits_the_entry_of_the_unset_one(generator, cache_dir, method, unset, explicit):
+    # The key holds the values the solver runs with, not how the YAML spelled them.
+    inputs = tensors(generator)
+    first = merge(method, inputs, **unset)
+    again = merge(method, inputs, **explicit)
+    assert torch.equal(again, first) and len(entries(cache_dir)) == 1
+
+
 def test_changed_inputs_order_or_name_miss(generator, cache_dir):
     inputs = tensors(generator)
     merge("wudi_cfs", inputs)

@@ -19,8 +19,9 @@ import torch
 # per-chunk state (gradient, two Adam moments) stays small...
 _CHUNK_ELEMENTS = 1 << 22
 # ...and at most 1/_CHUNK_DIVISOR of the tensor, so that state stays under 3/4 of the
-# tensor's size (the memory bound of a solve is N + 6 times the tensor), except for
-# tensors under _MIN_CHUNK_ELEMENTS, kept whole (one chunk is faster, and small anyway).
+# tensor's size (the memory bound of a solve is N + 6 times the tensor; wudi passes its
+# own divisor where its other buffers leave more or less room), except for tensors
+# under _MIN_CHUNK_ELEMENTS, kept whole (one chunk is faster, and small anyway).
 _CHUNK_DIVISOR = 4
 _MIN_CHUNK_ELEMENTS = 1 << 18
 
