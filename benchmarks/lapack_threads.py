@@ -4,7 +4,7 @@
 
 wudi_cfs (Cholesky) and doge (eigh and SVD) run their factorisations on one CPU thread so that
 the output does not depend on torch's thread count (`-j`); see
-`mergekit_wudi.solvers._common.thread_independent`. This times both ways, interleaved in
+`mergekit_wudi.solvers.single_thread_lapack`. This times both ways, interleaved in
 rounds (best of 3 each), and prints the ratios measured in this one run.
 """
 
@@ -16,8 +16,12 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-from mergekit_wudi.solvers import DogeConfig, DogeSolver, WudiCfsSolver  # noqa: E402
-from mergekit_wudi.solvers._common import THREADED_LAPACK_ENV  # noqa: E402
+from mergekit_wudi.solvers import (  # noqa: E402
+    THREADED_LAPACK_ENV,  # noqa: E402
+    DogeConfig,
+    DogeSolver,
+    WudiCfsSolver,
+)
 
 CASES = [((1024, 1024), 3), ((2048, 2048), 3)]
 ROUNDS = 3

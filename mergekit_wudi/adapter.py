@@ -46,8 +46,8 @@ from mergekit_wudi.solvers import (
     WudiCfsSolver,
     WudiConfig,
     WudiSolver,
+    compute_dtype,
 )
-from mergekit_wudi.solvers._common import compute_dtype
 
 logger = logging.getLogger(__name__)
 

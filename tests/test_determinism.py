@@ -62,7 +62,7 @@ def test_doge_same_bits_across_thread_counts_with_strict_mkl(family, tmp_path):
 
 # At 384x512 MKL splits work across threads: torch.mm and triangular solves stay
 # bit-identical across thread counts, but Cholesky, eigh and SVD (MKL LAPACK) do not, so
-# the solvers run those on one thread (solvers._common.thread_independent).
+# the solvers run those on one thread (solvers.numerics.single_thread_lapack).
 
 
 @pytest.fixture
@@ -115,12 +115,12 @@ def test_doge_gram_route_is_bit_identical_across_thread_counts(threads, monkeypa
 
 @needs_cores
 def test_threaded_lapack_opt_out_runs_the_factorisations_on_every_thread(threads, monkeypatch):
-    from mergekit_wudi.solvers import _common
+    from mergekit_wudi.solvers import THREADED_LAPACK_ENV, single_thread_lapack
 
     threads(2)
     seen = []
     for value in ("", "1"):
-        monkeypatch.setenv(_common.THREADED_LAPACK_ENV, value)
-        with _common.thread_independent(torch.device("cpu")):
+        monkeypatch.setenv(THREADED_LAPACK_ENV, value)
+        with single_thread_lapack(torch.device("cpu")):
             seen.append(torch.get_num_threads())
     assert seen == [1, 2] and torch.get_num_threads() == 2

@@ -12,19 +12,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from mergekit_wudi.solvers._common import (
-    adam_optimizer,
+from mergekit_wudi.solvers.checks import (
     check_config,
     check_fraction,
     check_non_negative_int,
     check_positive,
     check_positive_int,
     config_field,
-    per_task_values,
-    prepare_task_vectors,
-    release,
-    thread_independent,
+    per_model_values,
 )
+from mergekit_wudi.solvers.numerics import adam_optimizer, prepare_task_vectors, release, single_thread_lapack
 
 
 @dataclass(frozen=True)
@@ -82,13 +79,10 @@ class DogeSolver:
     def __init__(self, config: Optional[DogeConfig] = None):
         self.config = config or DogeConfig()
 
-    def solve(self, task_vectors: torch.Tensor, density: Optional[Sequence[float]] = None) -> torch.Tensor:
-        """density: one kept fraction per task vector; config.density for all when None."""
-        if density is None:
-            density = [self.config.density] * task_vectors.shape[0]
-        densities = per_task_values("density", density, task_vectors.shape[0])
-        for value in densities:
-            check_fraction("density", value)
+    def solve(self, task_vectors: torch.Tensor, **per_model: Optional[Sequence[float]]) -> torch.Tensor:
+        """task_vectors: (N, out, in); density=: one kept fraction per task vector
+        (config.density for all when unset or None)."""
+        densities = per_model_values(self.config, per_model, task_vectors.shape[0])["density"]
         prepared = prepare_task_vectors(task_vectors)
         vectors = prepared.vectors  # (n, out, in)
         count = vectors.shape[0]
@@ -183,7 +177,7 @@ def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     the basis with directions set by rounding.
     """
     if matrix.numel() < GRAM_MIN_ELEMENTS:
-        with thread_independent(matrix.device):
+        with single_thread_lapack(matrix.device):
             return torch.linalg.svd(matrix, full_matrices=False).U[:, :k]
     out_features, in_features = matrix.shape
     width = k + min(min(out_features, in_features) - k, max(16, k // 4))  # k + p
@@ -201,7 +195,7 @@ def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
         return top @ _top_eigenvectors(small, k).to(matrix.dtype)
     ritz = matrix @ top  # (out, k + p)
     del top
-    with thread_independent(matrix.device):
+    with single_thread_lapack(matrix.device):
         return torch.linalg.svd(ritz, full_matrices=False).U[:, :k]
 
 
@@ -212,7 +206,7 @@ def _top_eigenvectors(symmetric: torch.Tensor, count: int) -> torch.Tensor:
     so eigh writes the eigenvectors over it instead of into a copy (one tensor less).
     """
     eigenvectors = symmetric.mT
-    with thread_independent(symmetric.device):
+    with single_thread_lapack(symmetric.device):
         try:
             torch.linalg.eigh(eigenvectors, out=(symmetric.new_empty(symmetric.shape[0]), eigenvectors))
         except RuntimeError as error:  # a torch that refuses the aliased out= (2.13 accepts it)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from mergekit_wudi.solvers._common import _CHUNK_ELEMENTS, prepare_task_vectors, row_chunks
+from mergekit_wudi.solvers.numerics import CHUNK_ELEMENTS, prepare_task_vectors, row_chunks
 
 
-def wudi_objective(task_vectors: torch.Tensor, merged: torch.Tensor, *, chunk_elements: int = _CHUNK_ELEMENTS) -> float:
+def wudi_objective(task_vectors: torch.Tensor, merged: torch.Tensor, *, chunk_elements: int = CHUNK_ELEMENTS) -> float:
     """L(merged) for stacked task vectors (N, out, in) and a merged vector (out, in).
 
     Computed in the solvers' compute dtype, by row chunks of (rows, out) products, so the

@@ -7,18 +7,22 @@ Data-Free Model Merging via Task Vectors", ICML 2025, arXiv:2503.08099.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from mergekit_wudi.solvers._common import (
-    _CHUNK_DIVISOR,
-    _CHUNK_ELEMENTS,
-    adam_optimizer,
+from mergekit_wudi.solvers.checks import (
     check_config,
     check_non_negative_int,
     check_positive,
     config_field,
+    per_model_values,
+)
+from mergekit_wudi.solvers.numerics import (
+    CHUNK_DIVISOR,
+    CHUNK_ELEMENTS,
+    adam_optimizer,
+    gram_terms,
     prepare_task_vectors,
     release,
     solver_row_chunks,
@@ -35,7 +39,7 @@ _WIDE_GRAM_OVER_TENSOR = 2.5
 _WIDE_CHUNK_DIVISOR = 8
 # Where in <= out, C is at most one tensor, so a chunk may hold half of the tensor: its
 # Adam state then takes 1.5 tensors, and GEMMs on larger chunks run closer to torch.mm's
-# rate (one step of 1024x1024: 88% of torch.mm in 512-row chunks, 82% in 256-row ones).
+# rate (benchmarks/results/tensors.md).
 _TALL_CHUNK_DIVISOR = 2
 
 
@@ -58,8 +62,7 @@ class WudiConfig:
 class WudiSolver:
     """Merged task vector minimising the WUDI interference loss, solved with Adam.
 
-    WUDI-Merging, Cheng et al., ICML 2025 (arXiv:2503.08099), Eq. 21 of the ICML text
-    (the "Eq. 8" of some notes):
+    WUDI-Merging, Cheng et al., ICML 2025 (arXiv:2503.08099), Eq. 21 of the ICML text:
         L(t_m) = sum_i ||(t_m - t_i) t_i^T||_F^2 / ||t_i||_F^2
     Gradient used instead of autograd:
         grad = 2 (t_m C - D),  C = sum_i t_i^T t_i / ||t_i||^2   (in, in)
@@ -83,7 +86,7 @@ class WudiSolver:
     gradient would otherwise be amplified by Adam's normalisation.
     """
 
-    def __init__(self, config: Optional[WudiConfig] = None, *, chunk_elements: int = _CHUNK_ELEMENTS):
+    def __init__(self, config: Optional[WudiConfig] = None, *, chunk_elements: int = CHUNK_ELEMENTS):
         self.config = config or WudiConfig()
         self.chunk_elements = chunk_elements
 
@@ -94,7 +97,9 @@ class WudiSolver:
         small = in_features <= _MAX_GRAM_OVER_TENSOR * out_features
         return cheaper and small
 
-    def solve(self, task_vectors: torch.Tensor) -> torch.Tensor:
+    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
+        """task_vectors: (N, out, in). WUDI has no per-model parameter (any keyword: TypeError)."""
+        per_model_values(self.config, per_model, 0)
         prepared = prepare_task_vectors(task_vectors)
         vectors = prepared.vectors  # (n, out, in)
         count, out_features, in_features = vectors.shape
@@ -105,7 +110,10 @@ class WudiSolver:
         weights = [1.0 / sq for sq in prepared.sq_norms]
 
         if self.uses_in_space(count, out_features, in_features):
-            gram, full_d = self._in_space_terms(vectors, weights)
+            # C and D formed once; where in > out, D from (out, out) overlaps, as the chunks would
+            gram, full_d = gram_terms(vectors, weights, with_d=in_features <= out_features)
+            if full_d is None:
+                full_d = _d_rows_out_space(vectors, weights, slice(None))
         else:
             gram, full_d = None, None
             flat = vectors.reshape(count * out_features, in_features)  # (n*out, in)
@@ -117,7 +125,7 @@ class WudiSolver:
         elif gram is not None and in_features > _WIDE_GRAM_OVER_TENSOR * out_features:
             divisor = _WIDE_CHUNK_DIVISOR
         else:
-            divisor = _CHUNK_DIVISOR
+            divisor = CHUNK_DIVISOR
         merged = torch.empty_like(vectors[0])  # (out, in)
         for rows in solver_row_chunks(out_features, in_features, self.chunk_elements, divisor):
             if gram is not None:
@@ -139,26 +147,6 @@ class WudiSolver:
             grad_fn(param, param.grad)
             optimizer.step()
         release(optimizer)
-
-    @staticmethod
-    def _in_space_terms(vectors: torch.Tensor, weights):
-        """C = sum_i w_i t_i^T t_i (in, in) and D = sum_i w_i t_i (t_i^T t_i) (out, in)."""
-        count, out_features, in_features = vectors.shape
-        gram = vectors.new_zeros(in_features, in_features)
-        full_d = vectors.new_zeros(out_features, in_features)
-        if in_features <= out_features:
-            # D through each task's Gram: 4*out*in^2 flops per task.
-            task_gram = torch.empty_like(gram)
-            for task, weight in zip(vectors, weights):
-                torch.mm(task.T, task, out=task_gram)  # (in, in)
-                gram.add_(task_gram, alpha=weight)
-                full_d.addmm_(task, task_gram, alpha=weight)
-            del task_gram
-        else:
-            for task, weight in zip(vectors, weights):
-                gram.addmm_(task.T, task, alpha=weight)
-            full_d = _d_rows_out_space(vectors, weights, slice(None))
-        return gram, full_d
 
 
 def _d_rows_out_space(vectors: torch.Tensor, weights, rows: slice) -> torch.Tensor:

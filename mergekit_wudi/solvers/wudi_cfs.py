@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from mergekit_wudi.solvers._common import (
-    check_config,
-    check_non_negative,
-    config_field,
-    prepare_task_vectors,
-    thread_independent,
-)
+from mergekit_wudi.solvers.checks import check_config, check_non_negative, config_field, per_model_values
+from mergekit_wudi.solvers.numerics import gram_terms, prepare_task_vectors, single_thread_lapack
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +67,9 @@ class WudiCfsSolver:
     def __init__(self, config: Optional[WudiCfsConfig] = None):
         self.config = config or WudiCfsConfig()
 
-    def solve(self, task_vectors: torch.Tensor) -> torch.Tensor:
+    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
+        """task_vectors: (N, out, in). No per-model parameter (any keyword: TypeError)."""
+        per_model_values(self.config, per_model, 0)
         prepared = prepare_task_vectors(task_vectors)
         vectors = prepared.vectors  # (n, out, in)
         count, out_features, in_features = vectors.shape
@@ -85,9 +82,9 @@ class WudiCfsSolver:
         if ridge > 0:
             # M = L L^T, L lower, factored in place: M is symmetric, so its row-major storage
             # is the column-major (LAPACK) storage of M.mT, which torch then factors
-            # without a copy (measured: no extra memory; a row-major `out` costs one copy).
+            # without a copy (a row-major `out` would cost one).
             factor = matrix.mT  # (in, in)
-            with thread_independent(factor.device):
+            with single_thread_lapack(factor.device):
                 _, info = torch.linalg.cholesky_ex(factor, out=(factor, torch.empty((), dtype=torch.int32)))
             if int(info) == 0:
                 # t_m M = B  <=>  t_m = B L^-T L^-1: two triangular solves, in place in B
@@ -102,35 +99,8 @@ class WudiCfsSolver:
 
 
 def _normal_equations(vectors: torch.Tensor, inv_norms, ridge: float, rhs: bool = True):
-    """M = sum_i a_i (t_i^T t_i + r I) (in, in) and B = sum_i a_i t_i (t_i^T t_i + r I) (out, in).
-
-    B's Gram term a_i t_i (t_i^T t_i) is evaluated with each task's (in, in) Gram where
-    in <= out, else as a_i (t_i t_i^T) t_i, with an (out, out) intermediate: fewer flops
-    where in > 2 out, and no (in, in) temporary beside M where in > out.
-    """
-    count, out_features, in_features = vectors.shape
-    matrix = vectors.new_zeros(in_features, in_features)  # (in, in)
-    result = vectors.new_zeros(out_features, in_features) if rhs else None  # (out, in)
-    if in_features <= out_features:
-        task_gram = torch.empty_like(matrix)
-        for task, weight in zip(vectors, inv_norms):
-            torch.mm(task.T, task, out=task_gram)  # (in, in)
-            matrix.add_(task_gram, alpha=weight)
-            if rhs:
-                result.addmm_(task, task_gram, alpha=weight)
-                if ridge > 0:
-                    result.add_(task, alpha=weight * ridge)
-        del task_gram
-    else:
-        overlap = vectors.new_empty(out_features, out_features) if rhs else None
-        for task, weight in zip(vectors, inv_norms):
-            matrix.addmm_(task.T, task, alpha=weight)
-            if rhs:
-                torch.mm(task, task.T, out=overlap)  # (out, out)
-                result.addmm_(overlap, task, alpha=weight)
-                if ridge > 0:
-                    result.add_(task, alpha=weight * ridge)
-        del overlap
+    """M = sum_i a_i (t_i^T t_i + r I) (in, in) and B = sum_i a_i t_i (t_i^T t_i + r I) (out, in)."""
+    matrix, result = gram_terms(vectors, inv_norms, ridge=ridge, with_d=rhs)
     if ridge > 0:
         matrix.diagonal().add_(ridge * sum(inv_norms))
     return matrix, result
@@ -138,7 +108,7 @@ def _normal_equations(vectors: torch.Tensor, inv_norms, ridge: float, rhs: bool 
 
 def _pinv_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """rhs @ pinv(matrix) for a symmetric PSD matrix, through its eigendecomposition."""
-    with thread_independent(matrix.device):
+    with single_thread_lapack(matrix.device):
         eigenvalues, eigenvectors = torch.linalg.eigh(matrix)  # (in,), (in, in)
     cutoff = matrix.shape[0] * torch.finfo(matrix.dtype).eps * eigenvalues.abs().max()
     keep = eigenvalues > cutoff

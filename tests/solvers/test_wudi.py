@@ -5,8 +5,14 @@ import torch
 from reference import wudi_adam, wudi_loss
 from tensors import full_rank_task_vectors, low_rank_task_vectors
 
-from mergekit_wudi.solvers import WudiConfig, WudiSolver
-from mergekit_wudi.solvers._common import _CHUNK_DIVISOR, _CHUNK_ELEMENTS, _MIN_CHUNK_ELEMENTS, solver_row_chunks
+from mergekit_wudi.solvers import (
+    CHUNK_DIVISOR,
+    CHUNK_ELEMENTS,
+    MIN_CHUNK_ELEMENTS,
+    WudiConfig,
+    WudiSolver,
+    solver_row_chunks,
+)
 
 # (out, in): out > in, square and out < in <= 3 out use the in-space Gram; out << in the out-space form.
 SHAPES = [(24, 12), (16, 16), (12, 30), (10, 40)]
@@ -107,11 +113,11 @@ def test_input_shape_is_checked():
 
 @pytest.mark.parametrize("shape", [(1024, 512), (1000, 300), (3, 100000)])
 def test_row_chunks_bound_the_adam_state(shape):
-    # Past _MIN_CHUNK_ELEMENTS a chunk holds at most 1/_CHUNK_DIVISOR of the tensor (at
+    # Past MIN_CHUNK_ELEMENTS a chunk holds at most 1/CHUNK_DIVISOR of the tensor (at
     # least one row), so gradient and moments stay under 3/4 of it; chunks tile the rows.
     rows, cols = shape
-    chunks = list(solver_row_chunks(rows, cols, _CHUNK_ELEMENTS))
+    chunks = list(solver_row_chunks(rows, cols, CHUNK_ELEMENTS))
     assert [c.start for c in chunks] == [0] + [c.stop for c in chunks[:-1]] and chunks[-1].stop == rows
     largest = max(c.stop - c.start for c in chunks) * cols
-    assert largest <= max(_MIN_CHUNK_ELEMENTS, rows * cols / _CHUNK_DIVISOR) or largest == cols
-    assert len(list(solver_row_chunks(16, 16, _CHUNK_ELEMENTS))) == 1  # small: one chunk
+    assert largest <= max(MIN_CHUNK_ELEMENTS, rows * cols / CHUNK_DIVISOR) or largest == cols
+    assert len(list(solver_row_chunks(16, 16, CHUNK_ELEMENTS))) == 1  # small: one chunk

@@ -1,4 +1,5 @@
-"""Shared pieces of the solvers: task-vector preparation, config checks, the Adam update.
+"""Numerics shared by the solvers: task-vector preparation, row chunks, single-threaded
+LAPACK, the Adam update and the Gram terms C and D of the WUDI loss.
 
 Pure torch: nothing here imports mergekit, click or logging configuration.
 """
@@ -6,24 +7,23 @@ Pure torch: nothing here imports mergekit, click or logging configuration.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 # Row chunks hold at most this many elements of the (out, in) solution, so the
 # per-chunk state (gradient, two Adam moments) stays small...
-_CHUNK_ELEMENTS = 1 << 22
-# ...and at most 1/_CHUNK_DIVISOR of the tensor, so that state stays under 3/4 of the
+CHUNK_ELEMENTS = 1 << 22
+# ...and at most 1/CHUNK_DIVISOR of the tensor, so that state stays under 3/4 of the
 # tensor's size (the memory bound of a solve is N + 6 times the tensor; wudi passes its
 # own divisor where its other buffers leave more or less room), except for tensors
-# under _MIN_CHUNK_ELEMENTS, kept whole (one chunk is faster, and small anyway).
-_CHUNK_DIVISOR = 4
-_MIN_CHUNK_ELEMENTS = 1 << 18
+# under MIN_CHUNK_ELEMENTS, kept whole (one chunk is faster, and small anyway).
+CHUNK_DIVISOR = 4
+MIN_CHUNK_ELEMENTS = 1 << 18
 
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
@@ -85,16 +85,14 @@ THREADED_LAPACK_ENV = "MERGEKIT_WUDI_THREADED_LAPACK"
 
 
 @contextlib.contextmanager
-def thread_independent(device: torch.device) -> Iterator[None]:
+def single_thread_lapack(device: torch.device) -> Iterator[None]:
     """Run LAPACK factorisations on one CPU thread, so their bits do not depend on `-j`.
 
-    MKL's Cholesky, eigh and SVD round differently with another thread count (measured:
-    1 vs 2 threads, 600x600), while its matrix products and triangular solves do not.
-    mergekit's `-j/--num-threads` sets torch's thread count, so without this a
-    `wudi_cfs` or `doge` merge would depend on `-j` and on the machine's cores. The
-    factorisations are a small part of a solve (the Gram products and Adam steps stay
-    multi-threaded). No effect off the CPU, nor with MERGEKIT_WUDI_THREADED_LAPACK=1
-    (faster SVDs for doge on many cores, at the price of that dependence).
+    MKL's Cholesky, eigh and SVD round differently with another thread count, while its
+    matrix products and triangular solves do not; mergekit's `-j/--num-threads` sets
+    torch's thread count. The Gram products and Adam steps stay multi-threaded. No
+    effect off the CPU, nor with MERGEKIT_WUDI_THREADED_LAPACK=1 (faster SVDs on many
+    cores, bits then depend on the thread count; benchmarks/results/lapack_threads.md).
     """
     if torch.device(device).type != "cpu" or os.environ.get(THREADED_LAPACK_ENV, "") not in ("", "0"):
         yield
@@ -115,10 +113,10 @@ def row_chunks(rows: int, cols: int, chunk_elements: int) -> Iterator[slice]:
         yield slice(start, min(rows, start + step))
 
 
-def solver_row_chunks(rows: int, cols: int, chunk_elements: int, divisor: int = _CHUNK_DIVISOR) -> Iterator[slice]:
-    """row_chunks with at most chunk_elements and, past _MIN_CHUNK_ELEMENTS, at most
+def solver_row_chunks(rows: int, cols: int, chunk_elements: int, divisor: int = CHUNK_DIVISOR) -> Iterator[slice]:
+    """row_chunks with at most chunk_elements and, past MIN_CHUNK_ELEMENTS, at most
     1/divisor of the tensor's elements per chunk (at least one row)."""
-    limit = max(_MIN_CHUNK_ELEMENTS, -(-rows * cols // divisor))
+    limit = max(MIN_CHUNK_ELEMENTS, -(-rows * cols // divisor))
     return row_chunks(rows, cols, min(chunk_elements, limit))
 
 
@@ -129,10 +127,8 @@ def adam_optimizer(param: torch.Tensor, lr: float) -> torch.optim.Adam:
     with betas (0.9, 0.999), eps 1e-8, no weight decay, no amsgrad:
         m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) g^2
         p <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
-    The fused implementation (`fused=True`, one pass over memory instead of about ten;
-    measured 3x faster than the for-loop one on a 1024x1024 float32 tensor) where the
-    device supports it, else the default one. The two round differently in the last
-    bit (measured after 50 steps: 2e-8 relative in float32, 2e-17 in float64).
+    The fused implementation (`fused=True`: one pass over memory instead of about ten)
+    where the device supports it, else the default one; the two differ in the last bit.
 
     The caller writes each step's gradient into `param.grad` (allocated here, reused
     across steps) and calls `step()`; `param` must not require grad.
@@ -153,66 +149,38 @@ def release(optimizer: torch.optim.Optimizer) -> None:
     optimizer.state.clear()
 
 
-# --- configuration checks -------------------------------------------------------------
-# Each config field carries a check in its metadata; the config's __post_init__ and the
-# mergekit parameter spec both run it, so a bad value fails with the same sentence
-# whether it comes from Python or from a YAML file.
+def gram_terms(
+    vectors: torch.Tensor, weights: Sequence[float], *, ridge: float = 0.0, with_d: bool = True
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """C = sum_i w_i t_i^T t_i (in, in) and D = sum_i w_i t_i (t_i^T t_i + r I) (out, in).
 
-
-def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def check_non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    return value
-
-
-def check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def check_fraction(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not (0 < value <= 1):
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-    return float(value)
-
-
-def config_field(default: Any, check, help: str, per_model: bool = False) -> Any:
-    """A config dataclass field with its check and help text in the metadata."""
-    return dataclasses.field(
-        default=default, metadata={"check": check, "help": help, "per_model": per_model}
-    )
-
-
-def check_config(config: Any) -> None:
-    """Run every field's check; used by the configs' __post_init__."""
-    for field in dataclasses.fields(config):
-        check = field.metadata.get("check")
-        if check is not None:
-            check(field.name, getattr(config, field.name))
-
-
-def per_task_values(name: str, values: Sequence[float], count: int) -> Tuple[float, ...]:
-    """Validate a per-task sequence of parameter values against the task count."""
-    values = tuple(values)
-    if len(values) != count:
-        raise ValueError(f"{name} needs one value per task vector ({count}), got {len(values)}")
-    return values
+    vectors: (n, out, in); weights: w_i, one per task vector; ridge: r (0 for the plain
+    WUDI D); with_d=False returns (C, None). D's Gram term w_i t_i (t_i^T t_i) is
+    evaluated through each task's (in, in) Gram where in <= out, else as
+    w_i (t_i t_i^T) t_i, with an (out, out) intermediate: fewer flops where in > 2 out,
+    and no (in, in) temporary beside C where in > out.
+    """
+    count, out_features, in_features = vectors.shape
+    gram = vectors.new_zeros(in_features, in_features)  # (in, in)
+    d_term = vectors.new_zeros(out_features, in_features) if with_d else None  # (out, in)
+    if in_features <= out_features:
+        task_gram = torch.empty_like(gram)
+        for task, weight in zip(vectors, weights):
+            torch.mm(task.T, task, out=task_gram)  # (in, in)
+            gram.add_(task_gram, alpha=weight)
+            if with_d:
+                d_term.addmm_(task, task_gram, alpha=weight)
+                if ridge > 0:
+                    d_term.add_(task, alpha=weight * ridge)
+        del task_gram
+    else:
+        overlap = vectors.new_empty(out_features, out_features) if with_d else None
+        for task, weight in zip(vectors, weights):
+            gram.addmm_(task.T, task, alpha=weight)
+            if with_d:
+                torch.mm(task, task.T, out=overlap)  # (out, out)
+                d_term.addmm_(overlap, task, alpha=weight)
+                if ridge > 0:
+                    d_term.add_(task, alpha=weight * ridge)
+        del overlap
+    return gram, d_term
