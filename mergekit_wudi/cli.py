@@ -72,10 +72,10 @@ Examples:
 )
 def methods(names: tuple, output_format: str) -> None:
     """List the merge methods and their YAML parameters (from each method's spec)."""
+    from mergekit_wudi.adapter import MERGE_METHODS
     from mergekit_wudi.registration import register
 
-    register(strict=False)  # before importing the adapter (see plan_reports in report.py)
-    from mergekit_wudi.adapter import MERGE_METHODS
+    register(strict=False)
 
     known = {method.method_name: method for method in MERGE_METHODS}
     unknown = [name for name in names if name not in known]
@@ -92,7 +92,7 @@ def methods(names: tuple, output_format: str) -> None:
 
 
 def _describe(spec) -> dict:
-    from mergekit_wudi.adapter import parameter_role
+    from mergekit_wudi.spec import parameter_role
 
     own, passthrough = [], []
     for parameter in spec.parameters:
@@ -201,7 +201,7 @@ def _run_command() -> click.Command:
         except RuntimeError as error:  # a method name taken by another package
             raise click.ClickException(str(error)) from None
         _validate_config(kwargs["config_file"])
-        from mergekit_wudi.errors import ConfigError
+        from mergekit_wudi.config_error import ConfigError
 
         try:
             mergekit_yaml.callback(**kwargs)
@@ -235,21 +235,12 @@ def _one_line(error: BaseException) -> str:
 
 def _validate_config(path: str) -> None:
     """Fail with one line, before mergekit starts, on a config mergekit would reject."""
-    from mergekit.merge_methods import registry
-
-    from mergekit_wudi.report import UnsupportedConfig, load_config
+    from mergekit_wudi.config_check import UnsupportedConfig, check_merge_method, load_config
 
     try:
-        config = load_config(path)
+        check_merge_method(load_config(path), path)
     except UnsupportedConfig as error:
         raise click.ClickException(str(error)) from None
-    try:
-        registry.get(config.merge_method)
-    except RuntimeError:
-        names = sorted(method.spec.name for method in registry.registered_methods())
-        raise click.ClickException(
-            f"config {path!r}: unknown merge_method {config.merge_method!r}; registered: {', '.join(names)}"
-        ) from None
 
 
 # --- report ------------------------------------------------------------------------------
@@ -307,6 +298,7 @@ def report(
     from mergekit.options import MergeOptions
 
     from mergekit_wudi import report as reporting
+    from mergekit_wudi.config_check import UnsupportedConfig, load_config
 
     if name_filter:
         try:
@@ -314,8 +306,8 @@ def report(
         except re.error as error:
             raise click.BadParameter(f"not a regular expression: {error}", param_hint="--filter") from None
     try:
-        config = reporting.load_config(config_file)
-    except reporting.UnsupportedConfig as error:
+        config = load_config(config_file)
+    except UnsupportedConfig as error:
         raise click.ClickException(str(error)) from None
     if plots:
         try:
@@ -337,7 +329,7 @@ def report(
             config, options=options, name_filter=name_filter, max_tensors=max_tensors, device=device, ranks=ranks,
             progress=lambda: bars[0].update(),
         )
-    except reporting.UnsupportedConfig as error:
+    except UnsupportedConfig as error:
         raise click.ClickException(f"{config_file}: {error}") from None
     except (OSError, RuntimeError, ValueError) as error:
         # Unreadable models, unknown architectures, inconsistent slices: mergekit's own message.

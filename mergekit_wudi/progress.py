@@ -9,10 +9,10 @@ time a run reaches one of our tensors, we look for a live bar whose items are me
 * none (`--quiet`, `merge_tensors`, the multi-GPU executor, whose bar has no items):
   no bar of ours either;
 * found: a bar "wudi solve" below mergekit's, whose total counts the planned tasks of
-  this method that will be solved: `solve` resolved true, no vocabulary axis, and a
-  name that `is_linear_weight` accepts and that does not say "norm" (the shape is only
-  known when the tensor arrives, so a 1-D `*.weight` counted here is taken off the
-  total when it goes to the fallback, and a solved tensor not counted is added).
+  this method that will be solved: `tensor_kinds.will_solve` on the name (the shape is
+  only known when the tensor arrives), and not counting names that say "norm" (1-D in
+  every architecture). A tensor counted here that goes to the fallback is taken off the
+  total, and a solved tensor not counted is added.
   tqdm gives the rate and the ETA.
 
 A new mergekit bar (the next stage of `mergekit-multi`, the next `run_merge` call)
@@ -126,14 +126,13 @@ def _planned_solves(bar: tqdm.tqdm, method_name: str) -> Optional[Set[str]]:
     from mergekit.graph import TaskHandle
     from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
-    from mergekit_wudi.adapter import is_linear_weight
+    from mergekit_wudi.tensor_kinds import will_solve
 
     items = bar.iterable
     if not isinstance(items, list) or not items:
         return None
     if not (isinstance(items[0], tuple) and len(items[0]) == 2 and isinstance(items[0][1], TaskHandle)):
         return None
-    probe = torch.empty((1, 1), device="meta")  # a 2-D float tensor: the name decides
     planned: Set[str] = set()
     ours = False
     for _index, handle in items:
@@ -142,11 +141,9 @@ def _planned_solves(bar: tqdm.tqdm, method_name: str) -> Optional[Set[str]]:
             continue
         ours = True
         weight = task.output_weight
-        if (
-            task.parameters.get("solve", True)
-            and "norm" not in weight.name.lower()  # 1-D in every architecture; keeps the first ETA close
-            and is_linear_weight(weight.name, probe, weight.vocabulary_axis)
-        ):
+        solve = task.parameters.get("solve", True)
+        # names with "norm" are 1-D in every architecture: keeps the first ETA close
+        if "norm" not in weight.name.lower() and will_solve(weight.name, None, weight.vocabulary_axis, solve=solve):
             planned.add(weight.name)
     return planned if ours else None
 
@@ -163,7 +160,7 @@ def log_objective(method_name: str, name: Optional[str], task_vectors: torch.Ten
     """
     if not logger.isEnabledFor(logging.INFO):
         return
-    from mergekit_wudi.solvers.objective import task_arithmetic_objective, wudi_objective
+    from mergekit_wudi.solvers import task_arithmetic_objective, wudi_objective
 
     before = task_arithmetic_objective(task_vectors)
     after = wudi_objective(task_vectors, merged)

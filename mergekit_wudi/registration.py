@@ -2,11 +2,15 @@
 
 mergekit 0.1.5 finds merge methods only through `mergekit.merge_methods.registry`, and
 has no entry-point discovery. So the wheel installs `mergekit_wudi.pth`, whose one line
-calls `autoload()` at interpreter start-up. That installs a one-shot finder on
-`sys.meta_path` which waits for `mergekit.merge_methods` to be imported and registers the
-methods right after it has run. Nothing heavy happens at start-up: this module imports
-only `os` and `sys` (no torch, no mergekit), and `MERGEKIT_WUDI_NO_AUTOLOAD=1` turns the
-whole thing off. `register()` does the same explicitly and is idempotent.
+calls `autoload()` at interpreter start-up. That installs a finder on `sys.meta_path`
+which waits for `mergekit.merge_methods` to be imported and registers the methods right
+after it has run. When one of our own modules imported mergekit first (`import
+mergekit_wudi.adapter` in a fresh process), registering then would import it again
+half-done: the finder also wraps the loaders of our modules, and registers as soon as
+the last of them has finished. So no module of ours ends with a registration call.
+Nothing heavy happens at start-up: this module imports only `os` and `sys` (no torch,
+no mergekit), and `MERGEKIT_WUDI_NO_AUTOLOAD=1` turns the whole thing off. `register()`
+does the same explicitly and is idempotent.
 """
 
 import os
@@ -14,6 +18,7 @@ import sys
 
 DISABLE_ENV = "MERGEKIT_WUDI_NO_AUTOLOAD"
 _TARGET = "mergekit.merge_methods"
+_PACKAGE = "mergekit_wudi"
 
 
 def register(*, strict: bool = True) -> tuple:
@@ -27,6 +32,7 @@ def register(*, strict: bool = True) -> tuple:
 
     from mergekit_wudi.adapter import MERGE_METHODS
     from mergekit_wudi.architectures import register_architectures
+    from mergekit_wudi.tensor_kinds import is_ours
 
     register_architectures()
     added = []
@@ -37,7 +43,7 @@ def register(*, strict: bool = True) -> tuple:
             registry.register(method)
             added.append(method.method_name)
             continue
-        if _is_mergekit_wudi(existing):
+        if is_ours(existing):
             continue
         message = (
             f"mergekit-wudi: merge method {method.method_name!r} is already registered by "
@@ -52,11 +58,6 @@ def register(*, strict: bool = True) -> tuple:
     return tuple(added)
 
 
-def _is_mergekit_wudi(method) -> bool:
-    # By module name rather than isinstance, so a reloaded adapter module still counts.
-    return type(method).__module__ == "mergekit_wudi.adapter"
-
-
 def autoload_disabled() -> bool:
     return os.environ.get(DISABLE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
@@ -68,46 +69,40 @@ def autoload() -> None:
             return
         if _TARGET in sys.modules:
             _register_quietly()
-        elif not any(isinstance(finder, _MergekitImportHook) for finder in sys.meta_path):
-            sys.meta_path.insert(0, _MergekitImportHook())
+        elif not any(isinstance(finder, _ImportHook) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _ImportHook())
     except Exception as error:  # pragma: no cover - start-up must survive anything
         _report(error)
 
 
-_pending = False
+_pending = False  # mergekit is loaded, registration waits for our modules to finish
 
 
 def _our_module_is_loading(finished: str = "") -> bool:
-    """Whether a mergekit_wudi module is partway through its own import.
-
-    That is the case when it was the first to import mergekit (`import
-    mergekit_wudi.adapter` in a fresh process): registering now would import it again
-    half-done. Such modules call `module_loaded()` on their last line instead.
-    """
+    """Whether a mergekit_wudi module other than `finished` is partway through its own import."""
     return any(
-        name.partition(".")[0] == "mergekit_wudi"
+        name.partition(".")[0] == _PACKAGE
         and name != finished
         and getattr(getattr(module, "__spec__", None), "_initializing", False)
         for name, module in list(sys.modules.items())
     )
 
 
-def module_loaded(name: str) -> None:
-    """Last line of every module of ours that imports mergekit: finish a deferred registration."""
-    global _pending
+def _module_finished(name: str) -> None:
+    """One of our modules has run to its end: do a registration that waited for it."""
     if _pending and not _our_module_is_loading(finished=name):
-        _pending = False
         _register_quietly(finished=name)
 
 
 def _register_quietly(finished: str = "") -> None:
     global _pending
-    if _our_module_is_loading(finished):
-        _pending = True
+    _pending = _our_module_is_loading(finished)
+    if _pending:
         return
+    _remove_import_hook()
     try:
         register(strict=False)
-        from mergekit_wudi.errors import install_excepthook
+        from mergekit_wudi.config_error import install_excepthook
 
         install_excepthook()  # configuration mistakes print as one line in mergekit-yaml
     except Exception as error:
@@ -125,16 +120,20 @@ def _report(error: BaseException) -> None:
     )
 
 
-class _MergekitImportHook:
-    """A meta-path finder that wraps the loader of mergekit.merge_methods, once."""
+def _remove_import_hook() -> None:
+    for finder in [finder for finder in sys.meta_path if isinstance(finder, _ImportHook)]:
+        sys.meta_path.remove(finder)
+
+
+class _ImportHook:
+    """A meta-path finder that wraps the loaders of mergekit.merge_methods and of our modules."""
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
+        if fullname != _TARGET and not fullname.startswith(_PACKAGE + "."):
             return None
-        self._remove()
-        for finder in sys.meta_path:
+        for finder in list(sys.meta_path):
             find_spec = getattr(finder, "find_spec", None)
-            if find_spec is None:
+            if finder is self or find_spec is None:
                 continue
             spec = find_spec(fullname, path, target)
             if spec is not None:
@@ -145,15 +144,9 @@ class _MergekitImportHook:
             spec.loader = _RegisteringLoader(spec.loader)
         return spec
 
-    def _remove(self) -> None:
-        try:
-            sys.meta_path.remove(self)
-        except ValueError:
-            pass
-
 
 class _RegisteringLoader:
-    """Runs the real loader, restores it on the module, then registers the methods."""
+    """Runs the real loader, restores it on the module, then registers if the time has come."""
 
     def __init__(self, loader):
         self._loader = loader
@@ -169,4 +162,7 @@ class _RegisteringLoader:
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
         self._loader.exec_module(module)
-        _register_quietly()
+        if module.__name__ == _TARGET:
+            _register_quietly()
+        else:
+            _module_finished(module.__name__)

@@ -96,30 +96,6 @@ def effective_rank(matrix: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-class UnsupportedConfig(ValueError):
-    """The config cannot be reported on (not one of our methods, or unreadable)."""
-
-
-def load_config(path: str):
-    """A mergekit MergeConfiguration from a YAML file; UnsupportedConfig with one line on failure."""
-    import yaml
-    from mergekit.config import MergeConfiguration
-    from pydantic import ValidationError
-
-    try:
-        with open(path, encoding="utf-8") as file:
-            data = yaml.safe_load(file)
-    except OSError as error:
-        raise UnsupportedConfig(f"cannot read config {path!r}: {error.strerror or error}") from None
-    except yaml.YAMLError as error:
-        raise UnsupportedConfig(f"config {path!r} is not valid YAML: {error}") from None
-    try:
-        return MergeConfiguration.model_validate(data)
-    except (ValidationError, RuntimeError, ValueError) as error:
-        first = str(error).strip().splitlines()
-        raise UnsupportedConfig(f"config {path!r} is not a valid mergekit config: {' '.join(first[:3])}") from None
-
-
 def plan_reports(
     config,
     *,
@@ -147,12 +123,12 @@ def plan_reports(
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
 
-    from mergekit_wudi.registration import register
-
-    # register() first: importing the adapter before mergekit.merge_methods makes the
-    # import hook register while the adapter is half-initialised (a warning, no methods).
-    register()
     from mergekit_wudi.adapter import MERGE_METHODS
+    from mergekit_wudi.config_check import UnsupportedConfig
+    from mergekit_wudi.registration import register
+    from mergekit_wudi.tensor_kinds import will_solve
+
+    register()
 
     ours = {method.method_name: method for method in MERGE_METHODS}
     if config.merge_method not in ours:
@@ -181,11 +157,8 @@ def plan_reports(
         weight = task.output_weight
         if pattern is not None and not pattern.search(weight.name):
             continue
-        if weight.vocabulary_axis is not None or not weight.name.endswith(".weight"):
-            continue
-        if not task.parameters.get("solve", True):
-            continue
-        candidates.append(task)
+        if will_solve(weight.name, None, weight.vocabulary_axis, solve=task.parameters.get("solve", True)):
+            candidates.append(task)
     count = len(candidates) if max_tensors is None else min(max_tensors, len(candidates))
     return count, _iter_reports(
         method, candidates, max_tensors=max_tensors, device=device, ranks=ranks, progress=progress or (lambda: None)
@@ -193,12 +166,12 @@ def plan_reports(
 
 
 def _iter_reports(method, candidates, *, max_tensors, device, ranks, progress) -> Iterator[TensorReport]:
-    # One probe per run: the method with its solver wrapped to keep each solve's input and output.
+    # The method with its solver wrapped to keep each solve's input and output, once per run.
     records: List[Tuple[torch.Tensor, torch.Tensor]] = []
-    probe = dataclasses.replace(method, solver_cls=_recording_solver(method.solver_cls, records))
+    recording_method = dataclasses.replace(method, solver_cls=_recording_solver(method.solver_cls, records))
     for task in candidates:
         records.clear()
-        report = _report_one(probe, records, task, device=device, ranks=ranks)
+        report = _report_one(recording_method, records, task, device=device, ranks=ranks)
         progress()
         if report is None:
             continue
@@ -208,12 +181,12 @@ def _iter_reports(method, candidates, *, max_tensors, device, ranks, progress) -
             return
 
 
-def _report_one(probe, records: list, task, *, device: str, ranks: bool) -> Optional[TensorReport]:
+def _report_one(recording_method, records: list, task, *, device: str, ranks: bool) -> Optional[TensorReport]:
     """Load one tensor group, solve it through the adapter, and measure; None: not solved."""
     from mergekit.io.tasks import LoaderCache
 
-    from mergekit_wudi.adapter import is_linear_weight
-    from mergekit_wudi.solvers.objective import wudi_objective
+    from mergekit_wudi.solvers import wudi_objective
+    from mergekit_wudi.tensor_kinds import will_solve
 
     name = task.output_weight.name
     loads = _load_tasks(task)
@@ -221,7 +194,7 @@ def _report_one(probe, records: list, task, *, device: str, ranks: bool) -> Opti
         return None
     base_model = task.base_model
     base_tensor = loads[base_model]()
-    if base_tensor is None or not is_linear_weight(name, base_tensor, task.output_weight.vocabulary_axis):
+    if base_tensor is None or not will_solve(name, base_tensor, task.output_weight.vocabulary_axis):
         return None
     tensors = {base_model: base_tensor.to(device)}
     for model, load in loads.items():
@@ -232,7 +205,7 @@ def _report_one(probe, records: list, task, *, device: str, ranks: bool) -> Opti
     # mapped, and its touched pages would otherwise stay resident until the next shard.
     for model in loads:
         LoaderCache().get(model).flush()
-    _call(probe, task, tensors)
+    _merge_one_group(recording_method, task, tensors)
     del tensors, base_tensor
     if not records:  # the adapter sent it to the fallback after all
         return None
@@ -279,7 +252,7 @@ def _load_tasks(task) -> Optional[Dict[Any, Callable[[], Optional[torch.Tensor]]
     return loads
 
 
-def _call(method, task, tensors: Dict[Any, torch.Tensor]) -> torch.Tensor:
+def _merge_one_group(method, task, tensors: Dict[Any, torch.Tensor]) -> torch.Tensor:
     """Run method on one tensor group with the parameters mergekit resolved for it."""
     from mergekit.common import dtype_from_name
     from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata

@@ -5,8 +5,8 @@ import torch
 from mergekit.merge_methods import merge_tensors, registry
 from tensors import low_rank_task_vectors
 
-from mergekit_wudi.adapter import is_input_major, is_linear_weight
 from mergekit_wudi.solvers import DogeConfig, DogeSolver, WudiCfsSolver, WudiConfig, WudiSolver
+from mergekit_wudi.tensor_kinds import is_input_major, is_linear_weight
 
 METHODS = ["wudi", "wudi_cfs", "doge"]
 

@@ -11,7 +11,9 @@ from mergekit.options import MergeOptions
 from models import make_family
 from runner import mergekit_yaml
 
-from mergekit_wudi.errors import SYNONYMS, ConfigError, LookAlikeParameter, suggest
+from mergekit_wudi.config_error import ConfigError
+from mergekit_wudi.names import SYNONYMS, suggest
+from mergekit_wudi.spec import LookAlikeParameter
 
 OPTIONS = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
 METHODS = ("wudi", "wudi_cfs", "doge")
@@ -136,7 +138,7 @@ def test_closeness_rule_on_typos(typo, meant):
 def test_excepthook_prints_config_errors_as_one_line_and_chains_the_rest(monkeypatch, capsys):
     import sys
 
-    from mergekit_wudi.errors import install_excepthook
+    from mergekit_wudi.config_error import install_excepthook
 
     seen = []
     monkeypatch.setattr(sys, "excepthook", lambda *args: seen.append(args[0]))

@@ -11,7 +11,8 @@ from mergekit.config import ConfigReader, MergeConfiguration
 from mergekit.merge_methods import registry
 from mergekit.parameter_resolver import resolve_parameters
 
-from mergekit_wudi.errors import ConfigError, check_config_keys
+from mergekit_wudi.config_check import check_config_keys
+from mergekit_wudi.config_error import ConfigError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TENSORS = ["model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight", "h.0.attn.c_proj.weight"]

@@ -88,7 +88,11 @@ def test_pth_line_is_silent_when_the_package_cannot_be_imported(tmp_path):
     assert (result.returncode, result.stdout.strip(), result.stderr) == (0, "ok False", "")
 
 
-@pytest.mark.parametrize("module", ["mergekit_wudi.adapter", "mergekit_wudi.errors", "mergekit_wudi.cli", "mergekit_wudi"])
+@pytest.mark.parametrize(
+    "module",
+    ["mergekit_wudi.adapter", "mergekit_wudi.spec", "mergekit_wudi.fallback", "mergekit_wudi.config_check",
+     "mergekit_wudi.report", "mergekit_wudi.cli", "mergekit_wudi"],
+)
 def test_importing_one_of_our_modules_first_still_registers(module):
     # The module itself may be what first imports mergekit: registration waits for it.
     result = python(

@@ -17,7 +17,7 @@ from models import is_llama_linear, load_model, write_config
 from reference import wudi_closed_form
 from runner import mergekit_yaml
 
-from mergekit_wudi.errors import check_config_keys
+from mergekit_wudi.config_check import check_config_keys
 
 pytestmark = pytest.mark.e2e
 
