@@ -101,7 +101,7 @@ class SolverMergeMethod(GroupMergeMethod):
 
     def _cache_key_parameters(self, parameters: Mapping[str, Any], entries) -> Dict[str, Any]:
         """What a solved tensor depends on besides its inputs (the cache key): never `fallback`."""
-        config, per_model = self._config(parameters, entries)
+        config, per_model = solver_arguments(self.config_cls, parameters, entries)
         key = {
             "lambda": parameters["lambda"],
             "input_major": parameters["input_major"],
@@ -121,22 +121,8 @@ class SolverMergeMethod(GroupMergeMethod):
         if transpose is None:
             transpose = is_input_major(name)
 
-        # Peak memory of a solve, in tensors: the N task vectors, a float32 base where the
-        # checkpoint is not float32, and what the solver adds (at most 6, see README).
-        dtype = compute_dtype(base.dtype)
-        base_c = base.to(dtype)
-        if transpose:
-            base_c = base_c.T
-        task_vectors = base_c.new_empty((len(entries), *base_c.shape))  # (N, out, in)
-        for index, entry in enumerate(entries):
-            tensor = entry.tensor
-            if torch.promote_types(tensor.dtype, dtype) != dtype:
-                tensor = tensor.to(dtype)  # wider than the compute dtype
-            # bf16/fp16 are promoted inside the subtraction: no float32 temporary
-            torch.sub(tensor.T if transpose else tensor, base_c, out=task_vectors[index])
-            task_vectors[index].mul_(parameters["weight"][entry.id])
-
-        config, per_model = self._config(parameters, entries)
+        base_c, task_vectors = _task_vectors(group, parameters["weight"], transpose)
+        config, per_model = solver_arguments(self.config_cls, parameters, entries)
         merged = self.solver_cls(config).solve(task_vectors, **per_model)  # (out, in)
         log_objective(self.method_name, name, task_vectors, merged)
         del task_vectors
@@ -159,20 +145,43 @@ class SolverMergeMethod(GroupMergeMethod):
         )
         return result.to(base.dtype)
 
-    def _config(self, parameters: Mapping[str, Any], entries) -> Tuple[Any, Dict[str, Any]]:
-        """The solver config from the resolved parameters, and the per-model values."""
-        shared: Dict[str, Any] = {}
-        per_model: Dict[str, Any] = {}
-        for field in dataclasses.fields(self.config_cls):
-            value = parameters[field.name]
-            if field.metadata.get("per_model"):
-                values = [value[entry.id] for entry in entries]
-                if any(v is not None for v in values):
-                    default = field.default
-                    per_model[field.name] = [default if v is None else v for v in values]
-            elif value is not None:
-                shared[field.name] = value
-        return self.config_cls(**shared), per_model
+
+def solver_arguments(config_cls: type, parameters: Mapping[str, Any], entries) -> Tuple[Any, Dict[str, Any]]:
+    """The solver config from the resolved parameters, and the per-model values set by any model."""
+    shared: Dict[str, Any] = {}
+    per_model: Dict[str, Any] = {}
+    for field in dataclasses.fields(config_cls):
+        value = parameters[field.name]
+        if field.metadata.get("per_model"):
+            values = [value[entry.id] for entry in entries]
+            if any(v is not None for v in values):
+                default = field.default
+                per_model[field.name] = [default if v is None else v for v in values]
+        elif value is not None:
+            shared[field.name] = value
+    return config_cls(**shared), per_model
+
+
+def _task_vectors(group: TensorGroup, weights: Mapping[Any, float], transpose: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The base, (out, in), and t_i = weight_i (W_i - W0), (N, out, in), in the compute dtype.
+
+    Peak memory of a solve, in tensors: the N task vectors, a float32 base where the
+    checkpoint is not float32, and what the solver adds (at most 6, see README).
+    """
+    base = group.base.tensor
+    dtype = compute_dtype(base.dtype)
+    base_c = base.to(dtype)
+    if transpose:
+        base_c = base_c.T
+    task_vectors = base_c.new_empty((len(group.non_base), *base_c.shape))  # (N, out, in)
+    for index, entry in enumerate(group.non_base):
+        tensor = entry.tensor
+        if torch.promote_types(tensor.dtype, dtype) != dtype:
+            tensor = tensor.to(dtype)  # wider than the compute dtype
+        # bf16/fp16 are promoted inside the subtraction: no float32 temporary
+        torch.sub(tensor.T if transpose else tensor, base_c, out=task_vectors[index])
+        task_vectors[index].mul_(weights[entry.id])
+    return base_c, task_vectors
 
 
 def _require_finite(method_name: str, group: TensorGroup) -> None:
@@ -186,26 +195,11 @@ def _require_finite(method_name: str, group: TensorGroup) -> None:
             )
 
 
-wudi_merge_method = SolverMergeMethod(
-    method_name="wudi",
-    method_pretty_name="WUDI-Merging",
-    method_reference_url="https://arxiv.org/abs/2503.08099",
-    config_cls=WudiConfig,
-    solver_cls=WudiSolver,
-)
-wudi_cfs_merge_method = SolverMergeMethod(
-    method_name="wudi_cfs",
-    method_pretty_name="WUDI-Merging (closed form)",
-    method_reference_url="https://arxiv.org/abs/2503.08099",
-    config_cls=WudiCfsConfig,
-    solver_cls=WudiCfsSolver,
-)
-doge_merge_method = SolverMergeMethod(
-    method_name="doge",
-    method_pretty_name="DOGE-TA",
-    method_reference_url="https://arxiv.org/abs/2501.01230",
-    config_cls=DogeConfig,
-    solver_cls=DogeSolver,
-)
+WUDI_URL = "https://arxiv.org/abs/2503.08099"
+DOGE_URL = "https://arxiv.org/abs/2501.01230"
+# name in YAML, pretty name, paper, config, solver
+wudi_merge_method = SolverMergeMethod("wudi", "WUDI-Merging", WUDI_URL, WudiConfig, WudiSolver)
+wudi_cfs_merge_method = SolverMergeMethod("wudi_cfs", "WUDI-Merging (closed form)", WUDI_URL, WudiCfsConfig, WudiCfsSolver)
+doge_merge_method = SolverMergeMethod("doge", "DOGE-TA", DOGE_URL, DogeConfig, DogeSolver)
 
 MERGE_METHODS = (wudi_merge_method, wudi_cfs_merge_method, doge_merge_method)

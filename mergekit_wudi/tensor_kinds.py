@@ -76,16 +76,9 @@ def fallback_reason(
     return None
 
 
-def will_solve(
-    name: Optional[str],
-    tensor: Optional[torch.Tensor],
-    vocabulary_axis: Optional[int] = None,
-    *,
-    solve: bool = True,
-    fine_tunes: int = 1,
-) -> bool:
-    """Whether our merge methods solve this tensor (see `fallback_reason`)."""
-    return fallback_reason(name, tensor, vocabulary_axis, solve=solve, fine_tunes=fine_tunes) is None
+def will_solve(name: Optional[str], tensor: Optional[torch.Tensor], *args: Any, **kwargs: Any) -> bool:
+    """Whether our merge methods solve this tensor; the arguments of `fallback_reason`."""
+    return fallback_reason(name, tensor, *args, **kwargs) is None
 
 
 def is_ours(method: Any) -> bool:

@@ -103,10 +103,8 @@ class WudiSolver:
         prepared = prepare_task_vectors(task_vectors)
         vectors = prepared.vectors  # (n, out, in)
         count, out_features, in_features = vectors.shape
-        if count == 0:
-            return vectors.new_zeros(task_vectors.shape[1:])
-        if count == 1 or self.config.steps == 0:
-            return vectors.sum(dim=0)
+        if count <= 1 or self.config.steps == 0:
+            return vectors.sum(dim=0)  # zeros where no task vector is usable
         weights = [1.0 / sq for sq in prepared.sq_norms]
 
         if self.uses_in_space(count, out_features, in_features):
