@@ -164,22 +164,6 @@ def test_bundled_bert_definition_fails_without_the_repair(family, tmp_path):
     assert "can only concatenate list (not \"tuple\") to list" in result.stderr
 
 
-def test_register_architectures_is_idempotent():
-    from mergekit.architecture.json_definitions import NAME_TO_ARCH
-
-    from mergekit_wudi.architectures import register_architectures
-
-    register_architectures()
-    before = len(NAME_TO_ARCH["BertModel"])
-    assert register_architectures() == ()
-    assert len(NAME_TO_ARCH["BertModel"]) == before
-    repaired = NAME_TO_ARCH["BertModel"][0].modules["default"].architecture.definition
-    optional = [w for w in repaired.pre_weights if w.optional]
-    assert optional and all(not w.aliases for w in optional)
-    # mergekit's own definition stays behind it, unchanged
-    assert any(w.aliases for d in NAME_TO_ARCH["BertModel"][1:] for w in d.modules["default"].architecture.definition.pre_weights if w.optional)
-
-
 @pytest.mark.parametrize("method", ["wudi", "wudi_cfs", "doge"])
 def test_a_buffer_only_the_base_has_is_kept_like_task_arithmetic(family, tmp_path, method):
     """transformers 5 saves fine-tunes without `position_ids`, the packaged base has it: the

@@ -1,36 +1,25 @@
-"""The `mergekit-wudi` command: methods, run, report, --version and --help.
+"""The `mergekit-wudi` command: methods, run, --version and --help (report: test_report.py).
 
-`report` numbers are checked against float64 computations done here from the saved
-checkpoints (tests/reference.py), `run` against the real `mergekit-yaml`, bit for bit.
+`run` is checked against the real `mergekit-yaml`, bit for bit.
 """
 
-import csv
 import json
-import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
-from models import LLAMA_CONFIG, is_llama_linear, load_model, make_family, write_config
-from reference import doge, usable, wudi_adam, wudi_closed_form, wudi_loss
+from models import load_model, write_config
 from runner import mergekit_yaml
 
 import mergekit_wudi
 from mergekit_wudi.cli import main
 from mergekit_wudi.solvers import DogeConfig, WudiCfsConfig, WudiConfig
 
-LAYERS = LLAMA_CONFIG["num_hidden_layers"]
 # ft3's weight is a gradient over the layers: mergekit interpolates it (t = layer / (LAYERS - 1)).
 MODEL_PARAMETERS = [{"weight": 1.0}, {"weight": 0.5}, {"weight": [1.0, 0.2]}]
-
-
-def model_weights(layer: int):
-    t = layer / (LAYERS - 1) if LAYERS > 1 else 1.0
-    return [1.0, 0.5, 1.0 + (0.2 - 1.0) * t]
 
 
 @pytest.fixture(scope="module")
@@ -42,23 +31,6 @@ def cfs_config(family, tmp_path_factory):
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def read_csv(path: Path):
-    with open(path, newline="", encoding="utf-8") as file:
-        return list(csv.DictReader(file))
-
-
-def task_vectors(family, name: str, weights) -> torch.Tensor:
-    base, *models = [load_model(p)[name].double() for p in family]
-    return torch.stack([w * (m - base) for w, m in zip(weights, models)])  # (N, out, in)
-
-
-def effective_rank64(matrix: torch.Tensor) -> float:
-    s = torch.linalg.svdvals(matrix.double())
-    p = s / s.sum()
-    p = p[p > 0]
-    return math.exp(-float((p * p.log()).sum()))
 
 
 # --- --version, --help --------------------------------------------------------------------
@@ -176,147 +148,3 @@ def test_run_errors_are_one_line(family, tmp_path):
         "Error: invalid value for parameter 'lr' of merge_method wudi: lr must be a finite number > 0, got -1.0"
     )
     assert not list((tmp_path / "out").glob("*.safetensors"))
-
-
-# --- report --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cfs_report(cfs_config, tmp_path_factory):
-    out = tmp_path_factory.mktemp("report")
-    result = invoke("report", cfs_config, "--out", out, "--quiet")
-    assert result.exit_code == 0, result.output
-    return out
-
-
-def test_report_matches_float64_reference(family, cfs_report):
-    rows = read_csv(cfs_report / "report.csv")
-    names = list(dict.fromkeys(row["name"] for row in rows))
-    linear = [name for name in load_model(family[0]) if is_llama_linear(name)]
-    assert sorted(names) == sorted(linear)  # every linear weight, nothing else
-    for name in names:
-        tensor_rows = [row for row in rows if row["name"] == name]
-        layer = int(tensor_rows[0]["layer"])
-        tv = task_vectors(family, name, model_weights(layer))
-        tasks = usable(tv)
-        ta = float(wudi_loss(0.9 * tv.sum(0), tasks))  # lambda 0.9 scales both merged vectors
-        solved = float(wudi_loss(0.9 * wudi_closed_form(tv, 0.2), tasks))
-        assert solved < 0.95 * ta  # 5% apart, beyond the 2% tolerance below: a report of ta would fail
-        assert [row["model"] for row in tensor_rows] == [str(p) for p in family[1:]]
-        for row, t in zip(tensor_rows, tv):
-            assert row["shape"] == "x".join(map(str, t.shape)) and row["n"] == "3" and float(row["lambda"]) == 0.9
-            assert float(row["norm"]) == pytest.approx(float(t.norm()), rel=1e-5)
-            assert float(row["effective_rank"]) == pytest.approx(effective_rank64(t), rel=1e-3)
-            # float32 relative to float64: the losses are differences of nearby quantities.
-            assert float(row["objective_task_arithmetic"]) == pytest.approx(ta, rel=1e-4)
-            assert float(row["objective_solved"]) == pytest.approx(solved, rel=2e-2, abs=1e-4 * ta)
-            assert float(row["ratio"]) == pytest.approx(float(row["objective_solved"]) / ta, rel=1e-4)
-
-
-def test_report_markdown_and_plots(cfs_report):
-    markdown = (cfs_report / "report.md").read_text()
-    assert markdown.startswith("# Interference report: `wudi_cfs`")
-    assert "| `model.layers.1.mlp.down_proj.weight` | 64x96 | 3 |" in markdown
-    plots = sorted(p.name for p in (cfs_report / "plots").iterdir())
-    assert plots == [f"layer_{i:03d}.png" for i in range(LAYERS)]
-    assert all((cfs_report / "plots" / p).read_bytes().startswith(b"\x89PNG") for p in plots)
-
-
-def test_report_bf16_wudi(tmp_path):
-    family = make_family(tmp_path / "bf16", fine_tunes=2, seed=3, dtype=torch.bfloat16)
-    base, *models = family
-    config = write_config(tmp_path / "wudi.yml", "wudi", base, models, {"steps": 25, "lr": 1e-3})
-    result = invoke("report", config, "--out", tmp_path / "out", "--filter", r"layers\.0\.(mlp|self_attn\.o)",
-                    "--no-plots", "--quiet")
-    assert result.exit_code == 0, result.output
-    rows = read_csv(tmp_path / "out" / "report.csv")
-    names = sorted({row["name"] for row in rows})
-    assert names == sorted(f"model.layers.0.{m}.weight" for m in ("mlp.up_proj", "mlp.gate_proj", "mlp.down_proj",
-                                                                   "self_attn.o_proj"))
-    for name in names:
-        row = next(row for row in rows if row["name"] == name)
-        tv = task_vectors(family, name, [1.0, 1.0])  # exact: bf16 -> float64
-        tasks = usable(tv)
-        ta = float(wudi_loss(tv.sum(0), tasks))
-        solved = float(wudi_loss(wudi_adam(tv, steps=25, lr=1e-3), tasks))
-        assert solved < 0.9 * ta
-        assert float(row["objective_task_arithmetic"]) == pytest.approx(ta, rel=1e-4)
-        assert float(row["objective_solved"]) == pytest.approx(solved, rel=1e-2)
-    assert not (tmp_path / "out" / "plots").exists()
-
-
-def test_report_doge_per_model_density(family, tmp_path):
-    base, *models = family
-    densities = [0.3, 0.5, 0.8]
-    # steps: 0 (trim and eta scaling only): after Adam steps float32 and float64 DOGE part ways
-    # (near-zero gradients, normalised steps), so a tight check needs no steps.
-    config = write_config(tmp_path / "doge.yml", "doge", base, models, {"steps": 0},
-                          [{"density": d} for d in densities])
-    result = invoke("report", config, "--out", tmp_path / "out", "--filter", "layers.0.self_attn.q_proj",
-                    "--no-plots", "--quiet")
-    assert result.exit_code == 0, result.output
-    (row, *_) = read_csv(tmp_path / "out" / "report.csv")
-    tv = task_vectors(family, row["name"], [1.0, 1.0, 1.0])
-    tasks = usable(tv)
-    # DOGE minimises its own loss; the report gives the WUDI loss of its result.
-    solved = float(wudi_loss(doge(tv, densities, steps=0), tasks))
-    assert abs(solved - float(wudi_loss(doge(tv, [0.3] * 3, steps=0), tasks))) > 1e-3 * solved  # density matters
-    assert float(row["objective_solved"]) == pytest.approx(solved, rel=1e-5)
-    assert float(row["objective_task_arithmetic"]) == pytest.approx(float(wudi_loss(tv.sum(0), tasks)), rel=1e-4)
-
-
-def test_report_reads_one_tensor_group_at_a_time(cfs_config, tmp_path, monkeypatch):
-    from mergekit.io.lazy_tensor_loader import LazyTensorLoader
-
-    reads = []
-    original = LazyTensorLoader.get_tensor
-
-    def spy(self, key, *args, **kwargs):
-        reads.append(key)
-        return original(self, key, *args, **kwargs)
-
-    monkeypatch.setattr(LazyTensorLoader, "get_tensor", spy)
-    result = invoke("report", cfs_config, "--out", tmp_path, "--filter", "layers.1.mlp.up", "--no-plots",
-                    "--no-ranks", "--quiet")
-    assert result.exit_code == 0, result.output
-    assert reads == ["model.layers.1.mlp.up_proj.weight"] * 4  # base + 3 models, nothing else
-    row = read_csv(tmp_path / "report.csv")[0]
-    assert row["effective_rank"] == "nan"
-
-
-def test_report_max_tensors(cfs_config, tmp_path):
-    result = invoke("report", cfs_config, "--out", tmp_path, "--max-tensors", "2", "--no-plots", "--no-ranks",
-                    "--quiet")
-    assert result.exit_code == 0, result.output
-    assert result.output.startswith("2 tensors -> ")
-    assert len({row["name"] for row in read_csv(tmp_path / "report.csv")}) == 2
-
-
-def test_report_errors_are_one_line(family, tmp_path, monkeypatch):
-    base, *models = family
-    other = write_config(tmp_path / "ta.yml", "task_arithmetic", base, models)
-    result = invoke("report", other, "--out", tmp_path / "out")
-    assert result.exit_code == 1
-    assert "merge_method 'task_arithmetic' is not a mergekit-wudi method" in result.output
-    assert len(result.output.strip().splitlines()) == 1
-
-    missing = invoke("report", tmp_path / "nope.yml")
-    assert missing.exit_code == 2 and "does not exist" in missing.output
-
-    broken = tmp_path / "broken.yml"
-    broken.write_text("merge_method: wudi\n")
-    result = invoke("report", broken)
-    assert result.exit_code == 1 and "is not a valid mergekit config" in result.output
-
-    absent = write_config(tmp_path / "absent.yml", "wudi", tmp_path / "no-such-model", models)
-    result = invoke("report", absent, "--out", tmp_path / "out")
-    assert result.exit_code == 1 and "cannot plan the merge" in result.output and "no-such-model" in result.output
-    assert len(result.output.strip().splitlines()) == 1
-
-    bad_regex = invoke("report", other, "--filter", "(")
-    assert bad_regex.exit_code == 2 and "--filter" in bad_regex.output
-
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    config = write_config(tmp_path / "wudi.yml", "wudi", base, models)
-    result = invoke("report", config, "--out", tmp_path / "out")
-    assert result.exit_code == 1 and "pip install 'mergekit-wudi[report]'" in result.output

@@ -1,4 +1,5 @@
-"""The solver's progress bar and its -v log lines, through the real mergekit-yaml."""
+"""progress.py: the solver's progress bar and its -v log lines (through the real mergekit-yaml,
+and in process through merge_tensors)."""
 
 import logging
 import re
@@ -8,8 +9,6 @@ import torch
 from mergekit.merge_methods import merge_tensors
 from models import is_llama_linear, load_model, write_config
 from runner import mergekit_yaml
-
-pytestmark = pytest.mark.e2e
 
 LINEAR = 14  # 7 projections x 2 layers in the tiny Llama
 LAMBDA = 0.9
@@ -31,6 +30,7 @@ def wudi_loss(merged, task_vectors):
     return sum(float(((merged - t) @ t.T).square().sum() / t.square().sum()) for t in task_vectors)
 
 
+@pytest.mark.e2e
 def test_bar_counts_the_solved_tensors(config, tmp_path):
     result = mergekit_yaml(config, tmp_path / "out", TQDM_MININTERVAL="0")  # draw every update
     states = bar_states(result.stderr)
@@ -41,6 +41,7 @@ def test_bar_counts_the_solved_tensors(config, tmp_path):
     assert "Executing graph" in result.stderr  # next to mergekit's own bar
 
 
+@pytest.mark.e2e
 def test_quiet_hides_the_bar_and_verbose_logs_the_objective(config, family, tmp_path):
     result = mergekit_yaml(config, tmp_path / "out", "--quiet", "-v")
     assert "wudi_cfs solve" not in result.stderr and "Executing graph" not in result.stderr
@@ -62,16 +63,18 @@ def test_quiet_hides_the_bar_and_verbose_logs_the_objective(config, family, tmp_
 
 
 def test_without_info_the_objective_is_not_computed(generator, monkeypatch, caplog, capsys):
-    from mergekit_wudi.solvers import objective
+    from mergekit_wudi import solvers
 
     def forbidden(*_args, **_kwargs):
         raise AssertionError("objective computed although INFO is off")
 
-    monkeypatch.setattr(objective, "wudi_objective", forbidden)
-    monkeypatch.setattr(objective, "task_arithmetic_objective", forbidden)
+    monkeypatch.setattr(solvers, "wudi_objective", forbidden)
+    monkeypatch.setattr(solvers, "task_arithmetic_objective", forbidden)
     tensors = [torch.randn(6, 5, generator=generator) for _ in range(3)]
     with caplog.at_level(logging.WARNING, logger="mergekit_wudi"):
         merge_tensors(tensors, "wudi_cfs", base_index=0, name="model.layers.0.mlp.up_proj.weight")
+    with caplog.at_level(logging.INFO, logger="mergekit_wudi"), pytest.raises(AssertionError, match="INFO is off"):
+        merge_tensors(tensors, "wudi_cfs", base_index=0, name="model.layers.0.mlp.up_proj.weight")  # the patch bites
     # merge_tensors runs no mergekit bar, so no bar of ours either.
     assert "solve" not in capsys.readouterr().err
 

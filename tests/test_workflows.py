@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pydantic
 import pytest
 import torch
 import yaml
@@ -171,7 +172,7 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
     from mergekit.evo import genome as evo_genome
 
     base, *models = family
-    with pytest.raises(Exception, match="Invalid merge method"):
+    with pytest.raises(pydantic.ValidationError, match="Invalid merge method"):
         evo_genome.ModelGenomeDefinition(models=[str(m) for m in models], base_model=str(base), merge_method="wudi_cfs")
 
     monkeypatch.setitem(evo_genome.METHOD_PARAM_MAPS, "wudi_cfs", ["weight"])

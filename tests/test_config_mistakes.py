@@ -6,14 +6,11 @@ import json
 import pytest
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
-from mergekit.merge_methods import registry
 from mergekit.options import MergeOptions
 from models import make_family
 from runner import mergekit_yaml
 
 from mergekit_wudi.config_error import ConfigError
-from mergekit_wudi.names import SYNONYMS, suggest
-from mergekit_wudi.spec import LookAlikeParameter
 
 OPTIONS = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
 METHODS = ("wudi", "wudi_cfs", "doge")
@@ -101,50 +98,8 @@ def test_through_mergekit_yaml(family, tmp_path, parameters, model_parameters, m
     assert not list(tmp_path.glob("out/*.safetensors"))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_no_lookalike_is_a_real_parameter_of_any_method(method):
-    """No false positives: a trap never shadows a parameter of any registered method
-    (the fallback's parameters are passed through), and a real name never traps."""
-    spec = registry.get(method).spec
-    traps = {p.name for p in spec.parameters if isinstance(p, LookAlikeParameter)}
-    real = {p.name for m in registry.registered_methods() for p in m.spec.parameters if not isinstance(p, LookAlikeParameter)}
-    ours = {p.name for p in spec.parameters if not isinstance(p, LookAlikeParameter)}
-    assert traps and not traps & ours
-    # Names that are real for another method are only traps when they are one of our
-    # other methods' own parameters (omega under wudi).
-    foreign = {"omega", "eta", "subspace", "steps", "lr", "density"} - ours
-    assert traps & real <= foreign
-
-
 def test_fallback_parameters_pass(family, tmp_path):
     # ties' density and int8_mask, dare's rescale: real parameters of fallbacks, no trap.
     config = config_for(family, "wudi_cfs", {"fallback": "ties", "density": 0.5, "int8_mask": True, "normalize": False})
     run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "out"), options=OPTIONS)
     assert list(tmp_path.glob("out/*.safetensors"))
-
-
-@pytest.mark.parametrize("key, meant", sorted(SYNONYMS.items()))
-def test_closeness_rule_agrees_with_the_synonym_table(key, meant):
-    names = ["weight", "lambda", "fallback", "solve", "input_major", "steps", "lr", "omega", "eta", "density", "subspace"]
-    assert suggest(key, names) == meant
-
-
-@pytest.mark.parametrize("typo, meant", [("stpes", "steps"), ("Steps", "steps"), ("lambda_", "lambda"), ("fallbak", "fallback"), ("subspaces", "subspace"), ("colour", None)])
-def test_closeness_rule_on_typos(typo, meant):
-    names = ["weight", "lambda", "fallback", "solve", "input_major", "steps", "lr", "eta", "density", "subspace"]
-    assert suggest(typo, names) == meant
-
-
-def test_excepthook_prints_config_errors_as_one_line_and_chains_the_rest(monkeypatch, capsys):
-    import sys
-
-    from mergekit_wudi.config_error import install_excepthook
-
-    seen = []
-    monkeypatch.setattr(sys, "excepthook", lambda *args: seen.append(args[0]))
-    install_excepthook()
-    install_excepthook()  # idempotent: one wrapper, not two
-    sys.excepthook(ConfigError, ConfigError("set lr > 0"), None)
-    sys.excepthook(KeyError, KeyError("x"), None)
-    assert capsys.readouterr().err == "error: set lr > 0\n"
-    assert seen == [KeyError]

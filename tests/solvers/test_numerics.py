@@ -1,0 +1,40 @@
+"""solvers/numerics.py: task-vector preparation, chunks, and the Gram terms C and D."""
+
+import pytest
+import torch
+
+from mergekit_wudi.solvers import compute_dtype
+from mergekit_wudi.solvers.numerics import gram_terms, prepare_task_vectors, row_chunks
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (3, 5, 7), (1, 6, 6)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("ridge", [0.0, 0.3])
+def test_gram_terms_match_their_definition(generator, shape, ridge):
+    vectors = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    weights = [0.5 + index for index in range(shape[0])]
+    gram, d_term = gram_terms(vectors, weights, ridge=ridge)
+    # C = sum_i w_i t_i^T t_i;  D = sum_i w_i t_i (t_i^T t_i + r I)
+    expected_gram = sum(w * t.T @ t for w, t in zip(weights, vectors))
+    expected_d = sum(w * t @ (t.T @ t + ridge * torch.eye(shape[2], dtype=torch.float64)) for w, t in zip(weights, vectors))
+    torch.testing.assert_close(gram, expected_gram, rtol=1e-12, atol=0)
+    torch.testing.assert_close(d_term, expected_d, rtol=1e-12, atol=0)
+    only_gram, none = gram_terms(vectors, weights, with_d=False)
+    assert none is None and torch.equal(only_gram, gram)
+
+
+def test_prepare_drops_zero_and_non_finite_task_vectors(generator):
+    vectors = torch.randn(4, 3, 2, generator=generator, dtype=torch.float16)
+    vectors[1] = 0
+    vectors[3, 0, 0] = float("nan")
+    prepared = prepare_task_vectors(vectors)
+    assert prepared.indices == (0, 2) and prepared.count == 2
+    assert prepared.vectors.dtype == torch.float32 == compute_dtype(torch.float16)
+    assert prepared.sq_norms == pytest.approx([float(vectors[i].float().square().sum()) for i in (0, 2)])
+    assert compute_dtype(torch.float64) == torch.float64
+
+
+@pytest.mark.parametrize("rows, cols, elements", [(10, 3, 7), (5, 100, 10), (1, 1, 1)])
+def test_row_chunks_cover_every_row_once(rows, cols, elements):
+    chunks = list(row_chunks(rows, cols, elements))
+    assert [i for chunk in chunks for i in range(rows)[chunk]] == list(range(rows))
+    assert all((chunk.stop - chunk.start) * cols <= elements or chunk.stop - chunk.start == 1 for chunk in chunks)
