@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -80,21 +81,25 @@ def prepare_task_vectors(task_vectors: torch.Tensor) -> TaskVectors:
     return TaskVectors(vectors=vectors, sq_norms=tuple(sq_norms), indices=tuple(indices))
 
 
-_THREADS_LOCK = threading.Lock()
+_THREADS_LOCK = threading.RLock()  # re-entrant: the contexts nest
 THREADED_LAPACK_ENV = "MERGEKIT_WUDI_THREADED_LAPACK"
 
 
 @contextlib.contextmanager
 def thread_independent(device: torch.device) -> Iterator[None]:
-    """Run LAPACK factorisations on one CPU thread, so their bits do not depend on `-j`.
+    """Run the enclosed operations on one CPU thread, so their bits do not depend on `-j`.
 
-    MKL's Cholesky, eigh and SVD round differently with another thread count (measured:
-    1 vs 2 threads, 600x600), while its matrix products and triangular solves do not.
-    mergekit's `-j/--num-threads` sets torch's thread count, so without this a
-    `wudi_cfs` or `doge` merge would depend on `-j` and on the machine's cores. The
-    factorisations are a small part of a solve (the Gram products and Adam steps stay
-    multi-threaded). No effect off the CPU, nor with MERGEKIT_WUDI_THREADED_LAPACK=1
-    (faster SVDs for doge on many cores, at the price of that dependence).
+    Used for LAPACK factorisations and for doge's projection products. MKL's Cholesky,
+    eigh and SVD round differently with another thread count (measured: 1 vs 2 threads,
+    600x600, and 96x64 for the SVD), and so does a product (keep, out) @ (out, in) with
+    keep = r/6 small next to out (1024x128, 1536x384, 1024x1024: MKL splits the sum over
+    `out` across threads); square and wide products, triangular solves, bmm and the
+    element-wise ops do not. mergekit's `-j/--num-threads` sets torch's thread count,
+    so without this a `wudi_cfs` or `doge` merge would depend on `-j` and on the
+    machine's cores. The enclosed work is a small part of a solve (the Gram products and
+    the rest of the Adam steps stay multi-threaded). No effect off the CPU, nor with
+    MERGEKIT_WUDI_THREADED_LAPACK=1 (faster on many cores, at the price of that
+    dependence).
     """
     if torch.device(device).type != "cpu" or os.environ.get(THREADED_LAPACK_ENV, "") not in ("", "0"):
         yield
@@ -106,6 +111,34 @@ def thread_independent(device: torch.device) -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads(saved)
+
+
+# Tensors under this many elements are solved on one thread from start to end
+# (one_thread_if_small); 384x384 is, 512x512 is not.
+ONE_THREAD_ELEMENTS = 1 << 18
+
+
+def one_thread_if_small(solve):
+    """Decorates a solver's solve(task_vectors, ...): under ONE_THREAD_ELEMENTS elements
+    per task vector, the whole solve runs in thread_independent.
+
+    At such sizes MKL's small GEMMs with accumulation (addmm: (64, 96) @ (96, 64) on the
+    tiny test family) also round differently with the thread count, while a second
+    thread gains little there (measured on 2 cores: one thread as fast or faster up to
+    384x384, README Reliability). Larger tensors keep every thread for their products.
+    """
+
+    @functools.wraps(solve)
+    def wrapper(self, task_vectors, *args, **kwargs):
+        small = (
+            isinstance(task_vectors, torch.Tensor)
+            and task_vectors.ndim == 3
+            and task_vectors.shape[1] * task_vectors.shape[2] < ONE_THREAD_ELEMENTS
+        )
+        with thread_independent(task_vectors.device) if small else contextlib.nullcontext():
+            return solve(self, task_vectors, *args, **kwargs)
+
+    return wrapper
 
 
 def row_chunks(rows: int, cols: int, chunk_elements: int) -> Iterator[slice]:

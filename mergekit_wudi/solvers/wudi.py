@@ -19,6 +19,7 @@ from mergekit_wudi.solvers._common import (
     check_non_negative_int,
     check_positive,
     config_field,
+    one_thread_if_small,
     prepare_task_vectors,
     release,
     solver_row_chunks,
@@ -94,6 +95,7 @@ class WudiSolver:
         small = in_features <= _MAX_GRAM_OVER_TENSOR * out_features
         return cheaper and small
 
+    @one_thread_if_small
     def solve(self, task_vectors: torch.Tensor) -> torch.Tensor:
         prepared = prepare_task_vectors(task_vectors)
         vectors = prepared.vectors  # (n, out, in)
