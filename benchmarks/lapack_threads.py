@@ -4,7 +4,7 @@
 
 wudi_cfs (Cholesky) and doge (eigh and SVD) run their factorisations on one CPU thread so that
 the output does not depend on torch's thread count (`-j`); see
-`mergekit_wudi.solvers.single_thread_lapack`. This times both ways, interleaved in
+`mergekit_wudi.solvers.one_cpu_thread`. This times both ways, interleaved in
 rounds (best of 3 each), and prints the ratios measured in this one run.
 """
 

@@ -63,6 +63,14 @@ def wudi_closed_form(task_vectors: torch.Tensor, omega: float) -> torch.Tensor:
     return left @ torch.linalg.pinv(right, hermitian=True)
 
 
+def kept_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k left singular vectors whose singular value is above rtol * sigma_1,
+    rtol = max(out, in) * eps(float32) (README, DOGE subspaces and low-rank task vectors)."""
+    u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
+    rtol = max(matrix.shape) * torch.finfo(torch.float32).eps
+    return u[:, :k][:, s[:k] > rtol * s[0]]
+
+
 def doge_projector(tasks: Sequence[torch.Tensor], subspace: int) -> Optional[torch.Tensor]:
     out_features, in_features = tasks[0].shape
     rank = min(out_features, in_features)
@@ -70,12 +78,12 @@ def doge_projector(tasks: Sequence[torch.Tensor], subspace: int) -> Optional[tor
     keep = rank // subspace
     if k == 0 or keep == 0:
         return None
-    columns = [torch.linalg.svd(t, full_matrices=False).U[:, :k] for t in tasks]
+    columns = [kept_left_singular_vectors(t, k) for t in tasks]
     stacked = torch.zeros(out_features, rank, dtype=torch.float64)
-    stacked[:, : k * len(tasks)] = torch.cat(columns, dim=1)
-    u_k = torch.linalg.svd(stacked, full_matrices=False).U[:, :keep]
+    for index, block in enumerate(columns):
+        stacked[:, index * k : index * k + block.shape[1]] = block
+    u_k = kept_left_singular_vectors(stacked, keep)
     return u_k @ u_k.T
-
 
 def doge_loss(delta, tasks, coefficients):
     """sum_j sum_rows (rowsum(t_j * (t_j - S - L delta)))^2."""

@@ -1,7 +1,10 @@
 """Determinism on CPU: the same config gives the same bits, whatever the threads and shards."""
 
+import functools
 import os
+from unittest import mock
 
+import models
 import pytest
 import torch
 from models import load_model, write_config
@@ -36,10 +39,8 @@ def test_same_bits_across_runs_and_shard_sizes(family, tmp_path, method):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", ["wudi", "wudi_cfs"])
+@pytest.mark.parametrize("method", ["wudi", "wudi_cfs", "doge"])
 def test_same_bits_across_thread_counts(family, tmp_path, method):
-    # doge is left out: its SVDs depend on the thread count (see below), and on these
-    # rank-2 task vectors its shared subspace is set by rounding (README, DOGE section).
     config = run(family, tmp_path, method)
     mergekit_yaml_in_process(config, tmp_path / "default")  # torch's default: one thread a core
     mergekit_yaml(config, tmp_path / "three", "-j", "3", "--out-shard-size", "30K")
@@ -47,22 +48,30 @@ def test_same_bits_across_thread_counts(family, tmp_path, method):
     assert_same_bits(load_model(tmp_path / "three"), load_model(tmp_path / "default"))
 
 
+@pytest.fixture(scope="module")
+def wide_family(tmp_path_factory):
+    """The tiny family with intermediate_size 1024 and rank-4 fine-tunes: doge's projection
+    products on gate_proj/up_proj, (21, 1024) @ (1024, 128), are where MKL's GEMM splits
+    its sum across threads (one of the products solvers.one_cpu_thread covers)."""
+    root = tmp_path_factory.mktemp("wide")
+    with mock.patch.dict(models.LLAMA_CONFIG, intermediate_size=1024), \
+            mock.patch.object(models, "fine_tune", functools.partial(models.fine_tune, rank=4)):
+        return models.make_family(root)
+
+
 @pytest.mark.e2e
-def test_doge_same_bits_across_thread_counts_with_strict_mkl(family, tmp_path):
-    # At this tiny family's sizes ((10, 64) @ (64, 96) projections) MKL's own GEMM
-    # depends on the thread count (1 vs 2 threads here); MKL_CBWR=AUTO,STRICT (README,
-    # Reliability) removes that. On these rank-2 task vectors doge's subspace is set by
-    # rounding (README, DOGE section), so any thread dependence left in its SVDs shows.
-    config = run(family, tmp_path, "doge")
-    strict = os.environ.get("TEST_MKL_CBWR", "AUTO,STRICT")  # set it empty to see the test fail
-    mergekit_yaml(config, tmp_path / "one", "-j", "1", MKL_CBWR=strict)
-    mergekit_yaml(config, tmp_path / "two", "-j", "2", "--out-shard-size", "30K", MKL_CBWR=strict)
+def test_doge_same_bits_at_one_and_two_threads_without_mkl_cbwr(wide_family, tmp_path):
+    # Fails without the one-thread projection and subspace (measured: 2e-6 relative on
+    # gate_proj/up_proj). No MKL_CBWR: plain mergekit-yaml, as a user runs it.
+    config = run(wide_family, tmp_path, "doge")
+    mergekit_yaml(config, tmp_path / "one", "-j", "1", MKL_CBWR="")
+    mergekit_yaml(config, tmp_path / "two", "-j", "2", "--out-shard-size", "300K", MKL_CBWR="")
     assert_same_bits(load_model(tmp_path / "two"), load_model(tmp_path / "one"))
 
 
 # At 384x512 MKL splits work across threads: torch.mm and triangular solves stay
 # bit-identical across thread counts, but Cholesky, eigh and SVD (MKL LAPACK) do not, so
-# the solvers run those on one thread (solvers.numerics.single_thread_lapack).
+# the solvers run those on one thread (solvers.one_cpu_thread).
 
 
 @pytest.fixture
@@ -115,12 +124,76 @@ def test_doge_gram_route_is_bit_identical_across_thread_counts(threads, monkeypa
 
 @needs_cores
 def test_threaded_lapack_opt_out_runs_the_factorisations_on_every_thread(threads, monkeypatch):
-    from mergekit_wudi.solvers import THREADED_LAPACK_ENV, single_thread_lapack
+    from mergekit_wudi.solvers import THREADED_LAPACK_ENV, one_cpu_thread
 
     threads(2)
     seen = []
     for value in ("", "1"):
         monkeypatch.setenv(THREADED_LAPACK_ENV, value)
-        with single_thread_lapack(torch.device("cpu")):
+        with one_cpu_thread(torch.device("cpu")):
             seen.append(torch.get_num_threads())
     assert seen == [1, 2] and torch.get_num_threads() == 2
+
+
+# Everything that depends on the device sits in one function each in solvers/numerics.py
+# (README, Reliability); these check each on the CPU. No GPU has run them yet.
+
+
+def test_one_cpu_thread_changes_nothing_off_the_cpu(threads):
+    from mergekit_wudi.solvers import one_cpu_thread
+
+    threads(2)
+    with one_cpu_thread(torch.device("meta")):
+        assert torch.get_num_threads() == 2
+    with one_cpu_thread(torch.device("cpu")), one_cpu_thread(torch.device("cpu")):
+        assert torch.get_num_threads() == 1  # nested (re-entrant)
+    assert torch.get_num_threads() == 2
+
+
+def test_small_solves_run_on_one_thread_and_large_ones_on_all(threads):
+    from mergekit_wudi.solvers import numerics
+
+    class Probe:
+        @numerics.one_thread_if_small
+        def solve(self, task_vectors):
+            return torch.get_num_threads()
+
+    threads(2)
+    assert Probe().solve(torch.zeros(3, 511, 512)) == 1  # 261,632 elements < 2^18
+    assert Probe().solve(torch.zeros(3, 512, 512)) == 2
+    assert Probe().solve(torch.zeros(3, 2, 2, device="meta")) == 2
+
+
+@pytest.mark.parametrize("dtype, expected", [(torch.float64, torch.float64), (torch.float32, torch.float32),
+                                             (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+def test_compute_dtype(dtype, expected):
+    from mergekit_wudi.solvers import compute_dtype
+
+    assert compute_dtype(dtype) == expected
+
+
+def test_adam_without_a_fused_kernel_takes_the_default_one(monkeypatch):
+    # A device or dtype without the fused kernel (torch raises RuntimeError) gets the
+    # for-loop Adam: same arithmetic, last-bit rounding apart (adam_optimizer's docstring).
+    from mergekit_wudi.solvers import numerics
+
+    def run(param):
+        optimizer = numerics.adam_optimizer(param, 1e-3)
+        for step in range(50):
+            param.grad.copy_(torch.sin(torch.arange(12.0) * (step + 1)))
+            optimizer.step()
+        return optimizer, param
+
+    fused, fused_param = run(torch.zeros(12))
+    assert fused.defaults["fused"]
+    adam = torch.optim.Adam
+
+    def without_fused(params, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return adam(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", without_fused)
+    plain, plain_param = run(torch.zeros(12))
+    assert not plain.defaults.get("fused")
+    torch.testing.assert_close(plain_param, fused_param, rtol=1e-6, atol=1e-9)

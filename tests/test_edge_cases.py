@@ -83,14 +83,13 @@ def test_zero_task_vector_takes_no_part(family, tmp_path, method):
         assert torch.equal(with_zero[name], alone[name]), name
     if method == "doge":
         return  # DOGE with N = 1 is checked against its reference in test_e2e.py
-    # wudi and wudi_cfs with N = 1 return t_1: W0 + lambda * 0.8 * (W_1 - W0) (wudi exactly;
-    # wudi_cfs up to its float32 solve: the rank-2 Gram plus ridge has condition ~500, measured 1.1e-4).
+    # wudi and wudi_cfs with N = 1 return t_1: W0 + lambda * 0.8 * (W_1 - W0) (bit for bit:
+    # test_wudi_cfs_with_one_fine_tune_returns_it_exactly).
     base = load_model(family["base"])
     for name, tensor in alone.items():
         if is_llama_linear(name):
             expected = base[name].double() + LAMBDA * task_vector(family["base"], family["ft1"], name, 0.8)
-            tolerance = 1e-5 if method == "wudi" else 1e-3  # wudi: float32 storage rounding only
-            assert relative_error(tensor, expected, base[name].double()) < tolerance, name
+            assert relative_error(tensor, expected, base[name].double()) < 1e-5, name  # float32 rounding only
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -126,6 +125,22 @@ def test_identical_fine_tunes_wudi_cfs_give_that_fine_tune(family, tmp_path):
             if is_llama_linear(name):
                 expected = base[name].double() + LAMBDA * task_vector(family["base"], family["ft1"], name)
                 assert relative_error(tensor, expected, base[name].double()) < 1e-3, (omega, name)  # as above
+
+
+@pytest.mark.parametrize("omega", [0.1, 0.0])
+@pytest.mark.parametrize("with_zero", [False, True], ids=["N=1", "N_effective=1"])
+def test_wudi_cfs_with_one_fine_tune_returns_it_exactly(family, tmp_path, omega, with_zero):
+    # The closed form's exact answer for one task vector is t_1, for any ridge; the
+    # merge must be W0 + lambda * (0.8 * (W_1 - W0)) in float32, bit for bit (before: a
+    # float32 ridge solve, 2.6e-5 relative off).
+    models = [family["ft1"], family["zero"]] if with_zero else [family["ft1"]]
+    weights = [0.8, 1.0] if with_zero else [0.8]
+    merged = merge(tmp_path, "wudi_cfs", family["base"], models, {"omega": omega}, weights=weights)
+    base, tuned = load_model(family["base"]), load_model(family["ft1"])
+    for name, tensor in merged.items():
+        if is_llama_linear(name):
+            expected = torch.add(base[name], (tuned[name] - base[name]) * 0.8, alpha=LAMBDA)
+            assert torch.equal(tensor, expected), name
 
 
 # --- non-finite inputs --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from mergekit_wudi.solvers.numerics import (
     MIN_CHUNK_ELEMENTS,
     THREADED_LAPACK_ENV,
     compute_dtype,
-    single_thread_lapack,
+    one_cpu_thread,
     solver_row_chunks,
 )
 from mergekit_wudi.solvers.objective import task_arithmetic_objective, wudi_objective
@@ -34,7 +34,7 @@ __all__ = [
     "WudiSolver",
     "compute_dtype",
     "per_model_values",
-    "single_thread_lapack",
+    "one_cpu_thread",
     "solver_row_chunks",
     "task_arithmetic_objective",
     "wudi_objective",

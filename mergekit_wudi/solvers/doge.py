@@ -21,7 +21,13 @@ from mergekit_wudi.solvers.checks import (
     config_field,
     per_model_values,
 )
-from mergekit_wudi.solvers.numerics import adam_optimizer, prepare_task_vectors, release, single_thread_lapack
+from mergekit_wudi.solvers.numerics import (
+    adam_optimizer,
+    one_cpu_thread,
+    one_thread_if_small,
+    prepare_task_vectors,
+    release,
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,13 @@ class DogeSolver:
     across layers (mergekit hands over one tensor at a time, as for its TIES), and the
     loss uses row-wise inner products (one per output neuron). Where k = 0 (more tasks
     than r) or floor(r / subspace) = 0 there is no shared direction and no projection.
-    Singular subspaces: see top_left_singular_vectors.
+    Rank-deficient task vectors (LoRA deltas): each task gives only the directions of its
+    top k whose singular value is above rtol * sigma_1, rtol = max(out, in) * eps(float32)
+    (singular_value_rtol), and U_k only the directions of the stack's top
+    floor(r / subspace) above the same relative tolerance (max(out, r) * eps(float32)),
+    so U_k may have fewer columns; past the rank the paper's "top-k" would be set by
+    rounding. On full-rank task vectors (sigma_k above the tolerance) this is the paper's
+    rule. Singular subspaces: see top_left_singular_vectors.
 
     Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
     returns (out, in) in the compute dtype on the input device. Zero or non-finite task
@@ -79,6 +91,7 @@ class DogeSolver:
     def __init__(self, config: Optional[DogeConfig] = None):
         self.config = config or DogeConfig()
 
+    @one_thread_if_small
     def solve(self, task_vectors: torch.Tensor, **per_model: Optional[Sequence[float]]) -> torch.Tensor:
         """task_vectors: (N, out, in); density=: one kept fraction per task vector
         (config.density for all when unset or None)."""
@@ -101,10 +114,13 @@ class DogeSolver:
         return merged
 
     def shared_basis(self, vectors: torch.Tensor) -> Optional[torch.Tensor]:
-        """U_k, (out, floor(r / subspace)), or None where there is no shared direction.
+        """U_k, (out, at most floor(r / subspace)), or None where there is no shared direction.
 
         Only the subspaces matter: P = U_k U_k^T, and the stacked matrix's left singular
-        subspace depends on each task's top-k subspace, not on the basis chosen in it.
+        subspace depends on each task's kept subspace, not on the basis chosen in it.
+        Each task gives its top-k directions above the tolerance of
+        top_left_singular_vectors (fewer than k where its rank is lower); the stack gives
+        at most floor(r / subspace), again only those above the tolerance.
         """
         count, out_features, in_features = vectors.shape
         rank = min(out_features, in_features)
@@ -112,10 +128,12 @@ class DogeSolver:
         keep = rank // self.config.subspace
         if per_task == 0 or keep == 0:
             return None
-        stacked = vectors.new_zeros(out_features, rank)  # (out, r)
+        stacked = vectors.new_zeros(out_features, rank)  # (out, r); unused columns stay 0
         for index, task in enumerate(vectors):
-            stacked[:, index * per_task : (index + 1) * per_task] = top_left_singular_vectors(task, per_task)
-        return top_left_singular_vectors(stacked, keep).contiguous()
+            columns = top_left_singular_vectors(task, per_task)  # (out, <= k)
+            stacked[:, index * per_task : index * per_task + columns.shape[1]] = columns
+        basis = top_left_singular_vectors(stacked, keep)
+        return basis.contiguous() if basis.shape[1] else None
 
     def _solve_delta(self, vectors: torch.Tensor, coefficients) -> torch.Tensor:
         count, out_features, in_features = vectors.shape
@@ -144,8 +162,11 @@ class DogeSolver:
                 grad.addcmul_(residuals[index].unsqueeze(1), vectors[index])
             grad.mul_(-2 * total)
             if basis is not None:
-                torch.mm(basis.T, grad, out=coords)
-                grad.addmm_(basis, coords, alpha=-1)  # g - P g = g - U_k (U_k^T g)
+                # (keep, out) @ (out, in): MKL splits the sum over `out` across threads
+                # where keep is small next to out (1536x384, 1024x1024), so one thread
+                with one_cpu_thread(grad.device):
+                    torch.mm(basis.T, grad, out=coords)
+                    grad.addmm_(basis, coords, alpha=-1)  # g - P g = g - U_k (U_k^T g)
             optimizer.step()
         release(optimizer)
         return delta
@@ -156,8 +177,25 @@ class DogeSolver:
 GRAM_MIN_ELEMENTS = 1 << 20
 
 
+def singular_value_rtol(out_features: int, in_features: int) -> float:
+    """max(out, in) * eps(float32): singular values at or below rtol * sigma_max are rounding.
+
+    The rank tolerance of torch.linalg.matrix_rank and numpy.linalg.matrix_rank, with
+    float32's eps whatever the compute dtype: a backward-stable SVD of a float32 matrix
+    has singular value errors up to about that, and a float64 solve must keep the same
+    directions as a float32 one.
+    """
+    return max(out_features, in_features) * torch.finfo(torch.float32).eps
+
+
 def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
-    """(out, k): orthonormal columns spanning the first k left singular vectors of M.
+    """(out, j), j <= k: orthonormal columns spanning the left singular vectors of M's
+    first k singular values, keeping only those above singular_value_rtol * sigma_1.
+
+    j = k where M has k singular values above the tolerance (full-rank task vectors: the
+    paper's behaviour); fewer where its rank is lower, as those past the rank would be
+    set by rounding (by the route, the dtype, the thread count). Same rule on both
+    routes, applied to the singular values each computes.
 
     Under GRAM_MIN_ELEMENTS elements (1024x1024): torch.linalg.svd (LAPACK gesdd), as
     methods.md and the paper's code write it; there its workspace is at most ~25 MiB.
@@ -166,23 +204,32 @@ def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     conquer buffers, more than the N + 6 bound of a whole DOGE solve leaves):
       1. Q, the top k + p eigenvectors of the smaller Gram matrix, M M^T or M^T M
          (p = k / 4 extra directions, at least 16, at most r - k);
-      2. a Rayleigh-Ritz step on M itself, which resolves the cut at k: for out <= in
-         (Q holds left singular vectors), Q times the top k eigenvectors of B B^T,
-         B = Q^T M, in float64 (the float32 Gram would square M again); for out > in
-         (Q holds right singular vectors), the SVD of M Q, (out, k + p).
+      2. a Rayleigh-Ritz step on M itself, which resolves the cut at k and gives the
+         singular values: for out <= in (Q holds left singular vectors), Q times the top
+         k eigenvectors of B B^T, B = Q^T M, in float64 (the float32 Gram would square M
+         again; sigma^2 are its eigenvalues); for out > in (Q holds right singular
+         vectors), the SVD of M Q, (out, k + p).
     The Gram matrix squares M, so float32 rounding moves the subspace, and a DOGE merge,
     3-9x as much as gesdd does (benchmarks/doge_subspace.py: merged tensors 6.5e-4 to
     3.3e-3 relative against a float64 SVD, where gesdd gives 1.1e-4 to 5.4e-4); step 1
-    alone was worse still (up to 4e-2). Where M has rank below k, both routes complete
-    the basis with directions set by rounding.
+    alone was worse still (up to 4e-2).
     """
-    if matrix.numel() < GRAM_MIN_ELEMENTS:
-        with single_thread_lapack(matrix.device):
-            return torch.linalg.svd(matrix, full_matrices=False).U[:, :k]
+    # All on one thread: besides the SVD and eigh, the Gram route's products (k + p, out)
+    # @ (out, in) and the Gram itself round differently with the thread count (measured
+    # at 1024x1024: 2e-2 relative on a merge); its cost, README (Reliability).
+    with one_cpu_thread(matrix.device):
+        return _top_left_singular_vectors(matrix, k)
+
+
+def _top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     out_features, in_features = matrix.shape
+    rtol = singular_value_rtol(out_features, in_features)
+    if matrix.numel() < GRAM_MIN_ELEMENTS:
+        left, values, _ = torch.linalg.svd(matrix, full_matrices=False)
+        return _above_tolerance(left, values, k, rtol)
     width = k + min(min(out_features, in_features) - k, max(16, k // 4))  # k + p
     gram = matrix @ matrix.T if out_features <= in_features else matrix.T @ matrix
-    top = _top_eigenvectors(gram, width)
+    _, top = _top_eigenvectors(gram, width)
     del gram
     if out_features <= in_features:
         # B B^T, B = Q^T M (k + p, in), accumulated in float64 over column blocks of M.
@@ -192,28 +239,39 @@ def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
             block = (top.T @ matrix[:, start : start + step]).double()
             small.addmm_(block, block.T)
         del block
-        return top @ _top_eigenvectors(small, k).to(matrix.dtype)
+        squares, vectors = _top_eigenvectors(small, width)  # ascending sigma^2
+        values = squares.flip(0).clamp_(min=0).sqrt_()
+        return top @ _above_tolerance(vectors.flip(1), values, k, rtol).to(matrix.dtype)
     ritz = matrix @ top  # (out, k + p)
     del top
-    with single_thread_lapack(matrix.device):
-        return torch.linalg.svd(ritz, full_matrices=False).U[:, :k]
+    left, values, _ = torch.linalg.svd(ritz, full_matrices=False)
+    return _above_tolerance(left, values, k, rtol)
 
 
-def _top_eigenvectors(symmetric: torch.Tensor, count: int) -> torch.Tensor:
-    """The eigenvectors of the `count` largest eigenvalues, as a new contiguous tensor.
+def _above_tolerance(vectors: torch.Tensor, values: torch.Tensor, k: int, rtol: float) -> torch.Tensor:
+    """The first k columns of `vectors` whose singular value (`values`, descending) is
+    above rtol * values[0]."""
+    count = int(torch.count_nonzero(values[:k] > rtol * values[0])) if values.numel() else 0
+    return vectors[:, :count]
+
+
+def _top_eigenvectors(symmetric: torch.Tensor, count: int):
+    """The `count` largest eigenvalues (ascending) and their eigenvectors, a new
+    contiguous tensor.
 
     Overwrites `symmetric`: its transpose is the column-major layout LAPACK works in,
     so eigh writes the eigenvectors over it instead of into a copy (one tensor less).
     """
     eigenvectors = symmetric.mT
-    with single_thread_lapack(symmetric.device):
+    eigenvalues = symmetric.new_empty(symmetric.shape[0])
+    with one_cpu_thread(symmetric.device):
         try:
-            torch.linalg.eigh(eigenvectors, out=(symmetric.new_empty(symmetric.shape[0]), eigenvectors))
+            torch.linalg.eigh(eigenvectors, out=(eigenvalues, eigenvectors))
         except RuntimeError as error:  # a torch that refuses the aliased out= (2.13 accepts it)
             if isinstance(error, torch.linalg.LinAlgError):
                 raise
-            eigenvectors = torch.linalg.eigh(symmetric).eigenvectors
-    return eigenvectors[:, -count:].contiguous()  # ascending eigenvalues: the last columns
+            eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)
+    return eigenvalues[-count:], eigenvectors[:, -count:].contiguous()  # the last columns
 
 
 def _row_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ Pure torch: nothing here imports mergekit, click or logging configuration.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -80,19 +81,22 @@ def prepare_task_vectors(task_vectors: torch.Tensor) -> TaskVectors:
     return TaskVectors(vectors=vectors, sq_norms=tuple(sq_norms), indices=tuple(indices))
 
 
-_THREADS_LOCK = threading.Lock()
+_THREADS_LOCK = threading.RLock()  # re-entrant: the contexts nest
 THREADED_LAPACK_ENV = "MERGEKIT_WUDI_THREADED_LAPACK"
 
 
 @contextlib.contextmanager
-def single_thread_lapack(device: torch.device) -> Iterator[None]:
-    """Run LAPACK factorisations on one CPU thread, so their bits do not depend on `-j`.
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the enclosed operations on one CPU thread, so their bits do not depend on `-j`.
 
-    MKL's Cholesky, eigh and SVD round differently with another thread count, while its
-    matrix products and triangular solves do not; mergekit's `-j/--num-threads` sets
-    torch's thread count. The Gram products and Adam steps stay multi-threaded. No
-    effect off the CPU, nor with MERGEKIT_WUDI_THREADED_LAPACK=1 (faster SVDs on many
-    cores, bits then depend on the thread count; benchmarks/results/lapack_threads.md).
+    For the LAPACK factorisations (Cholesky, eigh, SVD), doge's projection products
+    (keep, out) @ (out, in) with keep small next to out, and whole solves of small
+    tensors: with MKL these round differently with another thread count, while square
+    and wide products, triangular solves, bmm and element-wise ops do not; mergekit's
+    `-j/--num-threads` sets torch's thread count. The rest of a solve stays
+    multi-threaded. No effect off the CPU, nor with MERGEKIT_WUDI_THREADED_LAPACK=1
+    (faster on many cores; bits then depend on the thread count). Measurements: README
+    (Reliability), benchmarks/results/lapack_threads.md.
     """
     if torch.device(device).type != "cpu" or os.environ.get(THREADED_LAPACK_ENV, "") not in ("", "0"):
         yield
@@ -104,6 +108,34 @@ def single_thread_lapack(device: torch.device) -> Iterator[None]:
             yield
         finally:
             torch.set_num_threads(saved)
+
+
+# Tensors under this many elements are solved on one thread from start to end
+# (one_thread_if_small); 384x384 is, 512x512 is not.
+ONE_THREAD_ELEMENTS = 1 << 18
+
+
+def one_thread_if_small(solve):
+    """Decorates a solver's solve(task_vectors, ...): under ONE_THREAD_ELEMENTS elements
+    per task vector, the whole solve runs in one_cpu_thread.
+
+    At such sizes MKL's small GEMMs with accumulation (addmm: (64, 96) @ (96, 64) on the
+    tiny test family) also round differently with the thread count, while a second
+    thread gains little there (measured on 2 cores: one thread as fast or faster up to
+    384x384, README Reliability). Larger tensors keep every thread for their products.
+    """
+
+    @functools.wraps(solve)
+    def wrapper(self, task_vectors, *args, **kwargs):
+        small = (
+            isinstance(task_vectors, torch.Tensor)
+            and task_vectors.ndim == 3
+            and task_vectors.shape[1] * task_vectors.shape[2] < ONE_THREAD_ELEMENTS
+        )
+        with one_cpu_thread(task_vectors.device) if small else contextlib.nullcontext():
+            return solve(self, task_vectors, *args, **kwargs)
+
+    return wrapper
 
 
 def row_chunks(rows: int, cols: int, chunk_elements: int) -> Iterator[slice]:

@@ -23,6 +23,7 @@ from mergekit_wudi.solvers.numerics import (
     CHUNK_ELEMENTS,
     adam_optimizer,
     gram_terms,
+    one_thread_if_small,
     prepare_task_vectors,
     release,
     solver_row_chunks,
@@ -97,14 +98,15 @@ class WudiSolver:
         small = in_features <= _MAX_GRAM_OVER_TENSOR * out_features
         return cheaper and small
 
+    @one_thread_if_small
     def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
         """task_vectors: (N, out, in). WUDI has no per-model parameter (any keyword: TypeError)."""
         per_model_values(self.config, per_model, 0)
         prepared = prepare_task_vectors(task_vectors)
+        if prepared.count <= 1 or self.config.steps == 0:
+            return prepared.vectors.sum(dim=0)  # zeros where no task vector is usable
         vectors = prepared.vectors  # (n, out, in)
         count, out_features, in_features = vectors.shape
-        if count <= 1 or self.config.steps == 0:
-            return vectors.sum(dim=0)  # zeros where no task vector is usable
         weights = [1.0 / sq for sq in prepared.sq_norms]
 
         if self.uses_in_space(count, out_features, in_features):

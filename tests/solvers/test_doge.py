@@ -70,12 +70,59 @@ def test_top_left_singular_vectors_span_the_top_subspace(generator, monkeypatch,
     torch.testing.assert_close(basis @ basis.T, expected, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("route", ["svd", "gram"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(40, 40), (60, 24), (24, 60)])
-def test_gram_route_on_a_rank_deficient_matrix_gives_an_orthonormal_basis_holding_it(generator, gram_route, shape):
-    matrix, _ = matrix_with_spectrum(generator, *shape, [3.0, 1.0])  # rank 2 < k = 9
-    basis = top_left_singular_vectors(matrix, 9)
-    torch.testing.assert_close(basis.T @ basis, torch.eye(9, dtype=torch.float64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(basis @ (basis.T @ matrix), matrix, rtol=0, atol=1e-12)
+def test_rank_deficient_matrix_gives_only_its_column_space(generator, monkeypatch, route, dtype, shape):
+    # rank 2 < k = 9: the 7 directions past the rank would be set by rounding; only the
+    # two above max(out, in) * eps(float32) * sigma_1 are kept, on both routes and dtypes.
+    monkeypatch.setattr(doge_module, "GRAM_MIN_ELEMENTS", 0 if route == "gram" else 1 << 40)
+    matrix, left = matrix_with_spectrum(generator, *shape, [3.0, 1.0])
+    basis = top_left_singular_vectors(matrix.to(dtype), 9).double()
+    assert basis.shape == (shape[0], 2)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(basis @ basis.T, left @ left.T, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("route", ["svd", "gram"])
+def test_tolerance_cuts_at_max_dimension_times_float32_eps(generator, monkeypatch, route):
+    # sigma_3 / sigma_1 just above and just below rtol = 60 * eps(float32) = 7.2e-6 (float64 input).
+    monkeypatch.setattr(doge_module, "GRAM_MIN_ELEMENTS", 0 if route == "gram" else 1 << 40)
+    rtol = 60 * torch.finfo(torch.float32).eps
+    for factor, kept in ((2.0, 3), (0.5, 2)):
+        matrix, _ = matrix_with_spectrum(generator, 60, 24, [1.0, 0.5, factor * rtol])
+        assert top_left_singular_vectors(matrix, 5).shape[1] == kept
+
+
+def low_rank_family(generator, dtype=torch.float32):
+    """Three rank-2 task vectors of a 64x96 layer: k = 21 per task, keep = 10 > 6 = the
+    stack's rank, so the shared subspace is their column spaces (6 directions)."""
+    return low_rank_task_vectors(generator, 3, 64, 96, rank=2, scale=1e-2, dtype=dtype)
+
+
+@pytest.mark.parametrize("route", ["svd", "gram"])
+def test_rank_deficient_shared_basis_is_the_union_of_column_spaces(generator, monkeypatch, route):
+    monkeypatch.setattr(doge_module, "GRAM_MIN_ELEMENTS", 0 if route == "gram" else 1 << 40)
+    tv = low_rank_family(generator)
+    basis = DogeSolver().shared_basis(tv).double()
+    assert basis.shape == (64, 6)
+    union = torch.linalg.svd(torch.cat(list(tv.double()), dim=1)).U[:, :6]
+    torch.testing.assert_close(basis @ basis.T, union @ union.T, rtol=0, atol=1e-5)
+
+
+def test_rank_deficient_merge_agrees_across_routes_dtypes_and_the_reference(generator, monkeypatch):
+    # Before the tolerance, 15 of each task's 21 directions came from rounding and the
+    # merges differed by O(1) between routes and dtypes (issue 14: 46% against float64).
+    tv = low_rank_family(generator)
+    expected = doge(tv.double(), [0.3] * 3, steps=100)
+    results = {}
+    for route in ("svd", "gram"):
+        monkeypatch.setattr(doge_module, "GRAM_MIN_ELEMENTS", 0 if route == "gram" else 1 << 40)
+        for dtype in (torch.float32, torch.float64):
+            results[route, dtype] = DogeSolver(DogeConfig(steps=100)).solve(tv.to(dtype)).double()
+    for key, result in results.items():
+        tolerance = 1e-10 if key[1] == torch.float64 else 1e-5
+        assert (result - expected).norm() < tolerance * expected.norm(), key
 
 
 def test_gram_route_without_the_in_place_eigh_gives_the_same_basis(generator, gram_route, monkeypatch):
