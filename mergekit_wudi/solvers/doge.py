@@ -163,7 +163,7 @@ class DogeSolver:
             grad.mul_(-2 * total)
             if basis is not None:
                 # (keep, out) @ (out, in): MKL splits the sum over `out` across threads
-                # where keep is small next to out (1536x384, 1024x1024), so one thread
+                # where keep is small next to out, so one thread
                 with one_cpu_thread(grad.device):
                     torch.mm(basis.T, grad, out=coords)
                     grad.addmm_(basis, coords, alpha=-1)  # g - P g = g - U_k (U_k^T g)
@@ -197,11 +197,10 @@ def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     set by rounding (by the route, the dtype, the thread count). Same rule on both
     routes, applied to the singular values each computes.
 
-    Under GRAM_MIN_ELEMENTS elements (1024x1024): torch.linalg.svd (LAPACK gesdd), as
-    methods.md and the paper's code write it; there its workspace is at most ~25 MiB.
-    From there on, in two steps that need far less memory than gesdd (6.1 tensors of
-    M's size on 1024x1024 and 2048x2048: the input copy, U, Vh and its divide-and-
-    conquer buffers, more than the N + 6 bound of a whole DOGE solve leaves):
+    Under GRAM_MIN_ELEMENTS elements: torch.linalg.svd (LAPACK gesdd), as methods.md and
+    the paper's code write it. From there on, in two steps that need far less memory than
+    gesdd (its input copy, U, Vh and divide-and-conquer buffers take more than the N + 6
+    bound of a whole DOGE solve leaves):
       1. Q, the top k + p eigenvectors of the smaller Gram matrix, M M^T or M^T M
          (p = k / 4 extra directions, at least 16, at most r - k);
       2. a Rayleigh-Ritz step on M itself, which resolves the cut at k and gives the
@@ -209,14 +208,12 @@ def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
          k eigenvectors of B B^T, B = Q^T M, in float64 (the float32 Gram would square M
          again; sigma^2 are its eigenvalues); for out > in (Q holds right singular
          vectors), the SVD of M Q, (out, k + p).
-    The Gram matrix squares M, so float32 rounding moves the subspace, and a DOGE merge,
-    3-9x as much as gesdd does (benchmarks/doge_subspace.py: merged tensors 6.5e-4 to
-    3.3e-3 relative against a float64 SVD, where gesdd gives 1.1e-4 to 5.4e-4); step 1
-    alone was worse still (up to 4e-2).
+    The Gram matrix squares M, so float32 rounding moves the subspace more than gesdd
+    does; step 2 recovers most of it (README, DOGE subspace; benchmarks/doge_subspace.py).
     """
     # All on one thread: besides the SVD and eigh, the Gram route's products (k + p, out)
-    # @ (out, in) and the Gram itself round differently with the thread count (measured
-    # at 1024x1024: 2e-2 relative on a merge); its cost, README (Reliability).
+    # @ (out, in) and the Gram itself round differently with the thread count (README,
+    # Reliability).
     with one_cpu_thread(matrix.device):
         return _top_left_singular_vectors(matrix, k)
 
@@ -267,7 +264,7 @@ def _top_eigenvectors(symmetric: torch.Tensor, count: int):
     with one_cpu_thread(symmetric.device):
         try:
             torch.linalg.eigh(eigenvectors, out=(eigenvalues, eigenvectors))
-        except RuntimeError as error:  # a torch that refuses the aliased out= (2.13 accepts it)
+        except RuntimeError as error:  # a torch that refuses the aliased out=
             if isinstance(error, torch.linalg.LinAlgError):
                 raise
             eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)

@@ -119,10 +119,9 @@ def one_thread_if_small(solve):
     """Decorates a solver's solve(task_vectors, ...): under ONE_THREAD_ELEMENTS elements
     per task vector, the whole solve runs in one_cpu_thread.
 
-    At such sizes MKL's small GEMMs with accumulation (addmm: (64, 96) @ (96, 64) on the
-    tiny test family) also round differently with the thread count, while a second
-    thread gains little there (measured on 2 cores: one thread as fast or faster up to
-    384x384, README Reliability). Larger tensors keep every thread for their products.
+    At such sizes MKL's small GEMMs with accumulation (addmm) also round differently with
+    the thread count, while a second thread gains little there (README, Reliability).
+    Larger tensors keep every thread for their products.
     """
 
     @functools.wraps(solve)
