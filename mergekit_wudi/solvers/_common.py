@@ -114,8 +114,8 @@ def thread_independent(device: torch.device) -> Iterator[None]:
 
 
 # Tensors under this many elements are solved on one thread from start to end
-# (one_thread_if_small); 384x384 is, 512x512 is not.
-ONE_THREAD_ELEMENTS = 1 << 18
+# (one_thread_if_small); 255x256 is, 256x256 and 384x384 are not.
+ONE_THREAD_ELEMENTS = 1 << 16
 
 
 def one_thread_if_small(solve):
@@ -124,8 +124,8 @@ def one_thread_if_small(solve):
 
     At such sizes MKL's small GEMMs with accumulation (addmm: (64, 96) @ (96, 64) on the
     tiny test family) also round differently with the thread count, while a second
-    thread gains little there (measured on 2 cores: one thread as fast or faster up to
-    384x384, README Reliability). Larger tensors keep every thread for their products.
+    thread gains little there (measured on 2 cores, loaded: one thread as fast or faster
+    at 64x96 and 256x256). Larger tensors keep every thread for their products.
     """
 
     @functools.wraps(solve)
