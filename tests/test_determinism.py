@@ -159,8 +159,8 @@ def test_small_solves_run_on_one_thread_and_large_ones_on_all(threads):
             return torch.get_num_threads()
 
     threads(2)
-    assert Probe().solve(torch.zeros(3, 511, 512)) == 1  # 261,632 elements < 2^18
-    assert Probe().solve(torch.zeros(3, 512, 512)) == 2
+    assert Probe().solve(torch.zeros(3, 255, 256)) == 1  # 65,280 elements < 2^16
+    assert Probe().solve(torch.zeros(3, 256, 256)) == 2
     assert Probe().solve(torch.zeros(3, 2, 2, device="meta")) == 2
 
 

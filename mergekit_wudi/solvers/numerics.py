@@ -111,8 +111,8 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
 
 
 # Tensors under this many elements are solved on one thread from start to end
-# (one_thread_if_small); 384x384 is, 512x512 is not.
-ONE_THREAD_ELEMENTS = 1 << 18
+# (one_thread_if_small); 255x256 is, 256x256 and 384x384 are not.
+ONE_THREAD_ELEMENTS = 1 << 16
 
 
 def one_thread_if_small(solve):
