@@ -38,28 +38,32 @@ from tasks import TASK_NAMES, load_task  # noqa: E402
 # (label, merge_method, parameters, expert family). Methods' own defaults unless set here; cheap rows first,
 # so that a stopped run still has them (results are written after every row).
 _TA = [0.3, 0.5, 0.7, 1.0]
+_MLP_TO_FALLBACK = [{"filter": "mlp", "value": False}, {"value": True}]  # solve attention only
 MERGES = [
     *[(f"task_arithmetic λ={lam}", "task_arithmetic", {"lambda": lam}, "full") for lam in _TA],
     ("ties d=0.2", "ties", {"density": 0.2}, "full"),
-    ("wudi_cfs (defaults)", "wudi_cfs", {}, "full"),
     ("ties d=0.5", "ties", {"density": 0.5}, "full"),
     ("dare_ties d=0.5 (seed 0)", "dare_ties", {"density": 0.5}, "full"),
     ("della d=0.5 ε=0.1", "della", {"density": 0.5, "epsilon": 0.1}, "full"),
     ("breadcrumbs_ties d=0.9 γ=0.01", "breadcrumbs_ties", {"density": 0.9, "gamma": 0.01}, "full"),
     ("karcher (defaults)", "karcher", {}, "full"),
     ("sce top-k 0.1", "sce", {"select_topk": 0.1}, "full"),
-    *[(f"LoRA: task_arithmetic λ={lam}", "task_arithmetic", {"lambda": lam}, "lora") for lam in _TA],
-    ("LoRA: ties d=0.2", "ties", {"density": 0.2}, "lora"),
-    ("LoRA: wudi_cfs (defaults)", "wudi_cfs", {}, "lora"),
+    ("wudi_cfs (defaults)", "wudi_cfs", {}, "full"),
     ("wudi (defaults)", "wudi", {}, "full"),
+    ("doge (defaults)", "doge", {}, "full"),
     # sweeps of ours (wudi_cfs: closed form, cheap) and the levers of part 3 of issue 16
     *[(f"wudi_cfs ω={omega}", "wudi_cfs", {"omega": omega}, "full") for omega in (0.0, 1.0, 10.0)],
     *[(f"wudi_cfs λ={lam}", "wudi_cfs", {"lambda": lam}, "full") for lam in (0.5, 0.7)],
     ("wudi_cfs fallback: base", "wudi_cfs", {"fallback": "base"}, "full"),
-    *[(f"LoRA: wudi_cfs λ={lam}", "wudi_cfs", {"lambda": lam}, "lora") for lam in (0.3, 0.5, 0.7)],
+    # the non-linear tensors here are the RMSNorm weights (the embeddings are frozen): averaged, as FusionBench does
+    ("wudi_cfs norms averaged (λ=1/4 on *norm*)", "wudi_cfs", {"lambda": [{"filter": "norm", "value": 0.25}, {"value": 1.0}]}, "full"),
+    ("wudi_cfs attention only (MLP: task_arithmetic)", "wudi_cfs", {"solve": _MLP_TO_FALLBACK}, "full"),
+    *[(f"LoRA: task_arithmetic λ={lam}", "task_arithmetic", {"lambda": lam}, "lora") for lam in _TA],
+    ("LoRA: ties d=0.2", "ties", {"density": 0.2}, "lora"),
+    ("LoRA: wudi_cfs (defaults)", "wudi_cfs", {}, "lora"),
     ("LoRA: wudi (defaults)", "wudi", {}, "lora"),
-    ("doge (defaults)", "doge", {}, "full"),
     ("LoRA: doge (defaults)", "doge", {}, "lora"),
+    *[(f"LoRA: wudi_cfs λ={lam}", "wudi_cfs", {"lambda": lam}, "lora") for lam in (0.3, 0.5, 0.7)],
 ]
 QUICK = {"task_arithmetic λ=0.5", "wudi_cfs (defaults)", "LoRA: wudi_cfs (defaults)"}
 

@@ -188,3 +188,11 @@ def test_merged_tied_llama_loads_with_transformers_and_generates(tmp_path, metho
     assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])  # the solve did move the linear weights
     out = merged.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=2)
     assert out.shape[1] > 3 and torch.isfinite(merged(out).logits).all()
+
+
+def test_rows_at_defaults_set_no_parameter_and_labels_are_unique():
+    labels = [label for label, *_ in run.MERGES]
+    assert len(labels) == len(set(labels)) and run.QUICK <= set(labels)
+    defaults = [(label, method, parameters) for label, method, parameters, _ in run.MERGES if "(defaults)" in label]
+    assert {(method, label.startswith("LoRA")) for label, method, _ in defaults} >= {(m, lora) for m in ("wudi", "wudi_cfs", "doge") for lora in (False, True)}
+    assert all(parameters == {} for *_, parameters in defaults)
