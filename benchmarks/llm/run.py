@@ -39,31 +39,33 @@ from tasks import TASK_NAMES, load_task  # noqa: E402
 # so that a stopped run still has them (results are written after every row).
 _TA = [0.3, 0.5, 0.7, 1.0]
 _MLP_TO_FALLBACK = [{"filter": "mlp", "value": False}, {"value": True}]  # solve attention only
+# In the order they run (the report lists full-expert rows, then LoRA rows): what the comparison needs
+# first, so that a stopped run (results are written after every row; --resume continues) has it.
 MERGES = [
     *[(f"task_arithmetic λ={lam}", "task_arithmetic", {"lambda": lam}, "full") for lam in _TA],
+    ("wudi_cfs (defaults)", "wudi_cfs", {}, "full"),
     ("ties d=0.2", "ties", {"density": 0.2}, "full"),
+    *[(f"LoRA: task_arithmetic λ={lam}", "task_arithmetic", {"lambda": lam}, "lora") for lam in _TA],
+    ("LoRA: wudi_cfs (defaults)", "wudi_cfs", {}, "lora"),
+    ("LoRA: ties d=0.2", "ties", {"density": 0.2}, "lora"),
     ("ties d=0.5", "ties", {"density": 0.5}, "full"),
     ("dare_ties d=0.5 (seed 0)", "dare_ties", {"density": 0.5}, "full"),
     ("della d=0.5 ε=0.1", "della", {"density": 0.5, "epsilon": 0.1}, "full"),
     ("breadcrumbs_ties d=0.9 γ=0.01", "breadcrumbs_ties", {"density": 0.9, "gamma": 0.01}, "full"),
     ("karcher (defaults)", "karcher", {}, "full"),
     ("sce top-k 0.1", "sce", {"select_topk": 0.1}, "full"),
-    ("wudi_cfs (defaults)", "wudi_cfs", {}, "full"),
     ("wudi (defaults)", "wudi", {}, "full"),
-    ("doge (defaults)", "doge", {}, "full"),
     # sweeps of ours (wudi_cfs: closed form, cheap) and the levers of part 3 of issue 16
-    *[(f"wudi_cfs ω={omega}", "wudi_cfs", {"omega": omega}, "full") for omega in (0.0, 1.0, 10.0)],
     *[(f"wudi_cfs λ={lam}", "wudi_cfs", {"lambda": lam}, "full") for lam in (0.5, 0.7)],
+    *[(f"LoRA: wudi_cfs λ={lam}", "wudi_cfs", {"lambda": lam}, "lora") for lam in (0.3, 0.5, 0.7)],
+    *[(f"wudi_cfs ω={omega}", "wudi_cfs", {"omega": omega}, "full") for omega in (0.0, 1.0, 10.0)],
     ("wudi_cfs fallback: base", "wudi_cfs", {"fallback": "base"}, "full"),
     # the non-linear tensors here are the RMSNorm weights (the embeddings are frozen): averaged, as FusionBench does
     ("wudi_cfs norms averaged (λ=1/4 on *norm*)", "wudi_cfs", {"lambda": [{"filter": "norm", "value": 0.25}, {"value": 1.0}]}, "full"),
     ("wudi_cfs attention only (MLP: task_arithmetic)", "wudi_cfs", {"solve": _MLP_TO_FALLBACK}, "full"),
-    *[(f"LoRA: task_arithmetic λ={lam}", "task_arithmetic", {"lambda": lam}, "lora") for lam in _TA],
-    ("LoRA: ties d=0.2", "ties", {"density": 0.2}, "lora"),
-    ("LoRA: wudi_cfs (defaults)", "wudi_cfs", {}, "lora"),
+    ("doge (defaults)", "doge", {}, "full"),
     ("LoRA: wudi (defaults)", "wudi", {}, "lora"),
     ("LoRA: doge (defaults)", "doge", {}, "lora"),
-    *[(f"LoRA: wudi_cfs λ={lam}", "wudi_cfs", {"lambda": lam}, "lora") for lam in (0.3, 0.5, 0.7)],
 ]
 QUICK = {"task_arithmetic λ=0.5", "wudi_cfs (defaults)", "LoRA: wudi_cfs (defaults)"}
 
@@ -223,7 +225,7 @@ def render_markdown(report: dict) -> str:
     for family, title in (("full", "experts, each on its own task"), ("lora", "LoRA experts, each on its own task")):
         if family in report["experts"]:
             lines.append(row(title, report["experts"][family], "100", " | |"))
-    for r in report["merges"]:
+    for r in sorted(report["merges"], key=lambda r: r["experts"] != "full"):  # stable: full-expert rows first
         gap = pct(gap_closed(r["accuracy"], pretrained, report["experts"][r["experts"]]))
         lines.append(row(r["label"], r["accuracy"], gap, f" {r['wall_s']:.0f} | {r['peak_rss_mib']:.0f} |"))
     stats_lines = [
@@ -265,8 +267,9 @@ def plot(report: dict, path: Path) -> None:
 
     sizes = {name: t["test"] for name, t in report["tasks"].items()}
     names = {"full": "experts", "lora": "LoRA experts"}
-    labels = ["base", *[names[f] for f in report["experts"]], *[r["label"] for r in report["merges"]]]
-    values = [report["pretrained"], *report["experts"].values(), *[r["accuracy"] for r in report["merges"]]]
+    merges = sorted(report["merges"], key=lambda r: r["experts"] != "full")
+    labels = ["base", *[names[f] for f in report["experts"]], *[r["label"] for r in merges]]
+    values = [report["pretrained"], *report["experts"].values(), *[r["accuracy"] for r in merges]]
     width = 0.8 / (len(TASK_NAMES) + 1)
     figure, axis = plt.subplots(figsize=(max(10, 0.5 * len(labels)), 5.5))
     for k, name in enumerate([*TASK_NAMES, "average"]):
