@@ -56,8 +56,11 @@ MERGES = [
     ("sce top-k 0.1", "sce", {"select_topk": 0.1}, "full"),
     ("wudi (defaults)", "wudi", {}, "full"),
     # sweeps of ours (wudi_cfs: closed form, cheap) and the levers of part 3 of issue 16
+    ("sce (defaults: top-k 1.0)", "sce", {}, "full"),
+    # the LoRA task vectors are 4x larger than the full ones (see the task-vector table): smaller λ
+    *[(f"LoRA: task_arithmetic λ={lam}", "task_arithmetic", {"lambda": lam}, "lora") for lam in (0.1, 0.2)],
+    *[(f"LoRA: wudi_cfs λ={lam}", "wudi_cfs", {"lambda": lam}, "lora") for lam in (0.1, 0.2, 0.3)],
     *[(f"wudi_cfs λ={lam}", "wudi_cfs", {"lambda": lam}, "full") for lam in (0.5, 0.7)],
-    *[(f"LoRA: wudi_cfs λ={lam}", "wudi_cfs", {"lambda": lam}, "lora") for lam in (0.3, 0.5, 0.7)],
     *[(f"wudi_cfs ω={omega}", "wudi_cfs", {"omega": omega}, "full") for omega in (0.0, 1.0, 10.0)],
     ("wudi_cfs fallback: base", "wudi_cfs", {"fallback": "base"}, "full"),
     # the non-linear tensors here are the RMSNorm weights (the embeddings are frozen): averaged, as FusionBench does
