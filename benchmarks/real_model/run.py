@@ -19,7 +19,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from itertools import combinations  # noqa: E402
@@ -30,8 +29,10 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
 
 import experts  # noqa: E402
+from merge_cli import run_mergekit  # noqa: E402
 from tasks import TASK_NAMES, load_task  # noqa: E402
 
 from mergekit_wudi.solvers.objective import wudi_objective  # noqa: E402
@@ -71,38 +72,6 @@ def write_config(path: Path, method: str, parameters: dict, family: str, root: P
     if parameters:
         config["parameters"] = parameters
     path.write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-
-
-# Runs the command and writes its child's peak RSS (KiB) to argv[1]. The launcher is small, so
-# the child's ru_maxrss is mergekit's own: Linux carries the RSS a process had at fork time
-# across exec, which would otherwise charge this (large) benchmark process to every merge.
-_LAUNCHER = """
-import os, subprocess, sys
-child = subprocess.Popen(sys.argv[2:])
-_, status, usage = os.wait4(child.pid, 0)
-open(sys.argv[1], "w").write(str(usage.ru_maxrss))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
-def run_mergekit(config: Path, out: Path, work: Path) -> dict:
-    """The real CLI in a child process: wall time and peak RSS of that process."""
-    command = [
-        shutil.which("mergekit-yaml") or "mergekit-yaml",
-        str(config),
-        str(out),
-        "--no-copy-tokenizer",
-        "--random-seed", "0",  # dare_ties draws its masks from torch's global generator
-        "--lora-merge-cache", str(work / "lora-cache"),
-    ]
-    log, rss = out.with_suffix(".log"), out.with_suffix(".maxrss")
-    with open(log, "w") as stream:
-        started = time.perf_counter()
-        returncode = subprocess.call([sys.executable, "-c", _LAUNCHER, str(rss), *command], stdout=stream, stderr=subprocess.STDOUT)
-        wall = time.perf_counter() - started
-    if returncode != 0:
-        raise SystemExit(f"mergekit-yaml {config} failed ({returncode}), see {log}:\n{log.read_text()[-3000:]}")
-    return {"wall_s": wall, "peak_rss_mib": int(rss.read_text()) / 1024}
 
 
 def score(encoder, tokenizer, root: Path, tasks: dict) -> dict:
