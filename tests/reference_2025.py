@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch
-
 from reference import usable
 
 EPS64 = torch.finfo(torch.float64).eps
