@@ -39,8 +39,9 @@ class IsoCConfig:
 class IsoCSolver:
     """Merged task vector of Iso-C for one linear weight: the flattened spectrum of the sum.
 
-    Iso-C, Marczak et al., ICML 2025 (arXiv:2502.04959), Sec. 4.1, as the official code
-    computes it (src/utils/iso.py, iso_c), per tensor:
+    Iso-C, Marczak et al., ICML 2025 (arXiv:2502.04959), as the official code computes
+    it (src/utils/iso.py, iso_c, l. 5-27; the paper's text was not at hand, so no
+    equation number), per tensor:
         T = sum_i t_i = U diag(s) V^T,   s_bar = mean_j s_j
         t_m = s_bar U V^T
     (the code forms sum_i t_i / N and multiplies it by N again: the same T). Every
@@ -57,9 +58,9 @@ class IsoCSolver:
     cancel) gives zero. The code averages non-2-D tensors (and CLIP's text_projection);
     here those go to the adapter's fallback.
 
-    Memory (tensor = out x in in the compute dtype): the input (N), T, and its SVD
-    (LAPACK gesdd: ~6 tensors with its outputs for square shapes); t_m is written over
-    T. N + 7 at the peak, one above the N + 6 goal.
+    Memory (tensor = out x in in the compute dtype): beside the input (N), T during its
+    full SVD (LAPACK gesdd, whose workspace is most of the peak); t_m is written over T.
+    Above the N + 6 goal on square tensors: measured in docs/methods-2025.md (Memory).
 
     Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
     returns (out, in) in the compute dtype on the input device.
@@ -108,9 +109,9 @@ class IsoCtsConfig:
 class IsoCtsSolver:
     """Merged task vector of Iso-CTS for one linear weight.
 
-    Iso-CTS, Marczak et al., ICML 2025 (arXiv:2502.04959), Sec. 4.2, as the official
-    code computes it (src/utils/iso.py, iso_cts), per tensor, with r = min(out, in),
-    f = common_space_fraction and N tasks:
+    Iso-CTS, Marczak et al., ICML 2025 (arXiv:2502.04959), as the official code computes
+    it (src/utils/iso.py, iso_cts, l. 30-104; no equation number, as for Iso-C), per
+    tensor, with r = min(out, in), f = common_space_fraction and N tasks:
         sizes: k0 = floor(r f);  s = round((r - k0) / N) (Python's round, half to even);
                k = r - N s  (common directions), s per task
         common: T = sum_i t_i = U diag(sigma) V^T; U_c, sigma_c, V_c its top k
@@ -138,10 +139,10 @@ class IsoCtsSolver:
     The code averages non-2-D tensors (and CLIP's text_projection); here those go to the
     adapter's fallback.
 
-    Memory (tensor = out x in in the compute dtype): the input (N), the stacks U_hat,
-    V_hat ((out + in) r elements: 2 tensors for square shapes), R_i and U_c^T t_i (k x in),
-    and one full SVD at a time (T's, then each R_i's: ~6 tensors with outputs for square
-    shapes): about N + 9 at the peak for square tensors, 3 above the N + 6 goal.
+    Memory (tensor = out x in in the compute dtype): beside the input (N), the stacks
+    U_hat, V_hat ((out + in) r elements: 2 tensors when square) and one residual R_i
+    while each full SVD runs (T's, then each R_i's: LAPACK gesdd, whose workspace is
+    most of the peak). Above the N + 6 goal: measured in docs/methods-2025.md (Memory).
 
     Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
     returns (out, in) in the compute dtype on the input device.
@@ -173,10 +174,10 @@ class IsoCtsSolver:
 
         if per_task > 0:
             residual = torch.empty_like(vectors[0])  # R_i
-            coords = vectors.new_empty(filled, in_features)  # U_c^T t_i (k, in)
             for task, sq_norm in zip(vectors, prepared.sq_norms):
-                torch.mm(basis.T, task, out=coords)
+                coords = basis.T @ task  # U_c^T t_i (k, in), freed before the SVD
                 torch.addmm(task, basis, coords, alpha=-1, out=residual)  # t_i - U_c U_c^T t_i
+                del coords
                 u, s, vh = svd(residual)
                 size = kept(s, per_task, cutoff(residual, math.sqrt(sq_norm)))
                 left[:, filled : filled + size] = u[:, :size]
@@ -184,7 +185,7 @@ class IsoCtsSolver:
                 values[filled : filled + size] = s[:size]
                 filled += size
                 del u, s, vh
-            del residual, coords
+            del residual
         if filled == 0:  # T = 0 and no task-specific direction
             return vectors.new_zeros(task_vectors.shape[1:])
         mean = float(values[:filled].mean())

@@ -35,9 +35,10 @@ class TsvConfig:
 class TsvSolver:
     """Merged task vector of TSV-Merge for one linear weight.
 
-    TSV-M, Gargiulo et al., CVPR 2025 (arXiv:2412.00081), Sec. 4 (TSV-C truncation,
-    whitening / orthogonal Procrustes), as the official code computes it
-    (src/utils/TSVM_utils.py, compute_and_sum_svd_mem_reduction), per tensor:
+    TSV-M, Gargiulo et al., CVPR 2025 (arXiv:2412.00081): the TSV-C truncation, then the
+    whitening / orthogonal Procrustes step, as the official code computes it
+    (src/utils/TSVM_utils.py, compute_and_sum_svd_mem_reduction, l. 303-377; the
+    paper's text was not at hand, so no equation number), per tensor:
         r = min(out, in),  k = floor(r / N)
         t_i = U_i diag(s_i) V_i^T;  keep each task's top k: U_i,k (out, k), s_i,k, V_i,k
         U_hat = [U_1,k ... U_N,k] (out, Nk),  S_hat = diag(s_1,k ... s_N,k),
@@ -70,11 +71,10 @@ class TsvSolver:
     The code averages non-2-D tensors (and CLIP's text_projection); here those go to the
     adapter's fallback.
 
-    Memory (tensor = out x in in the compute dtype; r = min(out, in)): the input (N),
-    the stacks U_hat, V_hat ((out + in) N k elements, at most 2 tensors), and one full
-    SVD of t_i at a time (LAPACK gesdd: ~6 tensors with its outputs for square shapes):
-    N + 8 at the peak, 2 above the N + 6 goal for square tensors (less for wide or tall
-    ones, where the stacks are smaller than 2 tensors).
+    Memory (tensor = out x in in the compute dtype): beside the input (N), the stacks
+    U_hat, V_hat (at most (out + in) r elements: 2 tensors when square) while each
+    task's full SVD runs (LAPACK gesdd, whose workspace is most of the peak). Above the
+    N + 6 goal on square tensors: measured in docs/methods-2025.md (Memory).
 
     Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
     returns (out, in) in the compute dtype on the input device.
