@@ -49,6 +49,14 @@ def test_float32_input_is_solved_in_float32(generator):
     assert relative_error(ours, tsv_merge(tv)) < 1e-5  # float32 rounding, well-conditioned stacks
 
 
+@pytest.mark.parametrize("shape, count, rank", [((24, 12), 2, 2), ((48, 64), 5, 8), ((16, 16), 3, 1)])
+def test_float32_low_rank_tasks_give_the_float64_answer(generator, shape, count, rank):
+    # LoRA-like task vectors of rank below k: the float32 cutoff drops the same
+    # rounding-level singular values as the float64 reference does.
+    tv = low_rank_task_vectors(generator, count, *shape, rank=rank)
+    assert relative_error(TsvSolver().solve(tv.float()), tsv_merge(tv)) < 1e-4  # measured < 1e-5
+
+
 def test_bfloat16_input_is_solved_in_float32(generator):
     tv = full_rank_task_vectors(generator, 2, 12, 12).bfloat16()
     ours = TsvSolver().solve(tv)
