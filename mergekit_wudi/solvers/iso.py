@@ -45,7 +45,7 @@ class IsoCSolver:
         T = sum_i t_i = U diag(s) V^T,   s_bar = mean_j s_j
         t_m = s_bar U V^T
     (the code forms sum_i t_i / N and multiplies it by N again: the same T). Every
-    singular value of t_m is s_bar; t_m = s_bar * polar(T).
+    non-zero singular value of t_m is s_bar; t_m = s_bar * polar(T).
 
     Defined where the code leaves rounding to choose: singular values of T at or below
     max(out, in) * eps * s_max are dropped with their vectors, and s_bar is the mean of
@@ -120,7 +120,7 @@ class IsoCtsSolver:
                values = (rho_1,s ... rho_N,s, sigma_c)
         U_perp = polar(U_hat), V_perp = polar(V_hat)  (P Q^T of their SVDs)
         t_m = mean(values) U_perp V_perp^T
-    Every singular value of t_m is mean(values). The order of the stack does not matter
+    Every non-zero singular value of t_m is mean(values). The order of the stack does not matter
     (polar(U_hat Pi) = polar(U_hat) Pi for a permutation Pi). f = 1 gives k = r, s = 0:
     Iso-C. N = 1 gives Iso-C of t_1 (R_1 holds t_1's remaining components).
 
@@ -159,13 +159,13 @@ class IsoCtsSolver:
             return vectors.new_zeros(task_vectors.shape[1:])
         common, per_task = iso_cts_sizes(min(out_features, in_features), count, self.config.common_space_fraction)
 
-        rank = common + count * per_task  # = r
-        left = vectors.new_empty(out_features, rank)  # U_hat (out, r)
-        right = vectors.new_empty(rank, in_features)  # V_hat^T (r, in)
-        values = vectors.new_empty(rank)
         summed = vectors.sum(dim=0)  # T, (out, in)
         u, s, vh = svd(summed)  # (out, r), (r,), (r, in)
         filled = kept(s, common, cutoff(summed, float(s[0])))  # common directions kept
+        rank = common + count * per_task  # = r
+        left = vectors.new_empty(out_features, rank)  # U_hat (out, r), after T's SVD
+        right = vectors.new_empty(rank, in_features)  # V_hat^T (r, in)
+        values = vectors.new_empty(rank)
         left[:, :filled] = u[:, :filled]
         right[:filled] = vh[:filled]
         values[:filled] = s[:filled]
