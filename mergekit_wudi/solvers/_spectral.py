@@ -1,6 +1,6 @@
 """SVD pieces shared by the TSV and Iso solvers: a cutoff rule, truncation, polar factors.
 
-Pure torch. Every factorisation runs under thread_independent (one-thread LAPACK on the
+Pure torch. Every factorisation runs under one_cpu_thread (one-thread LAPACK on the
 CPU), so results do not depend on the thread count.
 
 The cutoff. A singular value s of an (out, in) matrix with s <= max(out, in) * eps *
@@ -17,7 +17,7 @@ from typing import Tuple
 
 import torch
 
-from mergekit_wudi.solvers._common import thread_independent
+from mergekit_wudi.solvers.numerics import one_cpu_thread
 
 
 def cutoff(matrix: torch.Tensor, scale: float) -> float:
@@ -27,7 +27,7 @@ def cutoff(matrix: torch.Tensor, scale: float) -> float:
 
 def svd(matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD, matrix = U diag(S) Vh, S descending: U (out, r), S (r,), Vh (r, in)."""
-    with thread_independent(matrix.device):
+    with one_cpu_thread(matrix.device):
         return torch.linalg.svd(matrix, full_matrices=False)
 
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
-from mergekit_wudi.solvers._common import check_config, check_fraction, config_field, prepare_task_vectors
 from mergekit_wudi.solvers._spectral import cutoff, kept, polar, svd
+from mergekit_wudi.solvers.checks import check_config, check_fraction, config_field, per_model_values
+from mergekit_wudi.solvers.numerics import one_thread_if_small, prepare_task_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,10 @@ class IsoCSolver:
     def __init__(self, config: Optional[IsoCConfig] = None):
         self.config = config or IsoCConfig()
 
-    def solve(self, task_vectors: torch.Tensor) -> torch.Tensor:
+    @one_thread_if_small
+    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
+        """task_vectors: (N, out, in). No per-model parameter (any keyword: TypeError)."""
+        per_model_values(self.config, per_model, 0)
         prepared = prepare_task_vectors(task_vectors)
         vectors = prepared.vectors  # (n, out, in)
         if vectors.shape[0] == 0:
@@ -151,7 +155,10 @@ class IsoCtsSolver:
     def __init__(self, config: Optional[IsoCtsConfig] = None):
         self.config = config or IsoCtsConfig()
 
-    def solve(self, task_vectors: torch.Tensor) -> torch.Tensor:
+    @one_thread_if_small
+    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
+        """task_vectors: (N, out, in). No per-model parameter (any keyword: TypeError)."""
+        per_model_values(self.config, per_model, 0)
         prepared = prepare_task_vectors(task_vectors)
         vectors = prepared.vectors  # (n, out, in)
         count, out_features, in_features = vectors.shape

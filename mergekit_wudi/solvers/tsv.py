@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from mergekit_wudi.solvers._common import check_config, prepare_task_vectors
 from mergekit_wudi.solvers._spectral import cutoff, kept, polar, svd
+from mergekit_wudi.solvers.checks import check_config, per_model_values
+from mergekit_wudi.solvers.numerics import one_thread_if_small, prepare_task_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,10 @@ class TsvSolver:
     def __init__(self, config: Optional[TsvConfig] = None):
         self.config = config or TsvConfig()
 
-    def solve(self, task_vectors: torch.Tensor) -> torch.Tensor:
+    @one_thread_if_small
+    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
+        """task_vectors: (N, out, in). No per-model parameter (any keyword: TypeError)."""
+        per_model_values(self.config, per_model, 0)
         prepared = prepare_task_vectors(task_vectors)
         vectors = prepared.vectors  # (n, out, in)
         count, out_features, in_features = vectors.shape

@@ -225,7 +225,7 @@ needs_cores = pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 core
 @pytest.mark.parametrize("solver", SOLVERS, ids=IDS)
 def test_bit_identical_across_thread_counts(solver):
     # At 384 x 512 MKL's SVD rounds differently on 1 and 2 threads; the solvers run their
-    # factorisations on one thread (solvers._common.thread_independent).
+    # factorisations on one thread (solvers.numerics.one_cpu_thread).
     tv = full_rank_task_vectors(torch.Generator().manual_seed(0), 3, 384, 512, scale=1e-2, dtype=torch.float32)
     saved = torch.get_num_threads()
     try:
