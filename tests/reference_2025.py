@@ -9,7 +9,10 @@ Two versions of each method:
   - the plain names: the methods as docs/methods-2025.md defines them, with the
     paper's whitening form X (X^T X)^(-1/2) (eigendecomposition of the Gram matrix,
     pseudo-inverse square root) instead of the solvers' SVD route, and the cutoff
-    rule: singular values at or below max(out, in) * eps * scale count as zero.
+    rule: singular values at or below max(out, in) * eps * scale count as zero. eps is
+    the machine epsilon of the merge's compute dtype: float64's by default; a float32
+    merge of stored checkpoints is checked with eps=EPS32, since its inputs carry the
+    checkpoints' float32 rounding (full rank at ~1e-7), which that cutoff drops.
 No chunking, no in-place tricks; the package never imports this file.
 """
 
@@ -21,24 +24,27 @@ import torch
 from reference import usable
 
 EPS64 = torch.finfo(torch.float64).eps
+EPS32 = torch.finfo(torch.float32).eps
 
 
-def truncated(t: torch.Tensor, k: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated(t: torch.Tensor, k: int, scale: float, eps: float = EPS64) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets of t, without those at or below max(t.shape) * eps * scale."""
     u, s, vh = torch.linalg.svd(t, full_matrices=False)
-    keep = int((s[:k] > max(t.shape) * EPS64 * scale).sum())
+    keep = int((s[:k] > max(t.shape) * eps * scale).sum())
     return u[:, :keep], s[:keep], vh[:keep]
 
 
-def whiten(x: torch.Tensor) -> torch.Tensor:
+def whiten(x: torch.Tensor, eps: float = EPS64) -> torch.Tensor:
     """x (x^T x)^(+1/2): the polar factor of x, on its range.
 
-    Eigenvalues of the Gram x^T x at or below max(x.shape) * eps * its largest count as
+    Eigenvalues of the Gram x^T x at or below max(x.shape) * EPS64 * its largest count as
     zero (the Gram's own rounding level; it agrees with the solvers' singular-value
-    cutoff on inputs whose singular values are exactly zero or far above sqrt(eps))."""
+    cutoff on inputs whose singular values are exactly zero or far above sqrt(eps)).
+    With a coarser eps (EPS32), the singular-value cutoff itself: eigenvalues at or
+    below (max(x.shape) * eps)^2 times the largest."""
     gram = x.T @ x
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    keep = eigenvalues > max(x.shape) * EPS64 * eigenvalues.max()
+    keep = eigenvalues > max(max(x.shape) * EPS64, (max(x.shape) * eps) ** 2) * eigenvalues.max()
     basis = eigenvectors[:, keep]
     inverse_root = basis @ torch.diag(eigenvalues[keep].rsqrt()) @ basis.T
     return x @ inverse_root
@@ -47,7 +53,7 @@ def whiten(x: torch.Tensor) -> torch.Tensor:
 # --- TSV-Merge ------------------------------------------------------------------------
 
 
-def tsv_merge(task_vectors: torch.Tensor) -> torch.Tensor:
+def tsv_merge(task_vectors: torch.Tensor, eps: float = EPS64) -> torch.Tensor:
     """TSV-M: per task the top floor(r/N) components; U_perp S V_perp^T with whitened stacks."""
     tasks = usable(task_vectors)
     out_features, in_features = task_vectors.shape[1:]
@@ -58,13 +64,13 @@ def tsv_merge(task_vectors: torch.Tensor) -> torch.Tensor:
     values: List[torch.Tensor] = []
     rights: List[torch.Tensor] = []
     for t in tasks:
-        u, s, vh = truncated(t, k, torch.linalg.matrix_norm(t, ord=2).item())
+        u, s, vh = truncated(t, k, torch.linalg.matrix_norm(t, ord=2).item(), eps)
         lefts.append(u)
         values.append(s)
         rights.append(vh.T)
     u_hat = torch.cat(lefts, dim=1)  # (out, m)
     v_hat = torch.cat(rights, dim=1)  # (in, m)
-    return whiten(u_hat) @ torch.diag(torch.cat(values)) @ whiten(v_hat).T
+    return whiten(u_hat, eps) @ torch.diag(torch.cat(values)) @ whiten(v_hat, eps).T
 
 
 def tsv_merge_code(task_vectors: torch.Tensor) -> torch.Tensor:
@@ -87,7 +93,7 @@ def tsv_merge_code(task_vectors: torch.Tensor) -> torch.Tensor:
 # --- Iso-C ----------------------------------------------------------------------------
 
 
-def iso_c(task_vectors: torch.Tensor) -> torch.Tensor:
+def iso_c(task_vectors: torch.Tensor, eps: float = EPS64) -> torch.Tensor:
     """s_bar * polar(T), T = sum_i t_i, s_bar the mean of T's kept singular values.
 
     polar(T) = T (T^T T)^(+1/2) and the kept singular values are the square roots of the
@@ -100,7 +106,7 @@ def iso_c(task_vectors: torch.Tensor) -> torch.Tensor:
         return total
     wide = total.shape[0] < total.shape[1]
     tall = total.T if wide else total  # whiten the short side's Gram
-    polar = whiten(tall)
+    polar = whiten(tall, eps)
     singular = (polar.T @ tall).diagonal().sum()  # trace(polar^T T) = sum of kept s
     count = round((polar.T @ polar).diagonal().sum().item())  # a partial isometry: its rank
     result = polar * (singular / count)
@@ -127,7 +133,7 @@ def iso_cts_sizes(rank: int, count: int, fraction: float) -> Tuple[int, int]:
     return rank - per_task * count, per_task
 
 
-def iso_cts(task_vectors: torch.Tensor, fraction: float = 0.8) -> torch.Tensor:
+def iso_cts(task_vectors: torch.Tensor, fraction: float = 0.8, eps: float = EPS64) -> torch.Tensor:
     """mean(values) * whiten(U_hat) whiten(V_hat)^T over the common and task-specific stacks."""
     tasks = usable(task_vectors)
     out_features, in_features = task_vectors.shape[1:]
@@ -135,20 +141,20 @@ def iso_cts(task_vectors: torch.Tensor, fraction: float = 0.8) -> torch.Tensor:
         return torch.zeros(out_features, in_features, dtype=torch.float64)
     common, per_task = iso_cts_sizes(min(out_features, in_features), len(tasks), fraction)
     total = sum(tasks)
-    u_c, s_c, vh_c = truncated(total, common, torch.linalg.matrix_norm(total, ord=2).item())
+    u_c, s_c, vh_c = truncated(total, common, torch.linalg.matrix_norm(total, ord=2).item(), eps)
     lefts, values, rights = [u_c], [s_c], [vh_c.T]
     projector = u_c @ u_c.T
     for t in tasks:
         if per_task == 0:
             break
-        u, s, vh = truncated(t - projector @ t, per_task, torch.linalg.norm(t).item())
+        u, s, vh = truncated(t - projector @ t, per_task, torch.linalg.norm(t).item(), eps)
         lefts.append(u)
         values.append(s)
         rights.append(vh.T)
     flat = torch.cat(values)
     if flat.numel() == 0:
         return torch.zeros(out_features, in_features, dtype=torch.float64)
-    return flat.mean() * whiten(torch.cat(lefts, dim=1)) @ whiten(torch.cat(rights, dim=1)).T
+    return flat.mean() * whiten(torch.cat(lefts, dim=1), eps) @ whiten(torch.cat(rights, dim=1), eps).T
 
 
 def iso_cts_code(task_vectors: torch.Tensor, common_space_fraction: float = 0.8) -> torch.Tensor:
