@@ -1,4 +1,5 @@
-"""SVD pieces shared by the TSV and Iso solvers: a cutoff rule, truncation, polar factors.
+"""SVD pieces shared by the TSV and Iso solvers: a cutoff rule, truncation, polar
+factors, and their common `solve` (SpectralSolver).
 
 Pure torch. Every factorisation runs under one_cpu_thread (one-thread LAPACK on the
 CPU), so results do not depend on the thread count.
@@ -13,11 +14,12 @@ chosen by LAPACK's rounding, at full weight, after a whitening or a spectrum fla
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
-from mergekit_wudi.solvers.numerics import one_cpu_thread
+from mergekit_wudi.solvers.checks import per_model_values
+from mergekit_wudi.solvers.numerics import TaskVectors, one_cpu_thread, one_thread_if_small, prepare_task_vectors
 
 
 def cutoff(matrix: torch.Tensor, scale: float) -> float:
@@ -50,3 +52,30 @@ def polar(matrix: torch.Tensor) -> torch.Tensor:
     if count == values.shape[0]:
         return left @ right
     return left[:, :count] @ right[:count]  # (a, count) @ (count, b)
+
+
+class SpectralSolver:
+    """`Solver(config).solve(task_vectors)` for the methods without per-model parameters:
+    a subclass sets `config_cls` and writes `_solve` for the usable task vectors.
+
+    Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
+    returns (out, in) in the compute dtype on the input device.
+    """
+
+    config_cls: type
+
+    def __init__(self, config: Optional[Any] = None):
+        self.config = config or self.config_cls()
+
+    @one_thread_if_small
+    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
+        """task_vectors: (N, out, in) -> t_m (out, in). No per-model parameter (any keyword:
+        TypeError). Zero or non-finite task vectors are excluded; none left gives zero."""
+        per_model_values(self.config, per_model, 0)
+        prepared = prepare_task_vectors(task_vectors)
+        if prepared.count == 0:
+            return prepared.vectors.new_zeros(task_vectors.shape[1:])
+        return self._solve(prepared)
+
+    def _solve(self, prepared: TaskVectors) -> torch.Tensor:
+        raise NotImplementedError

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Tuple
 
 import torch
 
-from mergekit_wudi.solvers._spectral import cutoff, kept, polar, svd
-from mergekit_wudi.solvers.checks import check_config, check_fraction, config_field, per_model_values
-from mergekit_wudi.solvers.numerics import one_thread_if_small, prepare_task_vectors
+from mergekit_wudi.solvers._spectral import SpectralSolver, cutoff, kept, polar, svd
+from mergekit_wudi.solvers.checks import check_config, check_fraction, config_field
+from mergekit_wudi.solvers.numerics import TaskVectors
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class IsoCConfig:
         check_config(self)
 
 
-class IsoCSolver:
+class IsoCSolver(SpectralSolver):
     """Merged task vector of Iso-C for one linear weight: the flattened spectrum of the sum.
 
     Iso-C, Marczak et al., ICML 2025 (arXiv:2502.04959), as the official code computes
@@ -63,21 +63,13 @@ class IsoCSolver:
     full SVD (LAPACK gesdd, whose workspace is most of the peak); t_m is written over T.
     Above the N + 6 goal on square tensors: measured in docs/methods-2025.md (Memory).
 
-    Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
-    returns (out, in) in the compute dtype on the input device.
+    Input, output and dtypes: SpectralSolver (_spectral.py).
     """
 
-    def __init__(self, config: Optional[IsoCConfig] = None):
-        self.config = config or IsoCConfig()
+    config_cls = IsoCConfig
 
-    @one_thread_if_small
-    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
-        """task_vectors: (N, out, in). No per-model parameter (any keyword: TypeError)."""
-        per_model_values(self.config, per_model, 0)
-        prepared = prepare_task_vectors(task_vectors)
+    def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         vectors = prepared.vectors  # (n, out, in)
-        if vectors.shape[0] == 0:
-            return vectors.new_zeros(task_vectors.shape[1:])
         summed = vectors.sum(dim=0)  # T, (out, in)
         u, s, vh = svd(summed)  # (out, r), (r,), (r, in)
         size = kept(s, s.shape[0], cutoff(summed, float(s[0])))
@@ -110,7 +102,7 @@ class IsoCtsConfig:
         check_config(self)
 
 
-class IsoCtsSolver:
+class IsoCtsSolver(SpectralSolver):
     """Merged task vector of Iso-CTS for one linear weight.
 
     Iso-CTS, Marczak et al., ICML 2025 (arXiv:2502.04959), as the official code computes
@@ -148,22 +140,14 @@ class IsoCtsSolver:
     while each full SVD runs (T's, then each R_i's: LAPACK gesdd, whose workspace is
     most of the peak). Above the N + 6 goal: measured in docs/methods-2025.md (Memory).
 
-    Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
-    returns (out, in) in the compute dtype on the input device.
+    Input, output and dtypes: SpectralSolver (_spectral.py).
     """
 
-    def __init__(self, config: Optional[IsoCtsConfig] = None):
-        self.config = config or IsoCtsConfig()
+    config_cls = IsoCtsConfig
 
-    @one_thread_if_small
-    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
-        """task_vectors: (N, out, in). No per-model parameter (any keyword: TypeError)."""
-        per_model_values(self.config, per_model, 0)
-        prepared = prepare_task_vectors(task_vectors)
+    def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         vectors = prepared.vectors  # (n, out, in)
         count, out_features, in_features = vectors.shape
-        if count == 0:
-            return vectors.new_zeros(task_vectors.shape[1:])
         common, per_task = iso_cts_sizes(min(out_features, in_features), count, self.config.common_space_fraction)
 
         summed = vectors.sum(dim=0)  # T, (out, in)
@@ -194,7 +178,7 @@ class IsoCtsSolver:
                 del u, s, vh
             del residual
         if filled == 0:  # T = 0 and no task-specific direction
-            return vectors.new_zeros(task_vectors.shape[1:])
+            return vectors.new_zeros(out_features, in_features)
         mean = float(values[:filled].mean())
         logger.debug("Iso-CTS: %d common + %d x %d task directions, %d kept", common, count, per_task, filled)
         left_perp = polar(left[:, :filled]).mul_(mean)  # (out, m)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
 
 import torch
 
-from mergekit_wudi.solvers._spectral import cutoff, kept, polar, svd
-from mergekit_wudi.solvers.checks import check_config, per_model_values
-from mergekit_wudi.solvers.numerics import one_thread_if_small, prepare_task_vectors
+from mergekit_wudi.solvers._spectral import SpectralSolver, cutoff, kept, polar, svd
+from mergekit_wudi.solvers.checks import check_config
+from mergekit_wudi.solvers.numerics import TaskVectors
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +32,7 @@ class TsvConfig:
         check_config(self)
 
 
-class TsvSolver:
+class TsvSolver(SpectralSolver):
     """Merged task vector of TSV-Merge for one linear weight.
 
     TSV-M, Gargiulo et al., CVPR 2025 (arXiv:2412.00081): the TSV-C truncation, then the
@@ -77,26 +76,18 @@ class TsvSolver:
     task's full SVD runs (LAPACK gesdd, whose workspace is most of the peak). Above the
     N + 6 goal on square tensors: measured in docs/methods-2025.md (Memory).
 
-    Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
-    returns (out, in) in the compute dtype on the input device.
+    Input, output and dtypes: SpectralSolver (_spectral.py).
     """
 
-    def __init__(self, config: Optional[TsvConfig] = None):
-        self.config = config or TsvConfig()
+    config_cls = TsvConfig
 
-    @one_thread_if_small
-    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
-        """task_vectors: (N, out, in). No per-model parameter (any keyword: TypeError)."""
-        per_model_values(self.config, per_model, 0)
-        prepared = prepare_task_vectors(task_vectors)
+    def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         vectors = prepared.vectors  # (n, out, in)
         count, out_features, in_features = vectors.shape
-        if count == 0:
-            return vectors.new_zeros(task_vectors.shape[1:])
         per_task = min(out_features, in_features) // count  # k
         if per_task == 0:
             logger.debug("TSV: %d task vectors for rank %d: no component kept", count, min(out_features, in_features))
-            return vectors.new_zeros(task_vectors.shape[1:])
+            return vectors.new_zeros(out_features, in_features)
 
         left = vectors.new_empty(out_features, count * per_task)  # U_hat (out, Nk)
         right = vectors.new_empty(count * per_task, in_features)  # V_hat^T (Nk, in)
