@@ -10,7 +10,7 @@ import torch
 from mergekit.merge_methods import registry
 from models import fine_tune, is_llama_linear, llama_state_dict, load_model, make_family, save_model, write_config
 from reference import usable, wudi_adam, wudi_closed_form, wudi_ridge, wudi_ridge_loss
-from reference_2025 import iso_c, iso_cts, tsv_merge
+from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from runner import mergekit_yaml_in_process as run
 
 from mergekit_wudi.adapter import SolverMergeMethod
@@ -86,8 +86,10 @@ def test_zero_task_vector_takes_no_part(family, tmp_path, method):
         return  # DOGE with N = 1 is checked against its reference in test_e2e.py
     # wudi, wudi_cfs and tsv with N = 1 return t_1: W0 + lambda * 0.8 * (W_1 - W0) (bit for
     # bit for wudi_cfs: test_wudi_cfs_with_one_fine_tune_returns_it_exactly); iso_c and
-    # iso_cts return t_1 with its spectrum flattened (their float64 references).
-    single = {"wudi": lambda tv: tv[0], "wudi_cfs": lambda tv: tv[0], "tsv": tsv_merge, "iso_c": iso_c, "iso_cts": iso_cts}
+    # iso_cts return t_1 with its spectrum flattened (their float64 references, with the
+    # float32 merge's cutoff: the stored t_1 is rank 2 plus its float32 rounding).
+    single = {"wudi": lambda tv: tv[0], "wudi_cfs": lambda tv: tv[0], "tsv": lambda tv: tsv_merge(tv, EPS32),
+              "iso_c": lambda tv: iso_c(tv, EPS32), "iso_cts": lambda tv: iso_cts(tv, eps=EPS32)}
     base = load_model(family["base"])
     for name, tensor in alone.items():
         if is_llama_linear(name):
