@@ -237,3 +237,4 @@ def test_bit_identical_across_thread_counts(solver):
     finally:
         torch.set_num_threads(saved)
     assert torch.equal(results[0], results[1])
+
