@@ -24,6 +24,12 @@ from mergekit_wudi.progress import PROGRESS, log_objective
 from mergekit_wudi.solvers import (
     DogeConfig,
     DogeSolver,
+    IsoCConfig,
+    IsoCSolver,
+    IsoCtsConfig,
+    IsoCtsSolver,
+    TsvConfig,
+    TsvSolver,
     WudiCfsConfig,
     WudiCfsSolver,
     WudiConfig,
@@ -197,9 +203,21 @@ def _require_finite(method_name: str, group: TensorGroup) -> None:
 
 WUDI_URL = "https://arxiv.org/abs/2503.08099"
 DOGE_URL = "https://arxiv.org/abs/2501.01230"
+TSV_URL = "https://arxiv.org/abs/2412.00081"
+ISO_URL = "https://arxiv.org/abs/2502.04959"
 # name in YAML, pretty name, paper, config, solver
 wudi_merge_method = SolverMergeMethod("wudi", "WUDI-Merging", WUDI_URL, WudiConfig, WudiSolver)
 wudi_cfs_merge_method = SolverMergeMethod("wudi_cfs", "WUDI-Merging (closed form)", WUDI_URL, WudiCfsConfig, WudiCfsSolver)
 doge_merge_method = SolverMergeMethod("doge", "DOGE-TA", DOGE_URL, DogeConfig, DogeSolver)
+tsv_merge_method = SolverMergeMethod("tsv", "TSV-Merge", TSV_URL, TsvConfig, TsvSolver)
+iso_c_merge_method = SolverMergeMethod("iso_c", "Iso-C", ISO_URL, IsoCConfig, IsoCSolver)
+iso_cts_merge_method = SolverMergeMethod("iso_cts", "Iso-CTS", ISO_URL, IsoCtsConfig, IsoCtsSolver)
 
-MERGE_METHODS = (wudi_merge_method, wudi_cfs_merge_method, doge_merge_method)
+MERGE_METHODS = (
+    wudi_merge_method,
+    wudi_cfs_merge_method,
+    doge_merge_method,
+    tsv_merge_method,
+    iso_c_merge_method,
+    iso_cts_merge_method,
+)

@@ -19,7 +19,7 @@ from mergekit_wudi import __version__
 
 _MAIN_EPILOG = """\b
 Examples:
-  mergekit-wudi methods                     # parameters, types, defaults of wudi, wudi_cfs, doge
+  mergekit-wudi methods                     # parameters, types, defaults of each method
   mergekit-wudi methods --format json
   mergekit-wudi run merge.yml ./merged --cuda   # = mergekit-yaml, registration done explicitly
   mergekit-wudi report merge.yml --out ./report --filter 'layers\\.0\\.'
@@ -41,9 +41,10 @@ class _Main(click.Group):
 @click.group(cls=_Main, epilog=_MAIN_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mergekit-wudi")
 def main() -> None:
-    """mergekit-wudi: WUDI-Merging and DOGE for mergekit.
+    """mergekit-wudi: WUDI-Merging, DOGE, TSV-Merge and Iso-C/CTS for mergekit.
 
-    Installing the package registers the merge methods wudi, wudi_cfs and doge with
+    Installing the package registers the merge methods wudi, wudi_cfs, doge, tsv, iso_c
+    and iso_cts with
     mergekit, so the plain `mergekit-yaml` runs them. This command lists them, runs a
     merge where automatic registration is off (MERGEKIT_WUDI_NO_AUTOLOAD=1), and
     reports how much a solved merge lowers the interference loss.
@@ -216,7 +217,7 @@ def _run_command() -> click.Command:
         params=params,
         callback=callback,
         help="Run a merge exactly as `mergekit-yaml CONFIG_FILE OUT_PATH [OPTIONS]` does, after registering "
-        "wudi, wudi_cfs and doge (for environments where automatic registration is off, e.g. "
+        "wudi, wudi_cfs, doge, tsv, iso_c and iso_cts (for environments where automatic registration is off, e.g. "
         "MERGEKIT_WUDI_NO_AUTOLOAD=1). Every mergekit-yaml option works the same way.",
         short_help="Run mergekit-yaml with the methods registered.",
         epilog="""\b
@@ -288,7 +289,7 @@ def report(
 ) -> None:
     """Interference loss of task arithmetic vs the solved merge, per linear tensor.
 
-    Reads CONFIG_FILE (a mergekit YAML with merge_method wudi, wudi_cfs or doge),
+    Reads CONFIG_FILE (a mergekit YAML with one of our merge methods),
     solves every linear weight as the merge would, reading one tensor of each model
     at a time, and writes report.md, report.csv and one PNG per layer.
     """

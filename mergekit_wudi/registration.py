@@ -22,7 +22,7 @@ _PACKAGE = "mergekit_wudi"
 
 
 def register(*, strict: bool = True) -> tuple:
-    """Register wudi, wudi_cfs and doge with mergekit; return the names newly registered.
+    """Register our methods (adapter.MERGE_METHODS) with mergekit; return the names newly registered.
 
     Idempotent: a method that is already ours is left alone. A name already taken by
     another package's method is not overwritten: with strict=True that raises

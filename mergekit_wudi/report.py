@@ -1,17 +1,17 @@
 """Interference report: how much a solved merge lowers the WUDI objective, tensor by tensor.
 
-For each linear weight that a `wudi`, `wudi_cfs` or `doge` config would solve, the report
-gives its shape, the number N of task vectors, ||t_i||_F and the effective rank of each
-t_i, and the WUDI interference loss (WUDI-Merging, arXiv:2503.08099, Eq. 21 of the ICML
-text)
+For each linear weight that a config of one of our methods (adapter.MERGE_METHODS)
+would solve, the report gives its shape, the number N of task vectors, ||t_i||_F and
+the effective rank of each t_i, and the WUDI interference loss (WUDI-Merging,
+arXiv:2503.08099, Eq. 21 of the ICML text)
 
     L(t) = sum_i ||(t - t_i) t_i^T||_F^2 / ||t_i||_F^2
 
 at the two vectors that would be added to W0: task arithmetic's lambda * sum_i t_i (what
 `merge_method: task_arithmetic` gives with the same weights and lambda) and the solved
 lambda * t_m. With lambda = 1 the first is the solvers' starting point. For `doge` the
-solver minimises DOGE's own loss, and t_m carries its eta / ||t_i|| scale; L is still
-the WUDI loss.
+solver minimises DOGE's own loss, and t_m carries its eta / ||t_i|| scale; tsv, iso_c
+and iso_cts minimise no loss; L is still the WUDI loss.
 
 Everything that decides what a merge computes comes from mergekit and the adapter
 themselves: mergekit's planner enumerates the output tensors and resolves every
@@ -108,7 +108,7 @@ def plan_reports(
 ) -> Tuple[int, Iterator[TensorReport]]:
     """Check and plan at once; return (number of candidate tensors, lazy iterator of reports).
 
-    config: a mergekit MergeConfiguration with merge_method wudi, wudi_cfs or doge
+    config: a mergekit MergeConfiguration with merge_method one of ours
     (UnsupportedConfig otherwise). The iterator yields one TensorReport per solved tensor,
     in mergekit's order, reading the tensors only as it goes.
     name_filter: a regular expression searched in tensor names (a plain substring works).

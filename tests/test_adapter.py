@@ -6,9 +6,17 @@ from mergekit.merge_methods import merge_tensors
 from tensors import low_rank_task_vectors
 
 from mergekit_wudi.config_error import ConfigError
-from mergekit_wudi.solvers import DogeSolver, WudiCfsSolver, WudiConfig, WudiSolver
+from mergekit_wudi.solvers import (
+    DogeSolver,
+    IsoCSolver,
+    IsoCtsSolver,
+    TsvSolver,
+    WudiCfsSolver,
+    WudiConfig,
+    WudiSolver,
+)
 
-METHODS = ["wudi", "wudi_cfs", "doge"]
+METHODS = ["wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts"]
 
 
 def family(generator, count=3, shape=(12, 10), dtype=torch.float32):
@@ -24,7 +32,11 @@ def merge(method, tensors, name="model.layers.0.mlp.up_proj.weight", **parameter
     return merge_tensors(tensors, method, base_index=0, name=name, parameters=parameters)
 
 
-@pytest.mark.parametrize("method, solver", [("wudi", WudiSolver()), ("wudi_cfs", WudiCfsSolver()), ("doge", DogeSolver())])
+@pytest.mark.parametrize(
+    "method, solver",
+    [("wudi", WudiSolver()), ("wudi_cfs", WudiCfsSolver()), ("doge", DogeSolver()), ("tsv", TsvSolver()),
+     ("iso_c", IsoCSolver()), ("iso_cts", IsoCtsSolver())],
+)
 def test_linear_weight_is_base_plus_lambda_times_solution(generator, method, solver):
     tensors = family(generator)
     weights = [1.0, 0.5, 2.0]

@@ -110,6 +110,9 @@ def merge(method, inputs, name=NAME, **parameters):
         ("wudi_cfs", {}, {"omega": 0.2}),
         ("doge", {"steps": 5}, {"steps": 5, "density": [0.3, 0.3, 0.5]}),
         ("doge", {"steps": 5}, {"steps": 5, "eta": 0.1}),
+        ("tsv", {}, {"weight": [1.0, 0.5, 1.0]}),
+        ("iso_c", {}, {"lambda": 0.5}),
+        ("iso_cts", {}, {"common_space_fraction": 0.3}),
     ],
 )
 def test_a_changed_solve_parameter_misses_and_the_fallback_hits(generator, cache_dir, method, parameters, changed):
@@ -128,6 +131,7 @@ def test_a_changed_solve_parameter_misses_and_the_fallback_hits(generator, cache
     [
         ("doge", {"steps": 5}, {"steps": 5, "density": 0.3, "eta": 0.07}),  # density: also a ties parameter
         ("wudi", {"steps": 20}, {"steps": 20, "lr": 1e-5}),
+        ("iso_cts", {}, {"common_space_fraction": 0.8}),
     ],
 )
 def test_a_parameter_at_its_default_hits_the_entry_of_the_unset_one(generator, cache_dir, method, unset, explicit):

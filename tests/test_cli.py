@@ -65,7 +65,7 @@ def test_run_help_has_every_mergekit_yaml_option():
 
 def test_methods_json_lists_own_parameters_with_defaults():
     described = {item["name"]: item for item in json.loads(invoke("methods", "--format", "json").output)}
-    assert list(described) == ["wudi", "wudi_cfs", "doge"]
+    assert list(described) == ["wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts"]
     common = {"weight": 1.0, "lambda": 1.0, "fallback": "task_arithmetic", "solve": True, "input_major": None}
     # Defaults from methods.md and the solver configs, independent of the spec.
     expected = {
@@ -73,6 +73,9 @@ def test_methods_json_lists_own_parameters_with_defaults():
         "wudi_cfs": {**common, "omega": WudiCfsConfig().omega},
         "doge": {**common, "eta": DogeConfig().eta, "lr": DogeConfig().lr, "steps": DogeConfig().steps,
                  "density": None, "subspace": DogeConfig().subspace},
+        "tsv": common,
+        "iso_c": common,
+        "iso_cts": {**common, "common_space_fraction": 0.8},  # config/method/iso_cts.yaml of the official code
     }
     assert expected["wudi"]["steps"] == 300 and expected["wudi"]["lr"] == 1e-5 and expected["wudi_cfs"]["omega"] == 0.1
     for name, parameters in expected.items():
@@ -84,6 +87,12 @@ def test_methods_json_lists_own_parameters_with_defaults():
         assert "epsilon" in item["fallback_parameters"] and "epsilon" not in parameters
     scopes = {p["name"]: p["scope"] for p in described["doge"]["parameters"]}
     assert scopes["weight"] == "per-model" and scopes["density"] == "per-model" and scopes["eta"] == "shared"
+    scopes = {p["name"]: p["scope"] for p in described["iso_cts"]["parameters"]}
+    assert scopes["weight"] == "per-model" and scopes["common_space_fraction"] == "shared"
+    pretty = {name: (item["pretty_name"], item["reference_url"]) for name, item in described.items()}
+    assert pretty["tsv"] == ("TSV-Merge", "https://arxiv.org/abs/2412.00081")
+    assert pretty["iso_c"] == ("Iso-C", "https://arxiv.org/abs/2502.04959")
+    assert pretty["iso_cts"] == ("Iso-CTS", "https://arxiv.org/abs/2502.04959")
     types = {p["name"]: p["type"] for p in described["wudi"]["parameters"]}
     assert types == {"weight": "float", "lambda": "float", "fallback": "str", "solve": "bool",
                      "input_major": "bool or null", "steps": "int", "lr": "float"}
@@ -103,7 +112,7 @@ def test_methods_text_and_markdown():
 def test_methods_unknown_name():
     result = invoke("methods", "wudy")
     assert result.exit_code == 2
-    assert "wudy" in result.output and "wudi, wudi_cfs, doge" in result.output
+    assert "wudy" in result.output and "wudi, wudi_cfs, doge, tsv, iso_c, iso_cts" in result.output
 
 
 # --- run -----------------------------------------------------------------------------------

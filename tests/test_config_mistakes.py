@@ -13,7 +13,7 @@ from runner import mergekit_yaml
 from mergekit_wudi.config_error import ConfigError
 
 OPTIONS = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
-METHODS = ("wudi", "wudi_cfs", "doge")
+METHODS = ("wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,10 @@ CASES = [
     ("wudi", {"steps": "many"}, None, "invalid value for parameter 'steps' of merge_method wudi: Input should be a valid integer, unable to parse string as an integer, got 'many'"),
     ("wudi_cfs", {"lambda": "big"}, None, "invalid value for parameter 'lambda' of merge_method wudi_cfs: Input should be a valid number, unable to parse string as a number, got 'big'"),
     ("doge", {"density": 1.5}, None, "invalid value for parameter 'density' of merge_method doge: density must be in (0, 1], got 1.5"),
+    ("iso_cts", {"common_space_fraction": 1.5}, None, "invalid value for parameter 'common_space_fraction' of merge_method iso_cts: common_space_fraction must be in (0, 1], got 1.5"),
+    ("iso_cts", {"common_fraction": 0.5}, None, "unknown parameter 'common_fraction' for merge_method iso_cts: did you mean 'common_space_fraction'?"),
+    ("iso_c", {"common_space_fraction": 0.5}, None, "parameter 'common_space_fraction' belongs to merge_method iso_cts, not iso_c: remove it, or set merge_method: iso_cts"),
+    ("tsv", {"lamda": 0.5}, None, "unknown parameter 'lamda' for merge_method tsv: did you mean 'lambda'?"),
     ("wudi", {"fallback": "tiez"}, None, "invalid value for parameter 'fallback' of merge_method wudi: fallback 'tiez' is not a registered merge method; did you mean 'ties'? use 'base' or one of: "),
     ("wudi", {"step": 50}, None, "unknown parameter 'step' for merge_method wudi: did you mean 'steps'?"),
     ("wudi", {"iterations": 50}, None, "unknown parameter 'iterations' for merge_method wudi: did you mean 'steps'?"),
@@ -79,15 +83,17 @@ def test_structure_errors(family, tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize(
-    "parameters, model_parameters, models, line",
+    "method, parameters, model_parameters, models, line",
     [
-        ({"lr": 0}, None, None, "invalid value for parameter 'lr' of merge_method wudi: lr must be a finite number > 0, got 0"),
-        (None, {"learning_rate": [{"filter": "q_proj", "value": 1e-4}]}, None, "unknown parameter 'learning_rate' for merge_method wudi: did you mean 'lr'?"),
-        (None, None, "base", "merge_method wudi needs at least one model besides the base model"),
+        ("wudi", {"lr": 0}, None, None, "invalid value for parameter 'lr' of merge_method wudi: lr must be a finite number > 0, got 0"),
+        ("wudi", None, {"learning_rate": [{"filter": "q_proj", "value": 1e-4}]}, None, "unknown parameter 'learning_rate' for merge_method wudi: did you mean 'lr'?"),
+        ("wudi", None, None, "base", "merge_method wudi needs at least one model besides the base model"),
+        ("iso_cts", {"common_space_fraction": 1.5}, None, None,
+         "invalid value for parameter 'common_space_fraction' of merge_method iso_cts: common_space_fraction must be in (0, 1], got 1.5"),
     ],
 )
-def test_through_mergekit_yaml(family, tmp_path, parameters, model_parameters, models, line):
-    config = config_for(family, "wudi", parameters, model_parameters, [family[0]] if models == "base" else None)
+def test_through_mergekit_yaml(family, tmp_path, method, parameters, model_parameters, models, line):
+    config = config_for(family, method, parameters, model_parameters, [family[0]] if models == "base" else None)
     (tmp_path / "cfg.yml").write_text(json.dumps(config))
     result = mergekit_yaml(tmp_path / "cfg.yml", tmp_path / "out", check=False)
     assert result.returncode != 0

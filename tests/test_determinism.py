@@ -13,7 +13,7 @@ from tensors import full_rank_task_vectors
 
 from mergekit_wudi.solvers import DogeConfig, DogeSolver, WudiCfsConfig, WudiCfsSolver, WudiConfig, WudiSolver
 
-PARAMETERS = {"wudi": {"steps": 50}, "wudi_cfs": {}, "doge": {"steps": 50}}
+PARAMETERS = {"wudi": {"steps": 50}, "wudi_cfs": {}, "doge": {"steps": 50}, "tsv": {}, "iso_c": {}, "iso_cts": {}}
 
 
 def assert_same_bits(a, b):
@@ -29,7 +29,7 @@ def run(family, tmp_path, method):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", ["wudi", "wudi_cfs", "doge"])
+@pytest.mark.parametrize("method", list(PARAMETERS))
 def test_same_bits_across_runs_and_shard_sizes(family, tmp_path, method):
     config = run(family, tmp_path, method)
     mergekit_yaml_in_process(config, tmp_path / "a")
@@ -39,7 +39,7 @@ def test_same_bits_across_runs_and_shard_sizes(family, tmp_path, method):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", ["wudi", "wudi_cfs", "doge"])
+@pytest.mark.parametrize("method", list(PARAMETERS))
 def test_same_bits_across_thread_counts(family, tmp_path, method):
     config = run(family, tmp_path, method)
     mergekit_yaml_in_process(config, tmp_path / "default")  # torch's default: one thread a core

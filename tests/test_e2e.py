@@ -14,6 +14,7 @@ import pytest
 import torch
 from models import is_llama_linear, load_model, make_family, save_model, write_config
 from reference import doge, wudi_adam, wudi_closed_form
+from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from runner import mergekit_yaml
 
 from mergekit_wudi.solvers import DogeConfig, DogeSolver
@@ -95,6 +96,25 @@ def test_doge(family, task_arithmetic, tmp_path):
     check_linear(short, family, lambda tv: doge(tv, [0.3] * 3, steps=0), tolerance=1e-5)
 
 
+# The 2025 spectral methods: (method, parameters, float64 reference). The references
+# (tests/reference_2025.py) take the SVDs in float64 with the float32 merge's cutoff
+# (EPS32: the stored fine-tunes are rank 2 plus their float32 rounding, which both drop).
+# Largest relative error of a linear tensor, solvers on these inputs: 7.0e-7 (tsv),
+# 6.1e-7 (iso_c, iso_cts); 1e-5 leaves room for another BLAS.
+SPECTRAL = [
+    ("tsv", {}, lambda tv: tsv_merge(tv, eps=EPS32)),
+    ("iso_c", {}, lambda tv: iso_c(tv, eps=EPS32)),
+    ("iso_cts", {}, lambda tv: iso_cts(tv, eps=EPS32)),
+]
+
+
+@pytest.mark.parametrize("method, parameters, reference", SPECTRAL, ids=[m for m, _, _ in SPECTRAL])
+def test_spectral_methods(family, task_arithmetic, tmp_path, method, parameters, reference):
+    merged = run_method(family, tmp_path, method, parameters)
+    check_linear(merged, family, reference, tolerance=1e-5)
+    check_rest_is_task_arithmetic(merged, task_arithmetic)
+
+
 @pytest.fixture(scope="module")
 def rank4_family(tmp_path_factory):
     """The tiny family with rank-4 fine-tunes (issue 14's case): 12 directions in all, more
@@ -107,6 +127,27 @@ def rank4_family(tmp_path_factory):
 def test_doge_on_rank_4_task_vectors_matches_the_float64_reference(rank4_family, tmp_path):
     merged = run_method(rank4_family, tmp_path, "doge", {"steps": 100})
     check_linear(merged, rank4_family, lambda tv: doge(tv, [0.3] * 3, steps=100), tolerance=1e-4)
+
+
+@pytest.fixture(scope="module")
+def full_rank_family(tmp_path_factory):
+    """The tiny family with full-rank fine-tunes (rank 64 deltas: min(out, in) everywhere)."""
+    root = tmp_path_factory.mktemp("full_rank")
+    with mock.patch.object(models, "fine_tune", functools.partial(models.fine_tune, rank=64)):
+        return models.make_family(root)
+
+
+def test_iso_cts_task_specific_directions_on_full_rank_task_vectors(full_rank_family, tmp_path):
+    # With the rank-2 family every task vector lies in the common subspace (T has rank 6,
+    # below k), so Iso-CTS is Iso-C there. With low-rank task vectors and k below T's
+    # rank the stack is rank-deficient up to the checkpoints' rounding, amplified
+    # (docs/methods-2025.md); full-rank ones with common_space_fraction 0.5 give k = 31
+    # common directions and 11 per task (64-wide), well conditioned (largest relative
+    # error of the solver on these inputs: 5.0e-6).
+    merged = run_method(full_rank_family, tmp_path, "iso_cts", {"common_space_fraction": 0.5})
+    check_linear(merged, full_rank_family, lambda tv: iso_cts(tv, 0.5, EPS32), tolerance=1e-4)
+    _, tv = task_vectors(full_rank_family, "model.layers.0.self_attn.q_proj.weight")
+    assert (iso_cts(tv, 0.5, EPS32) - iso_c(tv, EPS32)).norm() > 0.05 * iso_c(tv, EPS32).norm()  # not Iso-C
 
 
 def test_shards_and_lazy_unpickle_give_the_same_tensors(family, tmp_path):
@@ -129,16 +170,26 @@ def test_shards_and_lazy_unpickle_give_the_same_tensors(family, tmp_path):
         assert torch.equal(sharded[name], whole[name]), name
 
 
-def test_bfloat16_checkpoints_come_back_bfloat16(tmp_path):
-    family = make_family(tmp_path / "bf16", dtype=torch.bfloat16)
-    merged = run_method(family, tmp_path, "wudi_cfs", None)
+@pytest.fixture(scope="module")
+def bf16_family(tmp_path_factory):
+    return make_family(tmp_path_factory.mktemp("bf16"), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "method, reference",
+    [("wudi_cfs", lambda tv: wudi_closed_form(tv, 0.1)), *((m, r) for m, _, r in SPECTRAL)],
+    ids=["wudi_cfs", *(m for m, _, _ in SPECTRAL)],
+)
+def test_bfloat16_checkpoints_come_back_bfloat16(bf16_family, tmp_path, method, reference):
+    family = bf16_family
+    merged = run_method(family, tmp_path, method, None)
     assert {t.dtype for t in merged.values()} == {torch.bfloat16}
     name = "model.layers.1.mlp.down_proj.weight"
     base, tv = task_vectors(family, name)  # from the bf16 values, in float64
-    expected = base + 0.9 * wudi_closed_form(tv, 0.1)
+    expected = base + 0.9 * reference(tv)
     # Solved in float32, then rounded once to bf16: about as far from the float64 answer
-    # as that answer rounded to bf16 is, plus a float32-solve term (the Gram of rank-2
-    # task vectors is ill-conditioned) small next to the tensor's change.
+    # as that answer rounded to bf16 is, plus a float32-solve term (wudi_cfs: the Gram of
+    # rank-2 task vectors is ill-conditioned) small next to the tensor's change.
     error = (merged[name].double() - expected).norm()
     rounding = (expected.to(torch.bfloat16).double() - expected).norm()
     assert error <= 1.5 * rounding + 1e-3 * (expected - base).norm()

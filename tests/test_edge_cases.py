@@ -10,13 +10,14 @@ import torch
 from mergekit.merge_methods import registry
 from models import fine_tune, is_llama_linear, llama_state_dict, load_model, make_family, save_model, write_config
 from reference import usable, wudi_adam, wudi_closed_form, wudi_ridge, wudi_ridge_loss
+from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from runner import mergekit_yaml_in_process as run
 
 from mergekit_wudi.adapter import SolverMergeMethod
 
 pytestmark = pytest.mark.e2e
 
-METHODS = ["wudi", "wudi_cfs", "doge"]
+METHODS = ["wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts"]
 LAMBDA = 0.9
 
 
@@ -83,13 +84,20 @@ def test_zero_task_vector_takes_no_part(family, tmp_path, method):
         assert torch.equal(with_zero[name], alone[name]), name
     if method == "doge":
         return  # DOGE with N = 1 is checked against its reference in test_e2e.py
-    # wudi and wudi_cfs with N = 1 return t_1: W0 + lambda * 0.8 * (W_1 - W0) (bit for bit:
-    # test_wudi_cfs_with_one_fine_tune_returns_it_exactly).
+    # wudi, wudi_cfs and tsv with N = 1 return t_1: W0 + lambda * 0.8 * (W_1 - W0) (bit for
+    # bit for wudi_cfs: test_wudi_cfs_with_one_fine_tune_returns_it_exactly); iso_c and
+    # iso_cts return t_1 with its spectrum flattened (their float64 references, with the
+    # float32 merge's cutoff: the stored t_1 is rank 2 plus its float32 rounding).
+    single = {"wudi": lambda tv: tv[0], "wudi_cfs": lambda tv: tv[0], "tsv": lambda tv: tsv_merge(tv, EPS32),
+              "iso_c": lambda tv: iso_c(tv, EPS32), "iso_cts": lambda tv: iso_cts(tv, eps=EPS32)}
     base = load_model(family["base"])
     for name, tensor in alone.items():
         if is_llama_linear(name):
-            expected = base[name].double() + LAMBDA * task_vector(family["base"], family["ft1"], name, 0.8)
+            tv = task_vector(family["base"], family["ft1"], name, 0.8).unsqueeze(0)
+            expected = base[name].double() + LAMBDA * single[method](tv)
             assert relative_error(tensor, expected, base[name].double()) < 1e-5, name  # float32 rounding only
+            if method in ("iso_c", "iso_cts"):  # the flattened spectrum is not t_1
+                assert relative_error(tensor, base[name].double() + LAMBDA * tv[0], base[name].double()) > 1e-2, name
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -315,6 +323,8 @@ def test_shape_mismatch_names_the_tensor_and_the_shapes(family, tmp_path):
         ("doge", {"density": 1.5}, "density must be in (0, 1], got 1.5"),
         ("doge", {"density": 0.0}, "density must be in (0, 1], got 0.0"),
         ("wudi_cfs", {"omega": -0.1}, "omega must be a finite number >= 0, got -0.1"),
+        ("iso_cts", {"common_space_fraction": 1.5}, "common_space_fraction must be in (0, 1], got 1.5"),
+        ("iso_cts", {"common_space_fraction": 0}, "common_space_fraction must be in (0, 1], got 0"),
         ("wudi", {"fallback": "no_such_method"}, "fallback 'no_such_method' is not a registered merge method"),
     ],
 )

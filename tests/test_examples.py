@@ -42,7 +42,7 @@ def test_recipe_is_valid(path):
 def test_recipes_cover_the_documented_cases():
     configs = {p.name: MergeConfiguration.model_validate(yaml.safe_load(p.read_text())) for p in EXAMPLES.glob("*.yml")}
     methods = {c.merge_method for c in configs.values()}
-    assert methods == {"wudi", "wudi_cfs", "doge"}
+    assert methods == {"wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts"}
     families = {"llama": False, "mistral": False, "qwen": False}
     for config in configs.values():
         for family in families:

@@ -10,6 +10,8 @@ from mergekit.merge_methods import merge_tensors
 from models import is_llama_linear, load_model, write_config
 from runner import mergekit_yaml
 
+from mergekit_wudi.adapter import MERGE_METHODS
+
 LINEAR = 14  # 7 projections x 2 layers in the tiny Llama
 LAMBDA = 0.9
 
@@ -79,10 +81,11 @@ def test_without_info_the_objective_is_not_computed(generator, monkeypatch, capl
     assert "solve" not in capsys.readouterr().err
 
 
-def test_info_logs_one_line_per_solved_tensor(generator, caplog):
+@pytest.mark.parametrize("method", [m.method_name for m in MERGE_METHODS])
+def test_info_logs_one_line_per_solved_tensor(generator, caplog, method):
     tensors = [torch.randn(6, 5, generator=generator) for _ in range(3)]
     with caplog.at_level(logging.INFO, logger="mergekit_wudi"):
-        merge_tensors(tensors, "wudi_cfs", base_index=0, name="model.layers.0.mlp.up_proj.weight")
-        merge_tensors(tensors, "wudi_cfs", base_index=0, name="model.norm.weight", parameters={"solve": False})
+        merge_tensors(tensors, method, base_index=0, name="model.layers.0.mlp.up_proj.weight")
+        merge_tensors(tensors, method, base_index=0, name="model.norm.weight", parameters={"solve": False})
     messages = [r.getMessage() for r in caplog.records if "interference" in r.getMessage()]
-    assert len(messages) == 1 and "model.layers.0.mlp.up_proj.weight" in messages[0]
+    assert len(messages) == 1 and messages[0].startswith(f"{method}: model.layers.0.mlp.up_proj.weight")

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from models import LLAMA_CONFIG, is_llama_linear, load_model, make_family, write_config
 from reference import doge, usable, wudi_adam, wudi_closed_form, wudi_loss
+from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 
 from mergekit_wudi.cli import main
 
@@ -134,6 +135,29 @@ def test_report_doge_per_model_density(family, tmp_path):
     assert abs(solved - float(wudi_loss(doge(tv, [0.3] * 3, steps=0), tasks))) > 1e-3 * solved  # density matters
     assert float(row["objective_solved"]) == pytest.approx(solved, rel=1e-5)
     assert float(row["objective_task_arithmetic"]) == pytest.approx(float(wudi_loss(tv.sum(0), tasks)), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "method, reference",
+    [("tsv", lambda tv: tsv_merge(tv, EPS32)), ("iso_c", lambda tv: iso_c(tv, EPS32)),
+     ("iso_cts", lambda tv: iso_cts(tv, eps=EPS32))],
+    ids=["tsv", "iso_c", "iso_cts"],
+)
+def test_report_spectral_methods(family, tmp_path, method, reference):
+    # tsv, iso_c and iso_cts minimise no loss; the report gives the WUDI loss of their
+    # result, here against their float64 references (with the float32 merge's cutoff).
+    base, *models = family
+    config = write_config(tmp_path / f"{method}.yml", method, base, models, None)
+    result = invoke("report", config, "--out", tmp_path / "out", "--filter", "layers.0.self_attn.q_proj",
+                    "--no-plots", "--quiet")
+    assert result.exit_code == 0, result.output
+    (row, *_) = read_csv(tmp_path / "out" / "report.csv")
+    assert row["name"] == "model.layers.0.self_attn.q_proj.weight"
+    tv = task_vectors(family, row["name"], [1.0, 1.0, 1.0])
+    tasks = usable(tv)
+    solved = float(wudi_loss(reference(tv), tasks))
+    assert float(row["objective_solved"]) == pytest.approx(solved, rel=1e-4)
+    assert abs(solved - float(wudi_loss(tv.sum(0), tasks))) > 1e-2 * solved  # not task arithmetic's
 
 
 def test_report_reads_one_tensor_group_at_a_time(cfs_config, tmp_path, monkeypatch):

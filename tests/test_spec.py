@@ -14,7 +14,7 @@ from mergekit_wudi.spec import (
     parameter_role,
 )
 
-METHODS = ("wudi", "wudi_cfs", "doge")
+METHODS = ("wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -28,7 +28,7 @@ def test_no_lookalike_is_a_real_parameter_of_any_method(method):
     assert traps and not traps & ours
     # Names that are real for another method are only traps when they are one of our
     # other methods' own parameters (omega under wudi).
-    foreign = {"omega", "eta", "subspace", "steps", "lr", "density"} - ours
+    foreign = {"omega", "eta", "subspace", "steps", "lr", "density", "common_space_fraction"} - ours
     assert traps & real <= foreign
 
 

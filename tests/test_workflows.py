@@ -24,10 +24,15 @@ pytestmark = pytest.mark.e2e
 
 ARXIV_WUDI = "https://arxiv.org/abs/2503.08099"
 ARXIV_DOGE = "https://arxiv.org/abs/2501.01230"
+ARXIV_TSV = "https://arxiv.org/abs/2412.00081"
+ARXIV_ISO = "https://arxiv.org/abs/2502.04959"
 METHODS = {
     "wudi": ({"steps": 20}, f"[WUDI-Merging]({ARXIV_WUDI})"),
     "wudi_cfs": ({"omega": 0.1}, f"[WUDI-Merging (closed form)]({ARXIV_WUDI})"),
     "doge": ({"steps": 20}, f"[DOGE-TA]({ARXIV_DOGE})"),
+    "tsv": ({}, f"[TSV-Merge]({ARXIV_TSV})"),
+    "iso_c": ({}, f"[Iso-C]({ARXIV_ISO})"),
+    "iso_cts": ({"common_space_fraction": 0.5}, f"[Iso-CTS]({ARXIV_ISO})"),
 }
 API_OPTIONS = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
 

@@ -8,6 +8,7 @@ benchmarked and reused on their own.
 
 from mergekit_wudi.solvers.checks import per_model_values
 from mergekit_wudi.solvers.doge import DogeConfig, DogeSolver
+from mergekit_wudi.solvers.iso import IsoCConfig, IsoCSolver, IsoCtsConfig, IsoCtsSolver
 from mergekit_wudi.solvers.numerics import (
     CHUNK_DIVISOR,
     CHUNK_ELEMENTS,
@@ -18,6 +19,7 @@ from mergekit_wudi.solvers.numerics import (
     solver_row_chunks,
 )
 from mergekit_wudi.solvers.objective import task_arithmetic_objective, wudi_objective
+from mergekit_wudi.solvers.tsv import TsvConfig, TsvSolver
 from mergekit_wudi.solvers.wudi import WudiConfig, WudiSolver
 from mergekit_wudi.solvers.wudi_cfs import WudiCfsConfig, WudiCfsSolver
 
@@ -28,6 +30,12 @@ __all__ = [
     "THREADED_LAPACK_ENV",
     "DogeConfig",
     "DogeSolver",
+    "IsoCConfig",
+    "IsoCSolver",
+    "IsoCtsConfig",
+    "IsoCtsSolver",
+    "TsvConfig",
+    "TsvSolver",
     "WudiCfsConfig",
     "WudiCfsSolver",
     "WudiConfig",
