@@ -66,6 +66,9 @@ MERGES = [
     # the non-linear tensors here are the RMSNorm weights (the embeddings are frozen): averaged, as FusionBench does
     ("wudi_cfs norms averaged (λ=1/4 on *norm*)", "wudi_cfs", {"lambda": [{"filter": "norm", "value": 0.25}, {"value": 1.0}]}, "full"),
     ("wudi_cfs attention only (MLP: task_arithmetic)", "wudi_cfs", {"solve": _MLP_TO_FALLBACK}, "full"),
+    # the 2025 closed-form methods (issue 17) at their defaults
+    *[(f"{m} (defaults)", m, {}, "full") for m in ("tsv", "iso_c", "iso_cts")],
+    *[(f"LoRA: {m} (defaults)", m, {}, "lora") for m in ("tsv", "iso_c", "iso_cts")],
     ("doge (defaults)", "doge", {}, "full"),
     ("LoRA: wudi (defaults)", "wudi", {}, "lora"),
     ("LoRA: doge (defaults)", "doge", {}, "lora"),

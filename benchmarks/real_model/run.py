@@ -53,6 +53,9 @@ MERGES = [  # cheap rows first, so that a stopped run still has them (results ar
     ("LoRA: wudi (defaults)", "wudi", {}, "lora"),
     ("doge steps=40 (other defaults)", "doge", {"steps": 40}, "full"),
     ("doge (defaults: 400 steps)", "doge", {}, "full"),
+    # the 2025 closed-form methods (issue 17) at their defaults
+    *[(f"{m} (defaults)", m, {}, "full") for m in ("tsv", "iso_c", "iso_cts")],
+    *[(f"LoRA: {m} (defaults)", m, {}, "lora") for m in ("tsv", "iso_c", "iso_cts")],
 ]
 QUICK = {"task_arithmetic λ=0.3", "wudi_cfs ω=0.1", "LoRA: wudi_cfs ω=0.1"}
 
