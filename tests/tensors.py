@@ -12,3 +12,17 @@ def low_rank_task_vectors(generator, count, out_features, in_features, rank=3, s
 
 def full_rank_task_vectors(generator, count, out_features, in_features, scale=1e-3, dtype=torch.float64):
     return (torch.randn(count, out_features, in_features, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+
+def solve_at_one_and_two_threads(solve, task_vectors):
+    """`solve(task_vectors)` run with torch on 1, then 2 threads (restored after): the two results."""
+    saved = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(solve(task_vectors))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(saved)
+    return results

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from reference_2025 import iso_c, iso_c_code, iso_cts, iso_cts_code
-from tensors import full_rank_task_vectors, low_rank_task_vectors
+from tensors import full_rank_task_vectors, low_rank_task_vectors, solve_at_one_and_two_threads
 
 from mergekit_wudi.solvers.iso import IsoCConfig, IsoCSolver, IsoCtsConfig, IsoCtsSolver, iso_cts_sizes
 
@@ -227,14 +227,6 @@ def test_bit_identical_across_thread_counts(solver):
     # At 384 x 512 MKL's SVD rounds differently on 1 and 2 threads; the solvers run their
     # factorisations on one thread (solvers.numerics.one_cpu_thread).
     tv = full_rank_task_vectors(torch.Generator().manual_seed(0), 3, 384, 512, scale=1e-2, dtype=torch.float32)
-    saved = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(solver.solve(tv))
-            assert torch.get_num_threads() == threads
-    finally:
-        torch.set_num_threads(saved)
-    assert torch.equal(results[0], results[1])
+    one, two = solve_at_one_and_two_threads(solver.solve, tv)
+    assert torch.equal(one, two)
 
