@@ -1,25 +1,54 @@
-"""SVD pieces shared by the TSV and Iso solvers: a cutoff rule, truncation, polar
-factors, and their common `solve` (SpectralSolver).
+"""SVD pieces shared by the TSV and Iso solvers: a cutoff rule, truncated singular
+triplets, polar factors, and their common `solve` (SpectralSolver).
 
-Pure torch. Every factorisation runs under one_cpu_thread (one-thread LAPACK on the
-CPU), so results do not depend on the thread count.
+Pure torch, with LAPACK's symmetric eigensolvers taken from scipy (a dependency of
+mergekit) on the CPU. A whole solve runs under one_cpu_thread, so results do not depend
+on the thread count.
 
 The cutoff. A singular value s of an (out, in) matrix with s <= max(out, in) * eps *
 scale, eps the machine epsilon of the compute dtype, is treated as zero and its singular
 vectors are dropped: below it, s and its vectors are set by rounding (the rule of
 torch.linalg.matrix_rank and pinv, with `scale` the largest singular value unless a
 caller says otherwise). Without it, a rank-deficient input would bring in directions
-chosen by LAPACK's rounding, at full weight, after a whitening or a spectrum flattening.
+chosen by rounding, at full weight, after a whitening or a spectrum flattening.
+
+The route (float32, the compute dtype of every checkpoint but float64 ones). A full SVD
+(LAPACK gesdd) of an (out, in) matrix takes a copy of it, U, Vh and a workspace of
+4 min(out, in)^2 elements: 7 tensors for a square one, past the N + 6 bound of a solve
+on its own. Here the singular triplets come from the eigendecomposition of the Gram
+matrix of the smaller side, A^T A with A the matrix or its transpose (rows >= cols),
+accumulated in float64 over row blocks of A:
+  - A^T A = V diag(s^2) V^T;  U = A V diag(1/s)  (also in float64, over row blocks);
+  - eigensolver: LAPACK dsyevr (MRRR; only the eigenpairs asked for, O(n) workspace),
+    or dsyev (QR iteration, eigenvectors written over the Gram matrix: no second n x n
+    array, about 5 times slower) where the caller's memory bound has no room for dsyevr's
+    eigenvector array; off the CPU, torch.linalg.eigh.
+Accuracy: forming A^T A squares the condition number, but in float64 from float32 data:
+the eigenvalues carry an absolute error of about n * eps64 * s_1^2, so a singular value
+s is found to about n * eps64 * s_1^2 / s, under 1e-8 * s_1 for every s above the float32
+cutoff (n * 1.2e-7 * s_1) at any n up to 10^5: as accurate as float32 gesdd's s_1 * eps32
+and more, and the cutoff separates the same directions (measured: docs/methods-2025.md,
+Accuracy). Float64 inputs keep gesdd (the Gram route would lose half their digits), with
+its memory.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
 from mergekit_wudi.solvers.checks import per_model_values
-from mergekit_wudi.solvers.numerics import TaskVectors, one_cpu_thread, one_thread_if_small, prepare_task_vectors
+from mergekit_wudi.solvers.numerics import TaskVectors, one_cpu_thread, prepare_task_vectors
+
+# What a solve may hold beside its N task vectors, in tensors of the (out, in) size
+# in the compute dtype: the N + 6 bound less one for fixed buffers (MKL's, LAPACK's) and
+# the float64 row blocks.
+SOLVE_TENSORS = 5
+
+# Row blocks of a matrix, converted to float64 one at a time, take 1/BLOCKS of it
+# (2/BLOCKS of its float32 size).
+BLOCKS = 16
 
 
 def cutoff(matrix: torch.Tensor, scale: float) -> float:
@@ -28,7 +57,7 @@ def cutoff(matrix: torch.Tensor, scale: float) -> float:
 
 
 def svd(matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD, matrix = U diag(S) Vh, S descending: U (out, r), S (r,), Vh (r, in)."""
+    """Thin SVD (LAPACK gesdd), matrix = U diag(S) Vh, S descending: U (out, r), S (r,), Vh (r, in)."""
     with one_cpu_thread(matrix.device):
         return torch.linalg.svd(matrix, full_matrices=False)
 
@@ -38,20 +67,121 @@ def kept(values: torch.Tensor, limit: int, threshold: float) -> int:
     return int(torch.count_nonzero(values[:limit] > threshold))
 
 
-def polar(matrix: torch.Tensor) -> torch.Tensor:
-    """The orthogonal polar factor P Q^T of matrix = P D Q^T (same shape as matrix).
+def top_singular_triplets(
+    matrix: torch.Tensor, limit: int, scale: Optional[float] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The singular triplets among the `limit` largest whose value exceeds
+    cutoff(matrix, scale), scale the largest singular value unless given:
+    U (out, j), S (j,), Vh (j, in), j <= limit, in the matrix's dtype.
+
+    Float32: in no particular order (the callers only use them as sets), through the Gram
+    route (module docstring); memory beside the matrix: the float64 Gram matrix
+    (2 min(out, in)^2 float32 elements), the float64 eigenvectors (2 min(out, in) limit),
+    then U and Vh. Float64: gesdd, descending.
+    """
+    if matrix.dtype == torch.float64:
+        u, s, vh = svd(matrix)
+        count = kept(s, limit, cutoff(matrix, float(s[0]) if scale is None else scale))
+        return u[:, :count], s[:count], vh[:count]
+    tall = matrix.shape[0] >= matrix.shape[1]
+    rows = matrix if tall else matrix.mT  # A (rows, n), rows >= n
+    limit = min(limit, rows.shape[1])
+    if limit == 0:
+        return matrix.new_empty(matrix.shape[0], 0), matrix.new_empty(0), matrix.new_empty(0, matrix.shape[1])
+    _, vectors = eigh64(gram64(rows), top=limit)  # V (n, limit), float64
+    left = rows.new_empty(rows.shape[0], limit)  # A V, then U
+    squares = vectors.new_zeros(limit)
+    for block in row_blocks(rows.shape[0]):
+        product = rows[block].double() @ vectors  # (b, limit)
+        squares += product.square().sum(dim=0)
+        left[block] = product
+    del product
+    values = squares.sqrt_()  # s_j = ||A v_j||: a singular value to float64 rounding of A v_j
+    keep = values > cutoff(matrix, float(values.max()) if scale is None else scale)
+    if not bool(keep.all()):
+        index = keep.nonzero().squeeze(1)
+        left, vectors, values = left[:, index], vectors[:, index], values[index]
+    values = values.to(matrix.dtype)
+    left.div_(values)  # U = A V diag(1/s)
+    right = vectors.to(matrix.dtype).mT  # V^T (j, n)
+    return (left, values, right) if tall else (right.mT, values, left.mT)
+
+
+def polar_(matrix: torch.Tensor, spare: int) -> torch.Tensor:
+    """Overwrite `matrix` with its orthogonal polar factor P Q^T (matrix = P D Q^T) on its
+    range, and return the singular values D kept (in no particular order).
 
     The nearest matrix with orthonormal columns (rows, for a wide matrix) in the
-    Frobenius norm (orthogonal Procrustes), equal to the whitening
-    X (X^T X)^(-1/2). Where the matrix is rank-deficient, the factor on its range:
-    singular values at or below cutoff(matrix, largest) are dropped with their vectors,
-    so X (X^T X)^(+1/2) with the pseudo-inverse square root; a zero matrix gives zero.
+    Frobenius norm (orthogonal Procrustes), equal to the whitening X (X^T X)^(-1/2).
+    Where the matrix is rank-deficient, the factor on its range: singular values at or
+    below cutoff(matrix, largest) are dropped with their vectors, X (X^T X)^(+1/2) with
+    the pseudo-inverse square root; a zero matrix gives zero.
+
+    Float32: with A the matrix or its transpose (rows >= n), A (A^T A)^(+1/2) =
+    A Z diag(1/d) Z^T from the eigendecomposition of the float64 Gram matrix (module
+    docstring), applied to A in place, one row block at a time and in float64. `spare`:
+    float32 elements the caller's memory bound leaves: dsyevr where its 4 n^2 (Gram
+    matrix and eigenvectors, in float64) fit, else dsyev, 2 n^2. Float64: gesdd.
     """
-    left, values, right = svd(matrix)  # (a, r), (r,), (r, b)
-    count = kept(values, values.shape[0], cutoff(matrix, float(values[0]) if values.numel() else 0.0))
-    if count == values.shape[0]:
-        return left @ right
-    return left[:, :count] @ right[:count]  # (a, count) @ (count, b)
+    if matrix.dtype == torch.float64:
+        left, values, right = svd(matrix)
+        count = kept(values, values.shape[0], cutoff(matrix, float(values[0]) if values.numel() else 0.0))
+        torch.mm(left[:, :count], right[:count], out=matrix)
+        return values[:count]
+    rows = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.mT  # A (rows, n)
+    size = rows.shape[1]
+    squares, vectors = eigh64(gram64(rows), in_place=4 * size * size > spare)  # ascending
+    values = squares.clamp_(min=0).sqrt_()  # d
+    keep = values > cutoff(matrix, float(values.max()))
+    # Z diag(d^-1/2) on the kept columns, zero elsewhere, so that A Z' Z'^T = A Z diag(1/d) Z^T
+    vectors.mul_(torch.where(keep, values, 1.0).rsqrt_().mul_(keep))
+    for block in row_blocks(rows.shape[0]):
+        rows[block] = (rows[block].double() @ vectors) @ vectors.mT  # in float64, block by block
+    return values[keep].to(matrix.dtype)
+
+
+def gram64(rows: torch.Tensor) -> torch.Tensor:
+    """A^T A (n, n) in float64, for A (rows, n), accumulated over row blocks of A."""
+    gram = rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+    for block in row_blocks(rows.shape[0]):
+        part = rows[block].double()
+        gram.addmm_(part.mT, part)
+    return gram
+
+
+def eigh64(gram: torch.Tensor, top: Optional[int] = None, in_place: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The `top` largest eigenvalues (all by default), ascending, and their eigenvectors
+    (n, top) of the symmetric float64 `gram`, which it overwrites.
+
+    CPU: LAPACK dsyevr (a new (n, top) array; O(n) workspace) or, with in_place, dsyev
+    (all n eigenvectors written over `gram`; about 5 times slower). Elsewhere:
+    torch.linalg.eigh.
+    """
+    size = gram.shape[0]
+    top = size if top is None else top
+    if gram.device.type != "cpu":
+        values, vectors = torch.linalg.eigh(gram)
+        return values[size - top :], vectors[:, size - top :]
+    from scipy.linalg import lapack  # a dependency of mergekit; imported on first use
+
+    array = gram.numpy().T  # the same symmetric matrix, in LAPACK's column-major order
+    if in_place:
+        (work, _) = lapack.dsyev_lwork(size)
+        values, vectors, info = lapack.dsyev(array, compute_v=1, lwork=int(work), overwrite_a=1)
+    else:
+        values, vectors, _, _, info = lapack.dsyevr(
+            array, compute_v=1, range="I", il=size - top + 1, iu=size, overwrite_a=1
+        )
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"LAPACK symmetric eigensolver failed (info={info}) on a {size}x{size} Gram matrix")
+    return torch.from_numpy(values[:top]), torch.from_numpy(vectors[:, size - top :] if in_place else vectors)
+
+
+def row_blocks(count: int) -> Iterator[slice]:
+    """slice(start, stop) over `count` rows, BLOCKS of them (fewer for small counts)."""
+    step = max(1, -(-count // BLOCKS))
+    for start in range(0, count, step):
+        yield slice(start, min(start + step, count))
 
 
 class SpectralSolver:
@@ -59,7 +189,10 @@ class SpectralSolver:
     a subclass sets `config_cls` and writes `_solve` for the usable task vectors.
 
     Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
-    returns (out, in) in the compute dtype on the input device.
+    returns (out, in) in the compute dtype on the input device. The whole solve runs on
+    one CPU thread (one_cpu_thread): its cost is LAPACK's, which runs on one thread in
+    every solver of this package, and the products around it then round the same way at
+    any `-j`.
     """
 
     config_cls: type
@@ -67,7 +200,6 @@ class SpectralSolver:
     def __init__(self, config: Optional[Any] = None):
         self.config = config or self.config_cls()
 
-    @one_thread_if_small
     def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
         """task_vectors: (N, out, in) -> t_m (out, in). No per-model parameter (any keyword:
         TypeError). Zero or non-finite task vectors are excluded; none left gives zero."""
@@ -75,7 +207,8 @@ class SpectralSolver:
         prepared = prepare_task_vectors(task_vectors)
         if prepared.count == 0:
             return prepared.vectors.new_zeros(task_vectors.shape[1:])
-        return self._solve(prepared)
+        with one_cpu_thread(task_vectors.device):
+            return self._solve(prepared)
 
     def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         raise NotImplementedError

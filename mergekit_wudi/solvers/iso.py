@@ -15,7 +15,7 @@ from typing import Tuple
 
 import torch
 
-from mergekit_wudi.solvers._spectral import SpectralSolver, cutoff, kept, polar, svd
+from mergekit_wudi.solvers._spectral import SOLVE_TENSORS, SpectralSolver, polar_, top_singular_triplets
 from mergekit_wudi.solvers.checks import check_config, check_fraction, config_field
 from mergekit_wudi.solvers.numerics import TaskVectors
 
@@ -69,15 +69,11 @@ class IsoCSolver(SpectralSolver):
     config_cls = IsoCConfig
 
     def _solve(self, prepared: TaskVectors) -> torch.Tensor:
-        vectors = prepared.vectors  # (n, out, in)
-        summed = vectors.sum(dim=0)  # T, (out, in)
-        u, s, vh = svd(summed)  # (out, r), (r,), (r, in)
-        size = kept(s, s.shape[0], cutoff(summed, float(s[0])))
-        if size == 0:  # T = 0
+        summed = prepared.vectors.sum(dim=0)  # T, (out, in)
+        values = polar_(summed, (SOLVE_TENSORS - 1) * summed.numel())  # T := polar(T); s kept
+        if values.numel() == 0:  # T = 0
             return summed.zero_()
-        mean = float(s[:size].mean())  # s_bar
-        torch.mm(u[:, :size], vh[:size], out=summed)  # U V^T over T's storage
-        return summed.mul_(mean)
+        return summed.mul_(float(values.mean()))  # s_bar U V^T
 
 
 @dataclass(frozen=True)
@@ -150,17 +146,16 @@ class IsoCtsSolver(SpectralSolver):
         count, out_features, in_features = vectors.shape
         common, per_task = iso_cts_sizes(min(out_features, in_features), count, self.config.common_space_fraction)
 
-        summed = vectors.sum(dim=0)  # T, (out, in)
-        u, s, vh = svd(summed)  # (out, r), (r,), (r, in)
-        filled = kept(s, common, cutoff(summed, float(s[0])))  # common directions kept
+        u, s, vh = top_singular_triplets(vectors.sum(dim=0), common)  # T's top k: U_c, sigma_c, V_c^T
         rank = common + count * per_task  # = r
-        left = vectors.new_empty(out_features, rank)  # U_hat (out, r), after T's SVD
+        left = vectors.new_empty(out_features, rank)  # U_hat (out, r)
         right = vectors.new_empty(rank, in_features)  # V_hat^T (r, in)
         values = vectors.new_empty(rank)
-        left[:, :filled] = u[:, :filled]
-        right[:filled] = vh[:filled]
-        values[:filled] = s[:filled]
-        del u, s, vh, summed
+        filled = s.shape[0]  # common directions kept
+        left[:, :filled] = u
+        right[:filled] = vh
+        values[:filled] = s
+        del u, s, vh
         basis = left[:, :filled]  # U_c (out, k)
 
         if per_task > 0:
@@ -169,11 +164,11 @@ class IsoCtsSolver(SpectralSolver):
                 coords = basis.T @ task  # U_c^T t_i (k, in), freed before the SVD
                 torch.addmm(task, basis, coords, alpha=-1, out=residual)  # t_i - U_c U_c^T t_i
                 del coords
-                u, s, vh = svd(residual)
-                size = kept(s, per_task, cutoff(residual, math.sqrt(sq_norm)))
-                left[:, filled : filled + size] = u[:, :size]
-                right[filled : filled + size] = vh[:size]
-                values[filled : filled + size] = s[:size]
+                u, s, vh = top_singular_triplets(residual, per_task, scale=math.sqrt(sq_norm))
+                size = s.shape[0]
+                left[:, filled : filled + size] = u
+                right[filled : filled + size] = vh
+                values[filled : filled + size] = s
                 filled += size
                 del u, s, vh
             del residual
@@ -181,11 +176,11 @@ class IsoCtsSolver(SpectralSolver):
             return vectors.new_zeros(out_features, in_features)
         mean = float(values[:filled].mean())
         logger.debug("Iso-CTS: %d common + %d x %d task directions, %d kept", common, count, per_task, filled)
-        left_perp = polar(left[:, :filled]).mul_(mean)  # (out, m)
-        del left
-        right_perp = polar(right[:filled])  # (m, in)
-        del right
-        return left_perp @ right_perp
+        left, right = left[:, :filled], right[:filled]
+        spare = SOLVE_TENSORS * out_features * in_features - left.numel() - right.numel()
+        polar_(left, spare)  # U_perp (out, m)
+        polar_(right, spare)  # V_perp^T (m, in)
+        return left.mul_(mean) @ right
 
 
 def iso_cts_sizes(rank: int, count: int, fraction: float) -> Tuple[int, int]:

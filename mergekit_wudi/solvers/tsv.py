@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_wudi.solvers._spectral import SpectralSolver, cutoff, kept, polar, svd
+from mergekit_wudi.solvers._spectral import SOLVE_TENSORS, SpectralSolver, polar_, top_singular_triplets
 from mergekit_wudi.solvers.checks import check_config
 from mergekit_wudi.solvers.numerics import TaskVectors
 
@@ -84,6 +84,8 @@ class TsvSolver(SpectralSolver):
     def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         vectors = prepared.vectors  # (n, out, in)
         count, out_features, in_features = vectors.shape
+        if count == 1:  # k = r: U_perp = U_1, V_perp = V_1, t_m = t_1
+            return vectors[0].clone()
         per_task = min(out_features, in_features) // count  # k
         if per_task == 0:
             logger.debug("TSV: %d task vectors for rank %d: no component kept", count, min(out_features, in_features))
@@ -94,18 +96,18 @@ class TsvSolver(SpectralSolver):
         values = vectors.new_empty(count * per_task)  # diag(S_hat)
         filled = 0
         for task in vectors:
-            u, s, vh = svd(task)  # (out, r), (r,), (r, in)
-            size = kept(s, per_task, cutoff(task, float(s[0])))
-            left[:, filled : filled + size] = u[:, :size]
-            right[filled : filled + size] = vh[:size]
-            values[filled : filled + size] = s[:size]
+            u, s, vh = top_singular_triplets(task, per_task)  # (out, j), (j,), (j, in), j <= k
+            size = s.shape[0]
+            left[:, filled : filled + size] = u
+            right[filled : filled + size] = vh
+            values[filled : filled + size] = s
             filled += size
             del u, s, vh
-        # U_perp diag(S_hat): the polar factor's columns scaled in place, (out, m)
-        left_perp = polar(left[:, :filled]).mul_(values[:filled])
-        del left
-        right_perp = polar(right[:filled])  # V_perp^T, (m, in)
-        del right
+        if filled == 0:  # not reached: a usable task vector keeps its largest component
+            return vectors.new_zeros(out_features, in_features)
+        left, right = left[:, :filled], right[:filled]
+        spare = SOLVE_TENSORS * out_features * in_features - left.numel() - right.numel()
+        polar_(left, spare)  # U_perp (out, m)
+        polar_(right, spare)  # V_perp^T (m, in)
         logger.debug("TSV: %d of %d components kept (k = %d)", filled, count * per_task, per_task)
-        return left_perp @ right_perp
-
+        return left.mul_(values[:filled]) @ right  # U_perp S_hat V_perp^T
