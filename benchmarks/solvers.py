@@ -2,6 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py tensors [--large] [--quick] [--target]
     OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py memory [--size 8192] [--count 8]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py spectral [--counts 2 4 8] [--quick]
     OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py e2e
 
 `tensors`: per tensor (float32, Llama-like shapes, N = 2, 4, 8 and N = 3 on 1024x1024),
@@ -20,6 +21,9 @@ on the CPU and, when torch.cuda.is_available(), on CUDA too:
 `memory`: peak extra memory of one large solve (default 8192x8192, N = 8: wudi and
   wudi_cfs), through the adapter, with a few Adam steps: every buffer is allocated
   before or at the first step, so the peak does not depend on the step count.
+`spectral`: tsv, iso_c and iso_cts (N = 2, 4, 8; square and Llama-like shapes): peak
+  extra memory through the adapter against N + 6, and the merge's time against
+  task_arithmetic's.
 `e2e`: `mergekit-yaml` wall time and peak RSS of each method against task_arithmetic on
   one Llama-like family (bf16 checkpoints, 3 fine-tunes).
 
@@ -366,6 +370,24 @@ def memory_table(args) -> None:
         )
 
 
+def spectral_table(args) -> None:
+    """tsv, iso_c and iso_cts: peak extra memory through the adapter against N + 6, and
+    the whole merge's time against task_arithmetic's, each case in a fresh process."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(1024, 1024), (2048, 2048), (2816, 1024), (1024, 2816)] if not args.quick else [(512, 512)]
+    methods = ["tsv", "iso_c", "iso_cts"]
+    print(f"machine: {machine()}")
+    print("| shape | N | peak extra memory, x tensor: " + " / ".join(methods) + " | bound N + 6 | time / task_arithmetic: " + " / ".join(methods) + " |")
+    print("|---|---|---|---|---|")
+    for out_features, in_features in shapes:
+        for count in args.counts:
+            baseline = measure_memory("task_arithmetic", count, out_features, in_features, device)
+            results = [measure_memory(method, count, out_features, in_features, device) for method in methods]
+            memory = " / ".join(f"{result['ratio']:.2f}" for result in results)
+            times = " / ".join(f"{result['seconds'] / baseline['seconds']:.0f}x" for result in results)
+            print(f"| {out_features}x{in_features} | {count} | {memory} | {count + 6} | {times} |", flush=True)
+
+
 # --- end to end ------------------------------------------------------------------------------------
 
 
@@ -479,6 +501,9 @@ def main() -> None:
     memory.add_argument("--size", type=int, default=8192)
     memory.add_argument("--count", type=int, default=8)
     memory.add_argument("--methods", nargs="+", default=["wudi", "wudi_cfs"])
+    spectral = commands.add_parser("spectral", help="tsv, iso_c, iso_cts: memory and time")
+    spectral.add_argument("--counts", type=int, nargs="+", default=[2, 4, 8])
+    spectral.add_argument("--quick", action="store_true", help="one small shape (a smoke test)")
     e2e = commands.add_parser("e2e", help="mergekit-yaml wall time and peak RSS")
     e2e.add_argument("--hidden", type=int, default=512)
     e2e.add_argument("--intermediate", type=int, default=1408)
@@ -501,6 +526,8 @@ def main() -> None:
         tensors_table(args)
     elif args.command == "memory":
         memory_table(args)
+    elif args.command == "spectral":
+        spectral_table(args)
     else:
         e2e_table(args)
 

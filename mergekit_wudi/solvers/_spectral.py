@@ -89,10 +89,47 @@ def top_singular_triplets(
     if limit == 0:
         return matrix.new_empty(matrix.shape[0], 0), matrix.new_empty(0), matrix.new_empty(0, matrix.shape[1])
     _, vectors = eigh64(gram64(rows), top=limit)  # V (n, limit), float64
-    left = rows.new_empty(rows.shape[0], limit)  # A V, then U
-    squares = vectors.new_zeros(limit)
+    left, values, right, _ = _triplets(matrix, rows, vectors, scale)
+    return (left, values, right) if tall else (right.mT, values, left.mT)
+
+
+def top_singular_triplets_and_complement(
+    matrix: torch.Tensor, limit: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """top_singular_triplets(matrix, limit) for out <= in, and Q (out, out - j): orthonormal
+    columns spanning the complement of U's columns in R^out, so that
+    (I - U U^T) X = Q Q^T X for any X with `out` rows.
+
+    Float32: U is the top eigenvectors of the float64 M M^T (dsyevr, all `out` of them),
+    Q the others, those below the cutoff included; Vh = (M^T U diag(1/s))^T. Memory
+    beside the matrix: the Gram matrix and all its eigenvectors (4 out^2 elements), then
+    U, Vh and Q. Float64: gesdd.
+    """
+    out_features, in_features = matrix.shape
+    if out_features > in_features:
+        raise ValueError(f"needs out <= in, got a {out_features}x{in_features} matrix")
+    if matrix.dtype == torch.float64:
+        u, s, vh = svd(matrix)  # u: (out, out)
+        count = kept(s, limit, cutoff(matrix, float(s[0])))
+        return u[:, :count], s[:count], vh[:count], u[:, count:]
+    rows = matrix.mT  # A = M^T (in, out): A^T A = M M^T, its eigenvectors are M's U
+    limit = min(limit, out_features)
+    _, vectors = eigh64(gram64(rows))  # (out, out), ascending
+    split = out_features - limit
+    left, values, right, keep = _triplets(matrix, rows, vectors[:, split:], None)
+    others = torch.cat([torch.arange(split), split + (~keep).nonzero().squeeze(1)])
+    complement = vectors[:, others].to(matrix.dtype)
+    return right.mT, values, left.mT, complement
+
+
+def _triplets(matrix, rows, vectors, scale):
+    """From V (n, l) (float64 eigenvectors of A^T A, A = `rows`): (U, s, V^T, keep) with
+    A V = U diag(s), only the columns whose s exceeds cutoff(matrix, scale or the largest);
+    `keep` marks them among the l."""
+    left = rows.new_empty(rows.shape[0], vectors.shape[1])  # A V, then U
+    squares = vectors.new_zeros(vectors.shape[1])
     for block in row_blocks(rows.shape[0]):
-        product = rows[block].double() @ vectors  # (b, limit)
+        product = rows[block].double() @ vectors  # (b, l)
         squares += product.square().sum(dim=0)
         left[block] = product
     del product
@@ -103,8 +140,7 @@ def top_singular_triplets(
         left, vectors, values = left[:, index], vectors[:, index], values[index]
     values = values.to(matrix.dtype)
     left.div_(values)  # U = A V diag(1/s)
-    right = vectors.to(matrix.dtype).mT  # V^T (j, n)
-    return (left, values, right) if tall else (right.mT, values, left.mT)
+    return left, values, vectors.to(matrix.dtype).mT, keep
 
 
 def polar_(matrix: torch.Tensor, spare: int) -> torch.Tensor:

@@ -15,7 +15,13 @@ from typing import Tuple
 
 import torch
 
-from mergekit_wudi.solvers._spectral import SOLVE_TENSORS, SpectralSolver, polar_, top_singular_triplets
+from mergekit_wudi.solvers._spectral import (
+    SOLVE_TENSORS,
+    SpectralSolver,
+    polar_,
+    top_singular_triplets,
+    top_singular_triplets_and_complement,
+)
 from mergekit_wudi.solvers.checks import check_config, check_fraction, config_field
 from mergekit_wudi.solvers.numerics import TaskVectors
 
@@ -59,9 +65,10 @@ class IsoCSolver(SpectralSolver):
     cancel) gives zero. The code averages non-2-D tensors (and CLIP's text_projection);
     here those go to the adapter's fallback.
 
-    Memory (tensor = out x in in the compute dtype): beside the input (N), T during its
-    full SVD (LAPACK gesdd, whose workspace is most of the peak); t_m is written over T.
-    Above the N + 6 goal on square tensors: measured in docs/methods-2025.md (Memory).
+    Memory (tensor = out x in in the compute dtype), beside the input (N): T, its float64
+    Gram matrix on the smaller side and all of its eigenvectors (dsyevr): at most 5
+    tensors, when square; polar(T) is written over T (_spectral.polar_; measured in
+    docs/methods-2025.md).
 
     Input, output and dtypes: SpectralSolver (_spectral.py).
     """
@@ -131,10 +138,12 @@ class IsoCtsSolver(SpectralSolver):
     The code averages non-2-D tensors (and CLIP's text_projection); here those go to the
     adapter's fallback.
 
-    Memory (tensor = out x in in the compute dtype): beside the input (N), the stacks
-    U_hat, V_hat ((out + in) r elements: 2 tensors when square) and one residual R_i
-    while each full SVD runs (T's, then each R_i's: LAPACK gesdd, whose workspace is
-    most of the peak). Above the N + 6 goal: measured in docs/methods-2025.md (Memory).
+    Memory (tensor = out x in in the compute dtype), beside the input (N): first T, its
+    float64 Gram matrix and k of its eigenvectors (at most 1 + 2 + 2k/r tensors); then
+    the stacks U_hat, V_hat ((out + in) r elements: 2 tensors when square), one residual
+    R_i and its float64 Gram matrix (2 r^2 elements): 5 tensors when square, the peak;
+    then the two polar factors as TSV's (_spectral.polar_; measured in
+    docs/methods-2025.md).
 
     Input, output and dtypes: SpectralSolver (_spectral.py).
     """
@@ -146,7 +155,7 @@ class IsoCtsSolver(SpectralSolver):
         count, out_features, in_features = vectors.shape
         common, per_task = iso_cts_sizes(min(out_features, in_features), count, self.config.common_space_fraction)
 
-        u, s, vh = top_singular_triplets(vectors.sum(dim=0), common)  # T's top k: U_c, sigma_c, V_c^T
+        u, s, vh, complement = common_subspace(vectors.sum(dim=0), common)  # U_c, sigma_c, V_c^T; Q
         rank = common + count * per_task  # = r
         left = vectors.new_empty(out_features, rank)  # U_hat (out, r)
         right = vectors.new_empty(rank, in_features)  # V_hat^T (r, in)
@@ -159,19 +168,23 @@ class IsoCtsSolver(SpectralSolver):
         basis = left[:, :filled]  # U_c (out, k)
 
         if per_task > 0:
-            residual = torch.empty_like(vectors[0])  # R_i
+            residual = torch.empty_like(vectors[0]) if complement is None else None  # R_i
             for task, sq_norm in zip(vectors, prepared.sq_norms):
-                coords = basis.T @ task  # U_c^T t_i (k, in), freed before the SVD
-                torch.addmm(task, basis, coords, alpha=-1, out=residual)  # t_i - U_c U_c^T t_i
-                del coords
-                u, s, vh = top_singular_triplets(residual, per_task, scale=math.sqrt(sq_norm))
+                if complement is None:
+                    coords = basis.T @ task  # U_c^T t_i (k, in), freed before the SVD
+                    torch.addmm(task, basis, coords, alpha=-1, out=residual)  # t_i - U_c U_c^T t_i
+                    del coords
+                    u, s, vh = top_singular_triplets(residual, per_task, scale=math.sqrt(sq_norm))
+                else:  # R_i = Q (Q^T t_i): the SVD of Q^T t_i, (out - k, in), then U = Q U'
+                    u, s, vh = top_singular_triplets(complement.T @ task, per_task, scale=math.sqrt(sq_norm))
+                    u = complement @ u
                 size = s.shape[0]
                 left[:, filled : filled + size] = u
                 right[filled : filled + size] = vh
                 values[filled : filled + size] = s
                 filled += size
                 del u, s, vh
-            del residual
+            del residual, complement
         if filled == 0:  # T = 0 and no task-specific direction
             return vectors.new_zeros(out_features, in_features)
         mean = float(values[:filled].mean())
@@ -181,6 +194,24 @@ class IsoCtsSolver(SpectralSolver):
         polar_(left, spare)  # U_perp (out, m)
         polar_(right, spare)  # V_perp^T (m, in)
         return left.mul_(mean) @ right
+
+
+def common_subspace(summed: torch.Tensor, common: int):
+    """T's top `common` triplets (U_c, sigma_c, V_c^T) and, where it is smaller than the
+    residuals, Q: an orthonormal basis of U_c's complement in R^out (else None).
+
+    With Q, each residual R_i = (I - U_c U_c^T) t_i = Q (Q^T t_i) is decomposed through
+    Q^T t_i, (out - k) x in, instead of being formed: (out - k) / out of a tensor each
+    instead of 1 + 2 (R_i and its float64 Gram matrix). That needs out <= in (the
+    eigenvectors of T T^T span R^out) and k >= out / 2, with k the common directions kept.
+    """
+    out_features, in_features = summed.shape
+    if out_features <= in_features and 2 * common >= out_features:
+        u, s, vh, complement = top_singular_triplets_and_complement(summed, common)
+        if 2 * complement.shape[1] <= out_features:
+            return u, s, vh, complement
+        return u, s, vh, None  # T of lower rank (LoRA deltas): Q would be the larger
+    return (*top_singular_triplets(summed, common), None)
 
 
 def iso_cts_sizes(rank: int, count: int, fraction: float) -> Tuple[int, int]:

@@ -64,17 +64,20 @@ class TsvSolver(SpectralSolver):
         identical t give the truncation of t);
       - zero or non-finite task vectors are excluded before N is counted (the code
         counts them, and whitens with their SVD's arbitrary vectors);
-      - N = 1 gives t_1 (k = r: U_perp = U_1, V_perp = V_1), to rounding;
+      - N = 1 gives t_1 exactly (k = r: U_perp = U_1, V_perp = V_1);
       - N > r gives k = 0 and zero, as in the code (the base weight is kept);
       - where s_i,k = s_i,k+1 the kept subspace of that task is set by rounding, as for
         any truncated SVD.
     The code averages non-2-D tensors (and CLIP's text_projection); here those go to the
     adapter's fallback.
 
-    Memory (tensor = out x in in the compute dtype): beside the input (N), the stacks
-    U_hat, V_hat (at most (out + in) r elements: 2 tensors when square) while each
-    task's full SVD runs (LAPACK gesdd, whose workspace is most of the peak). Above the
-    N + 6 goal on square tensors: measured in docs/methods-2025.md (Memory).
+    Memory (tensor = out x in in the compute dtype), beside the input (N): the stacks
+    U_hat, V_hat (at most (out + in) r elements: 2 tensors when square), and while each
+    task's top k come from its float64 Gram matrix, that matrix (2 r^2 elements) and k of
+    its eigenvectors (2 r k); then, for each polar factor, the Gram matrix of a stack and
+    its eigenvectors (dsyevr, 4 m^2) or the eigenvectors written over it (dsyev, 2 m^2)
+    where the bound leaves no room for dsyevr (square tensors). At most 4 + 2/N tensors
+    on square ones, under 5 elsewhere (_spectral.py; measured in docs/methods-2025.md).
 
     Input, output and dtypes: SpectralSolver (_spectral.py).
     """
