@@ -1,6 +1,6 @@
 """Real-model benchmark: five experts of all-MiniLM-L6-v2, merged through the real `mergekit-yaml`.
 
-    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python benchmarks/real_model/run.py
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python benchmarks/real_model/run.py   # --resume, --only LABEL...
 
 Trains the missing experts (experts.py, cached outside git), writes one YAML per merge,
 runs `mergekit-yaml` on it in a subprocess (wall time and peak RSS of that process, from
@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"only {sorted(QUICK)}")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.md/json and accuracy.png go")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in OUT/results.json, run the others")
+    parser.add_argument("--only", nargs="*", help="run only these row labels (with --resume: rerun them, keep the others)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
 
@@ -177,10 +178,11 @@ def main() -> None:
         done = {row["label"]: row for row in json.loads((args.out / "results.json").read_text())["merges"]}
     results = []
     for label, method, parameters, family in MERGES:
-        if args.quick and label not in QUICK:
-            continue
-        if label in done:
+        wanted = (not args.quick or label in QUICK) and (not args.only or label in args.only)
+        if label in done and (not wanted or not args.only):
             results.append(done[label])
+            continue
+        if not wanted:
             continue
         config = work / f"{len(results):02d}.yml"
         out = work / f"{len(results):02d}"

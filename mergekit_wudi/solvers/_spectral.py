@@ -117,7 +117,7 @@ def top_singular_triplets_and_complement(
     _, vectors = eigh64(gram64(rows))  # (out, out), ascending
     split = out_features - limit
     left, values, right, keep = _triplets(matrix, rows, vectors[:, split:], None)
-    others = torch.cat([torch.arange(split), split + (~keep).nonzero().squeeze(1)])
+    others = torch.cat([torch.arange(split, device=keep.device), split + (~keep).nonzero().squeeze(1)])
     complement = vectors[:, others].to(matrix.dtype)
     return right.mT, values, left.mT, complement
 
