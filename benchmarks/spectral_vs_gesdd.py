@@ -6,8 +6,9 @@ The earlier solvers (default: 3fbf8dc, the last commit whose tsv, iso_c and iso_
 LAPACK gesdd on full-size matrices) are taken from git into a temporary package; each
 side runs in its own process on the same task vectors (seed 0, entries ~1e-3, float32),
 best of 2 solves after a small warm-up. Prints seconds and the ratio now / before, and
-the relative difference of the two results. Absolute times depend on the machine and
-its load; compare the ratios.
+each float32 result's relative distance to the float64 solve of the same inputs (float64
+keeps gesdd in both). Absolute times depend on the machine and its load; compare the
+ratios.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ for name, solver in (("tsv", TsvSolver()), ("iso_c", IsoCSolver()), ("iso_cts", 
         results[name] = solver.solve(task_vectors)
         best = min(best, time.perf_counter() - start)
     seconds[name] = best
+if package == "now":  # the float64 solve of the same inputs (gesdd in float64), the yardstick
+    for name, solver in (("tsv", TsvSolver()), ("iso_c", IsoCSolver()), ("iso_cts", IsoCtsSolver())):
+        results[name + "64"] = solver.solve(task_vectors.double())
 torch.save(results, save)
 print(json.dumps(seconds))
 """
@@ -78,7 +82,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         root = earlier_solvers(args.commit, Path(directory))
-        print("| shape | N | " + " | ".join(f"{m}: before / now (ratio; rel. diff)" for m in METHODS) + " |")
+        header = " | ".join(f"{m}: before / now (ratio); distance to float64, before / now" for m in METHODS)
+        print(f"| shape | N | {header} |")
         print("|---|---|" + "---|" * len(METHODS))
         for shape in SHAPES:
             before = run(str(root), shape, args.count, root / "before.pt")
@@ -86,9 +91,12 @@ def main() -> None:
             old, new = torch.load(root / "before.pt"), torch.load(root / "now.pt")
             cells = []
             for method in METHODS:
-                difference = float((new[method].double() - old[method].double()).norm() / old[method].double().norm())
+                exact = new[method + "64"]
+                before_error, now_error = (float((r[method].double() - exact).norm() / exact.norm()) for r in (old, new))
                 ratio = now[method] / before[method]
-                cells.append(f"{before[method]:.2f} s / {now[method]:.2f} s ({ratio:.1f}x; {difference:.0e})")
+                cells.append(
+                    f"{before[method]:.2f} s / {now[method]:.2f} s ({ratio:.1f}x); {before_error:.0e} / {now_error:.0e}"
+                )
             print(f"| {shape[0]}x{shape[1]} | {args.count} | " + " | ".join(cells) + " |", flush=True)
 
 
