@@ -33,3 +33,12 @@ def mergekit_yaml_in_process(config: Path, out: Path, *flags: str, check: bool =
     if check and result.exit_code != 0:
         raise AssertionError(f"mergekit-yaml failed ({result.exit_code}): {result.exception!r}\n{result.output[-4000:]}")
     return result
+
+
+def mergekit_wudi_cli(*args):
+    """`mergekit-wudi ARGS` through click's CliRunner, in this process (exceptions propagate)."""
+    from click.testing import CliRunner
+
+    from mergekit_wudi.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

@@ -10,41 +10,24 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 from models import load_model, write_config
-from runner import mergekit_yaml
+from runner import mergekit_wudi_cli, mergekit_yaml
 
 import mergekit_wudi
-from mergekit_wudi.cli import main
 from mergekit_wudi.solvers import DogeConfig, WudiCfsConfig, WudiConfig
-
-# ft3's weight is a gradient over the layers: mergekit interpolates it (t = layer / (LAYERS - 1)).
-MODEL_PARAMETERS = [{"weight": 1.0}, {"weight": 0.5}, {"weight": [1.0, 0.2]}]
-
-
-@pytest.fixture(scope="module")
-def cfs_config(family, tmp_path_factory):
-    base, *models = family
-    root = tmp_path_factory.mktemp("cfs")
-    return write_config(root / "cfs.yml", "wudi_cfs", base, models, {"omega": 0.2, "lambda": 0.9}, MODEL_PARAMETERS)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
 
 # --- --version, --help --------------------------------------------------------------------
 
 
 def test_version():
-    result = invoke("--version")
+    result = mergekit_wudi_cli("--version")
     assert result.exit_code == 0
     assert result.output.strip() == f"mergekit-wudi, version {mergekit_wudi.__version__}"
 
 
 @pytest.mark.parametrize("command", [[], ["methods"], ["run"], ["report"]])
 def test_help_shows_examples(command):
-    result = invoke(*command, "--help")
+    result = mergekit_wudi_cli(*command, "--help")
     assert result.exit_code == 0, result.output
     assert "Examples:" in result.output
     assert "mergekit-wudi " + (command[0] if command else "") in result.output
@@ -53,7 +36,7 @@ def test_help_shows_examples(command):
 def test_run_help_has_every_mergekit_yaml_option():
     from mergekit.scripts.run_yaml import main as mergekit_yaml_command
 
-    output = invoke("run", "--help").output
+    output = mergekit_wudi_cli("run", "--help").output
     options = [opt for param in mergekit_yaml_command.params for opt in param.opts if opt.startswith("-")]
     assert len(options) > 20
     missing = [opt for opt in options if opt not in output]
@@ -64,7 +47,7 @@ def test_run_help_has_every_mergekit_yaml_option():
 
 
 def test_methods_json_lists_own_parameters_with_defaults():
-    described = {item["name"]: item for item in json.loads(invoke("methods", "--format", "json").output)}
+    described = {item["name"]: item for item in json.loads(mergekit_wudi_cli("methods", "--format", "json").output)}
     assert list(described) == ["wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts"]
     common = {"weight": 1.0, "lambda": 1.0, "fallback": "task_arithmetic", "solve": True, "input_major": None}
     # Defaults from methods.md and the solver configs, independent of the spec.
@@ -99,18 +82,18 @@ def test_methods_json_lists_own_parameters_with_defaults():
 
 
 def test_methods_text_and_markdown():
-    text = invoke("methods", "wudi_cfs").output
+    text = mergekit_wudi_cli("methods", "wudi_cfs").output
     assert text.startswith("wudi_cfs: WUDI-Merging (closed form)")
     assert "omega" in text and "0.1" in text and "scale-free ridge" in text
     assert "passed to the fallback method" in text and "\n  epsilon" not in text
     assert "doge" not in text
-    markdown = invoke("methods", "doge", "--format", "markdown").output
+    markdown = mergekit_wudi_cli("methods", "doge", "--format", "markdown").output
     assert "| `eta` | shared | float | 0.07 |" in markdown
     assert "\\|\\|t_i\\|\\|" in markdown  # pipes in a description do not break the table
 
 
 def test_methods_unknown_name():
-    result = invoke("methods", "wudy")
+    result = mergekit_wudi_cli("methods", "wudy")
     assert result.exit_code == 2
     assert "wudy" in result.output and "wudi, wudi_cfs, doge, tsv, iso_c, iso_cts" in result.output
 
@@ -140,18 +123,18 @@ def test_run_without_autoload_matches_mergekit_yaml(cfs_config, tmp_path):
 
 
 def test_run_errors_are_one_line(family, tmp_path):
-    missing = invoke("run", tmp_path / "nope.yml", tmp_path / "out")
+    missing = mergekit_wudi_cli("run", tmp_path / "nope.yml", tmp_path / "out")
     assert missing.exit_code == 2 and "does not exist" in missing.output
     bad = tmp_path / "bad.yml"
     bad.write_text("merge_method: wudy\nmodels:\n  - model: a\n")
-    result = invoke("run", bad, tmp_path / "out")
+    result = mergekit_wudi_cli("run", bad, tmp_path / "out")
     assert result.exit_code == 1
     assert result.output.startswith("Error: config") and "unknown merge_method 'wudy'" in result.output
     assert len(result.output.strip().splitlines()) == 1
     # A value our spec rejects while mergekit plans: one line too, and nothing written.
     base, *models = family
     negative = write_config(tmp_path / "neg.yml", "wudi", base, models, {"lr": -1.0})
-    result = invoke("run", negative, tmp_path / "out", "--no-copy-tokenizer")
+    result = mergekit_wudi_cli("run", negative, tmp_path / "out", "--no-copy-tokenizer")
     assert result.exit_code == 1, result.output
     assert result.output.strip().splitlines()[-1] == (
         "Error: invalid value for parameter 'lr' of merge_method wudi: lr must be a finite number > 0, got -1.0"

@@ -8,32 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from models import LLAMA_CONFIG, is_llama_linear, load_model, make_family, write_config
 from reference import doge, usable, wudi_adam, wudi_closed_form, wudi_loss
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
-
-from mergekit_wudi.cli import main
+from runner import mergekit_wudi_cli
 
 LAYERS = LLAMA_CONFIG["num_hidden_layers"]
-# ft3's weight is a gradient over the layers: mergekit interpolates it (t = layer / (LAYERS - 1)).
-MODEL_PARAMETERS = [{"weight": 1.0}, {"weight": 0.5}, {"weight": [1.0, 0.2]}]
 
 
 def model_weights(layer: int):
     t = layer / (LAYERS - 1) if LAYERS > 1 else 1.0
     return [1.0, 0.5, 1.0 + (0.2 - 1.0) * t]
-
-
-@pytest.fixture(scope="module")
-def cfs_config(family, tmp_path_factory):
-    base, *models = family
-    root = tmp_path_factory.mktemp("cfs")
-    return write_config(root / "cfs.yml", "wudi_cfs", base, models, {"omega": 0.2, "lambda": 0.9}, MODEL_PARAMETERS)
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def read_csv(path: Path):
@@ -56,7 +41,7 @@ def effective_rank64(matrix: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def cfs_report(cfs_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    result = invoke("report", cfs_config, "--out", out, "--quiet")
+    result = mergekit_wudi_cli("report", cfs_config, "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     return out
 
@@ -98,7 +83,7 @@ def test_report_bf16_wudi(tmp_path):
     family = make_family(tmp_path / "bf16", fine_tunes=2, seed=3, dtype=torch.bfloat16)
     base, *models = family
     config = write_config(tmp_path / "wudi.yml", "wudi", base, models, {"steps": 25, "lr": 1e-3})
-    result = invoke("report", config, "--out", tmp_path / "out", "--filter", r"layers\.0\.(mlp|self_attn\.o)",
+    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out", "--filter", r"layers\.0\.(mlp|self_attn\.o)",
                     "--no-plots", "--quiet")
     assert result.exit_code == 0, result.output
     rows = read_csv(tmp_path / "out" / "report.csv")
@@ -124,7 +109,7 @@ def test_report_doge_per_model_density(family, tmp_path):
     # (near-zero gradients, normalised steps), so a tight check needs no steps.
     config = write_config(tmp_path / "doge.yml", "doge", base, models, {"steps": 0},
                           [{"density": d} for d in densities])
-    result = invoke("report", config, "--out", tmp_path / "out", "--filter", "layers.0.self_attn.q_proj",
+    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out", "--filter", "layers.0.self_attn.q_proj",
                     "--no-plots", "--quiet")
     assert result.exit_code == 0, result.output
     (row, *_) = read_csv(tmp_path / "out" / "report.csv")
@@ -148,7 +133,7 @@ def test_report_spectral_methods(family, tmp_path, method, reference):
     # result, here against their float64 references (with the float32 merge's cutoff).
     base, *models = family
     config = write_config(tmp_path / f"{method}.yml", method, base, models, None)
-    result = invoke("report", config, "--out", tmp_path / "out", "--filter", "layers.0.self_attn.q_proj",
+    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out", "--filter", "layers.0.self_attn.q_proj",
                     "--no-plots", "--quiet")
     assert result.exit_code == 0, result.output
     (row, *_) = read_csv(tmp_path / "out" / "report.csv")
@@ -171,7 +156,7 @@ def test_report_reads_one_tensor_group_at_a_time(cfs_config, tmp_path, monkeypat
         return original(self, key, *args, **kwargs)
 
     monkeypatch.setattr(LazyTensorLoader, "get_tensor", spy)
-    result = invoke("report", cfs_config, "--out", tmp_path, "--filter", "layers.1.mlp.up", "--no-plots",
+    result = mergekit_wudi_cli("report", cfs_config, "--out", tmp_path, "--filter", "layers.1.mlp.up", "--no-plots",
                     "--no-ranks", "--quiet")
     assert result.exit_code == 0, result.output
     assert reads == ["model.layers.1.mlp.up_proj.weight"] * 4  # base + 3 models, nothing else
@@ -180,7 +165,7 @@ def test_report_reads_one_tensor_group_at_a_time(cfs_config, tmp_path, monkeypat
 
 
 def test_report_max_tensors(cfs_config, tmp_path):
-    result = invoke("report", cfs_config, "--out", tmp_path, "--max-tensors", "2", "--no-plots", "--no-ranks",
+    result = mergekit_wudi_cli("report", cfs_config, "--out", tmp_path, "--max-tensors", "2", "--no-plots", "--no-ranks",
                     "--quiet")
     assert result.exit_code == 0, result.output
     assert result.output.startswith("2 tensors -> ")
@@ -190,28 +175,28 @@ def test_report_max_tensors(cfs_config, tmp_path):
 def test_report_errors_are_one_line(family, tmp_path, monkeypatch):
     base, *models = family
     other = write_config(tmp_path / "ta.yml", "task_arithmetic", base, models)
-    result = invoke("report", other, "--out", tmp_path / "out")
+    result = mergekit_wudi_cli("report", other, "--out", tmp_path / "out")
     assert result.exit_code == 1
     assert "merge_method 'task_arithmetic' is not a mergekit-wudi method" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
-    missing = invoke("report", tmp_path / "nope.yml")
+    missing = mergekit_wudi_cli("report", tmp_path / "nope.yml")
     assert missing.exit_code == 2 and "does not exist" in missing.output
 
     broken = tmp_path / "broken.yml"
     broken.write_text("merge_method: wudi\n")
-    result = invoke("report", broken)
+    result = mergekit_wudi_cli("report", broken)
     assert result.exit_code == 1 and "is not a valid mergekit config" in result.output
 
     absent = write_config(tmp_path / "absent.yml", "wudi", tmp_path / "no-such-model", models)
-    result = invoke("report", absent, "--out", tmp_path / "out")
+    result = mergekit_wudi_cli("report", absent, "--out", tmp_path / "out")
     assert result.exit_code == 1 and "cannot plan the merge" in result.output and "no-such-model" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
-    bad_regex = invoke("report", other, "--filter", "(")
+    bad_regex = mergekit_wudi_cli("report", other, "--filter", "(")
     assert bad_regex.exit_code == 2 and "--filter" in bad_regex.output
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     config = write_config(tmp_path / "wudi.yml", "wudi", base, models)
-    result = invoke("report", config, "--out", tmp_path / "out")
+    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out")
     assert result.exit_code == 1 and "pip install 'mergekit-wudi[report]'" in result.output

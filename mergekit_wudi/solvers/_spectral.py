@@ -220,6 +220,37 @@ def row_blocks(count: int) -> Iterator[slice]:
         yield slice(start, min(start + step, count))
 
 
+class SingularStacks:
+    """The stacks of TSV and Iso-CTS: U_hat (out, capacity), V_hat^T (capacity, in) and the
+    singular values, filled with triplets block by block (`add`), then whitened
+    (`polar_factors`)."""
+
+    def __init__(self, like: torch.Tensor, capacity: int):
+        out_features, in_features = like.shape[-2:]
+        self.left = like.new_empty(out_features, capacity)  # U_hat
+        self.right = like.new_empty(capacity, in_features)  # V_hat^T
+        self.values = like.new_empty(capacity)
+        self.count = 0
+
+    def add(self, left: torch.Tensor, values: torch.Tensor, right: torch.Tensor) -> None:
+        """Append triplets U (out, j), s (j,), V^T (j, in)."""
+        end = self.count + values.shape[0]
+        self.left[:, self.count : end] = left
+        self.right[self.count : end] = right
+        self.values[self.count : end] = values
+        self.count = end
+
+    def polar_factors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U_perp (out, m), V_perp^T (m, in), the m values), m = count: the stacks' polar
+        factors written over them (polar_), within SOLVE_TENSORS tensors of (out, in)
+        with the stacks."""
+        left, right = self.left[:, : self.count], self.right[: self.count]
+        spare = SOLVE_TENSORS * left.shape[0] * right.shape[1] - left.numel() - right.numel()
+        polar_(left, spare)
+        polar_(right, spare)
+        return left, right, self.values[: self.count]
+
+
 class SpectralSolver:
     """`Solver(config).solve(task_vectors)` for the methods without per-model parameters:
     a subclass sets `config_cls` and writes `_solve` for the usable task vectors.

@@ -17,6 +17,7 @@ import torch
 
 from mergekit_wudi.solvers._spectral import (
     SOLVE_TENSORS,
+    SingularStacks,
     SpectralSolver,
     polar_,
     top_singular_triplets,
@@ -156,16 +157,10 @@ class IsoCtsSolver(SpectralSolver):
         common, per_task = iso_cts_sizes(min(out_features, in_features), count, self.config.common_space_fraction)
 
         u, s, vh, complement = common_subspace(vectors.sum(dim=0), common)  # U_c, sigma_c, V_c^T; Q
-        rank = common + count * per_task  # = r
-        left = vectors.new_empty(out_features, rank)  # U_hat (out, r)
-        right = vectors.new_empty(rank, in_features)  # V_hat^T (r, in)
-        values = vectors.new_empty(rank)
-        filled = s.shape[0]  # common directions kept
-        left[:, :filled] = u
-        right[:filled] = vh
-        values[:filled] = s
+        stacks = SingularStacks(vectors, common + count * per_task)  # r columns
+        stacks.add(u, s, vh)
         del u, s, vh
-        basis = left[:, :filled]  # U_c (out, k)
+        basis = stacks.left[:, : stacks.count]  # U_c (out, k)
 
         if per_task > 0:
             residual = torch.empty_like(vectors[0]) if complement is None else None  # R_i
@@ -174,26 +169,17 @@ class IsoCtsSolver(SpectralSolver):
                     coords = basis.T @ task  # U_c^T t_i (k, in), freed before the SVD
                     torch.addmm(task, basis, coords, alpha=-1, out=residual)  # t_i - U_c U_c^T t_i
                     del coords
-                    u, s, vh = top_singular_triplets(residual, per_task, scale=math.sqrt(sq_norm))
+                    stacks.add(*top_singular_triplets(residual, per_task, scale=math.sqrt(sq_norm)))
                 else:  # R_i = Q (Q^T t_i): the SVD of Q^T t_i, (out - k, in), then U = Q U'
                     u, s, vh = top_singular_triplets(complement.T @ task, per_task, scale=math.sqrt(sq_norm))
-                    u = complement @ u
-                size = s.shape[0]
-                left[:, filled : filled + size] = u
-                right[filled : filled + size] = vh
-                values[filled : filled + size] = s
-                filled += size
-                del u, s, vh
+                    stacks.add(complement @ u, s, vh)
+                    del u, s, vh
             del residual, complement
-        if filled == 0:  # T = 0 and no task-specific direction
+        if stacks.count == 0:  # T = 0 and no task-specific direction
             return vectors.new_zeros(out_features, in_features)
-        mean = float(values[:filled].mean())
-        logger.debug("Iso-CTS: %d common + %d x %d task directions, %d kept", common, count, per_task, filled)
-        left, right = left[:, :filled], right[:filled]
-        spare = SOLVE_TENSORS * out_features * in_features - left.numel() - right.numel()
-        polar_(left, spare)  # U_perp (out, m)
-        polar_(right, spare)  # V_perp^T (m, in)
-        return left.mul_(mean) @ right
+        logger.debug("Iso-CTS: %d common + %d x %d task directions, %d kept", common, count, per_task, stacks.count)
+        left, right, values = stacks.polar_factors()  # U_perp, V_perp^T
+        return left.mul_(float(values.mean())) @ right  # mean(values) U_perp V_perp^T
 
 
 def common_subspace(summed: torch.Tensor, common: int):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_wudi.solvers._spectral import SOLVE_TENSORS, SpectralSolver, polar_, top_singular_triplets
+from mergekit_wudi.solvers._spectral import SingularStacks, SpectralSolver, top_singular_triplets
 from mergekit_wudi.solvers.checks import check_config
 from mergekit_wudi.solvers.numerics import TaskVectors
 
@@ -94,23 +94,11 @@ class TsvSolver(SpectralSolver):
             logger.debug("TSV: %d task vectors for rank %d: no component kept", count, min(out_features, in_features))
             return vectors.new_zeros(out_features, in_features)
 
-        left = vectors.new_empty(out_features, count * per_task)  # U_hat (out, Nk)
-        right = vectors.new_empty(count * per_task, in_features)  # V_hat^T (Nk, in)
-        values = vectors.new_empty(count * per_task)  # diag(S_hat)
-        filled = 0
+        stacks = SingularStacks(vectors, count * per_task)  # U_hat (out, Nk), S_hat, V_hat^T
         for task in vectors:
-            u, s, vh = top_singular_triplets(task, per_task)  # (out, j), (j,), (j, in), j <= k
-            size = s.shape[0]
-            left[:, filled : filled + size] = u
-            right[filled : filled + size] = vh
-            values[filled : filled + size] = s
-            filled += size
-            del u, s, vh
-        if filled == 0:  # not reached: a usable task vector keeps its largest component
+            stacks.add(*top_singular_triplets(task, per_task))  # its top j <= k
+        if stacks.count == 0:  # not reached: a usable task vector keeps its largest component
             return vectors.new_zeros(out_features, in_features)
-        left, right = left[:, :filled], right[:filled]
-        spare = SOLVE_TENSORS * out_features * in_features - left.numel() - right.numel()
-        polar_(left, spare)  # U_perp (out, m)
-        polar_(right, spare)  # V_perp^T (m, in)
-        logger.debug("TSV: %d of %d components kept (k = %d)", filled, count * per_task, per_task)
-        return left.mul_(values[:filled]) @ right  # U_perp S_hat V_perp^T
+        logger.debug("TSV: %d of %d components kept (k = %d)", stacks.count, count * per_task, per_task)
+        left, right, values = stacks.polar_factors()  # U_perp, V_perp^T, diag(S_hat)
+        return left.mul_(values) @ right  # U_perp S_hat V_perp^T
