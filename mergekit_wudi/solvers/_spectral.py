@@ -28,7 +28,7 @@ the eigenvalues carry an absolute error of about n * eps64 * s_1^2, so a singula
 s is found to about n * eps64 * s_1^2 / s, under 1e-8 * s_1 for every s above the float32
 cutoff (n * 1.2e-7 * s_1) at any n up to 10^5: as accurate as float32 gesdd's s_1 * eps32
 and more, and the cutoff separates the same directions (measured: docs/methods-2025.md,
-Accuracy). Float64 inputs keep gesdd (the Gram route would lose half their digits), with
+"How the SVDs are computed (float32), and their accuracy"). Float64 inputs keep gesdd (the Gram route would lose half their digits), with
 its memory.
 """
 
@@ -271,10 +271,10 @@ class SpectralSolver:
         """task_vectors: (N, out, in) -> t_m (out, in). No per-model parameter (any keyword:
         TypeError). Zero or non-finite task vectors are excluded; none left gives zero."""
         per_model_values(self.config, per_model, 0)
-        prepared = prepare_task_vectors(task_vectors)
-        if prepared.count == 0:
-            return prepared.vectors.new_zeros(task_vectors.shape[1:])
-        with one_cpu_thread(task_vectors.device):
+        with one_cpu_thread(task_vectors.device):  # the norms too: they set iso_cts's cutoffs
+            prepared = prepare_task_vectors(task_vectors)
+            if prepared.count == 0:
+                return prepared.vectors.new_zeros(task_vectors.shape[1:])
             return self._solve(prepared)
 
     def _solve(self, prepared: TaskVectors) -> torch.Tensor:
