@@ -116,9 +116,10 @@ def top_singular_triplets_and_complement(
     limit = min(limit, out_features)
     _, vectors = eigh64(gram64(rows))  # (out, out), ascending
     split = out_features - limit
+    complement = vectors[:, :split].to(matrix.dtype)  # before U and Vh exist: the peak stays eigh64's
     left, values, right, keep = _triplets(matrix, rows, vectors[:, split:], None)
-    others = torch.cat([torch.arange(split, device=keep.device), split + (~keep).nonzero().squeeze(1)])
-    complement = vectors[:, others].to(matrix.dtype)
+    if not bool(keep.all()):  # top directions dropped by the cutoff belong to the complement
+        complement = torch.cat([complement, vectors[:, split:][:, ~keep].to(matrix.dtype)], dim=1)
     return right.mT, values, left.mT, complement
 
 
