@@ -39,7 +39,7 @@ from typing import Any, Iterator, Optional, Tuple
 import torch
 
 from mergekit_wudi.solvers.checks import per_model_values
-from mergekit_wudi.solvers.numerics import TaskVectors, one_cpu_thread, prepare_task_vectors
+from mergekit_wudi.solvers.numerics import TaskVectors, kept, one_cpu_thread, prepare_task_vectors, row_chunks
 
 # What a solve may hold beside its N task vectors, in tensors of the (out, in) size
 # in the compute dtype: the N + 6 bound less one for fixed buffers (MKL's, LAPACK's) and
@@ -60,11 +60,6 @@ def svd(matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     """Thin SVD (LAPACK gesdd), matrix = U diag(S) Vh, S descending: U (out, r), S (r,), Vh (r, in)."""
     with one_cpu_thread(matrix.device):
         return torch.linalg.svd(matrix, full_matrices=False)
-
-
-def kept(values: torch.Tensor, limit: int, threshold: float) -> int:
-    """How many of the first `limit` (descending) singular values exceed `threshold`."""
-    return int(torch.count_nonzero(values[:limit] > threshold))
 
 
 def top_singular_triplets(
@@ -216,9 +211,7 @@ def eigh64(gram: torch.Tensor, top: Optional[int] = None, in_place: bool = False
 
 def row_blocks(count: int) -> Iterator[slice]:
     """slice(start, stop) over `count` rows, BLOCKS of them (fewer for small counts)."""
-    step = max(1, -(-count // BLOCKS))
-    for start in range(0, count, step):
-        yield slice(start, min(start + step, count))
+    return row_chunks(count, 1, -(-count // BLOCKS))
 
 
 class SingularStacks:

@@ -23,6 +23,7 @@ from mergekit_wudi.solvers.checks import (
 )
 from mergekit_wudi.solvers.numerics import (
     adam_optimizer,
+    kept,
     one_cpu_thread,
     one_thread_if_small,
     prepare_task_vectors,
@@ -248,8 +249,7 @@ def _top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
 def _above_tolerance(vectors: torch.Tensor, values: torch.Tensor, k: int, rtol: float) -> torch.Tensor:
     """The first k columns of `vectors` whose singular value (`values`, descending) is
     above rtol * values[0]."""
-    count = int(torch.count_nonzero(values[:k] > rtol * values[0])) if values.numel() else 0
-    return vectors[:, :count]
+    return vectors[:, : kept(values, k, rtol * values[0]) if values.numel() else 0]
 
 
 def _top_eigenvectors(symmetric: torch.Tensor, count: int):

@@ -137,6 +137,12 @@ def one_thread_if_small(solve):
     return wrapper
 
 
+def kept(values: torch.Tensor, limit: int, threshold: float) -> int:
+    """How many of the first `limit` (descending) singular values exceed `threshold`: the
+    rank cut of doge's subspaces and of the tsv / iso solvers."""
+    return int(torch.count_nonzero(values[:limit] > threshold))
+
+
 def row_chunks(rows: int, cols: int, chunk_elements: int) -> Iterator[slice]:
     """Consecutive row slices holding at most chunk_elements elements (at least one row)."""
     step = max(1, chunk_elements // max(1, cols))
