@@ -206,7 +206,9 @@ def eigh64(gram: torch.Tensor, top: Optional[int] = None, in_place: bool = False
         )
     if info != 0:
         raise torch.linalg.LinAlgError(f"LAPACK symmetric eigensolver failed (info={info}) on a {size}x{size} Gram matrix")
-    return torch.from_numpy(values[:top]), torch.from_numpy(vectors[:, size - top :] if in_place else vectors)
+    if in_place:  # dsyev: all n pairs, ascending; the top are the last
+        return torch.from_numpy(values[size - top :]), torch.from_numpy(vectors[:, size - top :])
+    return torch.from_numpy(values[:top]), torch.from_numpy(vectors)  # dsyevr: the `top` asked for, first
 
 
 def row_blocks(count: int) -> Iterator[slice]:
