@@ -15,11 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from models import make_family, write_config  # noqa: E402
 
-RECIPES = {
-    "wudi": {"steps": 300, "lr": 1.0e-5},
-    "wudi_cfs": {"omega": 0.1},
-    "doge": {"eta": 0.07, "density": 0.3},
-}
+from mergekit_wudi.solvers import SOLVERS  # noqa: E402
 
 
 def main() -> None:
@@ -27,8 +23,9 @@ def main() -> None:
     parser.add_argument("root", type=Path)
     root = parser.parse_args().root.resolve()
     base, *models = make_family(root / "models")
-    for method, parameters in RECIPES.items():
-        config = write_config(root / f"{method}.yml", method, base, models, parameters)
+    for solver in SOLVERS:  # every method at its defaults
+        method = solver.name
+        config = write_config(root / f"{method}.yml", method, base, models)
         print(f"mergekit-yaml {config} {root / ('out-' + method)} --no-copy-tokenizer")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 from mergekit.merge_methods import registry
@@ -21,23 +21,9 @@ from mergekit_wudi.cache import SolveCache
 from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.fallback import merge_by_fallback
 from mergekit_wudi.progress import PROGRESS, log_objective
-from mergekit_wudi.solvers import (
-    DogeConfig,
-    DogeSolver,
-    IsoCConfig,
-    IsoCSolver,
-    IsoCtsConfig,
-    IsoCtsSolver,
-    TsvConfig,
-    TsvSolver,
-    WudiCfsConfig,
-    WudiCfsSolver,
-    WudiConfig,
-    WudiSolver,
-    compute_dtype,
-)
+from mergekit_wudi.solvers import SOLVERS, compute_dtype
 from mergekit_wudi.spec import build_spec
-from mergekit_wudi.tensor_kinds import fallback_reason, is_input_major, is_ours
+from mergekit_wudi.tensor_kinds import OURS_MARKER, fallback_reason, is_input_major, is_ours
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +37,30 @@ class SolverMergeMethod(GroupMergeMethod):
     registered methods as an optional pass-through for the fallback.
     """
 
-    method_name: str
-    method_pretty_name: str
-    method_reference_url: str
-    config_cls: type
     solver_cls: type
+
+    @property
+    def method_name(self) -> str:
+        return self.solver_cls.name
+
+    @property
+    def method_pretty_name(self) -> str:
+        return self.solver_cls.pretty_name
+
+    @property
+    def method_reference_url(self) -> str:
+        return self.solver_cls.paper
+
+    @property
+    def config_cls(self) -> type:
+        return self.solver_cls.config_cls
 
     @property
     def spec(self) -> MergeMethodSpec:
         # Pass-through parameters mirror the registry, which can grow after this method
         # was built; the key is the tuple of registered names.
         registered = tuple(m.spec.name for m in registry.registered_methods() if not is_ours(m))
-        return build_spec(self, MERGE_METHODS, registered)
+        return build_spec(self, tuple(MERGE_METHODS), registered)
 
     def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
         """mergekit's structural checks, with the two a user can cause said in one line."""
@@ -88,7 +86,7 @@ class SolverMergeMethod(GroupMergeMethod):
         name = group.metadata.name
         base = group.base
         if base is None:
-            raise ValueError(f"{self.method_name}: tensor {name!r} has no base model; set base_model")
+            raise ConfigError(f"merge_method {self.method_name} needs a base model: tensor {name!r} has none; set base_model")
         _require_finite(self.method_name, group)
         reason = fallback_reason(
             name, base.tensor, group.metadata.vocabulary_axis, solve=parameters["solve"], fine_tunes=len(group.non_base)
@@ -201,23 +199,34 @@ def _require_finite(method_name: str, group: TensorGroup) -> None:
             )
 
 
-WUDI_URL = "https://arxiv.org/abs/2503.08099"
-DOGE_URL = "https://arxiv.org/abs/2501.01230"
-TSV_URL = "https://arxiv.org/abs/2412.00081"
-ISO_URL = "https://arxiv.org/abs/2502.04959"
-# name in YAML, pretty name, paper, config, solver
-wudi_merge_method = SolverMergeMethod("wudi", "WUDI-Merging", WUDI_URL, WudiConfig, WudiSolver)
-wudi_cfs_merge_method = SolverMergeMethod("wudi_cfs", "WUDI-Merging (closed form)", WUDI_URL, WudiCfsConfig, WudiCfsSolver)
-doge_merge_method = SolverMergeMethod("doge", "DOGE-TA", DOGE_URL, DogeConfig, DogeSolver)
-tsv_merge_method = SolverMergeMethod("tsv", "TSV-Merge", TSV_URL, TsvConfig, TsvSolver)
-iso_c_merge_method = SolverMergeMethod("iso_c", "Iso-C", ISO_URL, IsoCConfig, IsoCSolver)
-iso_cts_merge_method = SolverMergeMethod("iso_cts", "Iso-CTS", ISO_URL, IsoCtsConfig, IsoCtsSolver)
+setattr(SolverMergeMethod, OURS_MARKER, True)  # is_ours: a marker, not a module name
 
-MERGE_METHODS = (
-    wudi_merge_method,
-    wudi_cfs_merge_method,
-    doge_merge_method,
-    tsv_merge_method,
-    iso_c_merge_method,
-    iso_cts_merge_method,
-)
+# Our mergekit methods, one per solver; registration.add_method appends.
+MERGE_METHODS: List[SolverMergeMethod] = [SolverMergeMethod(solver) for solver in SOLVERS]
+
+
+def append_method(solver_cls: type) -> SolverMergeMethod:
+    """A merge method for a Solver subclass, added to MERGE_METHODS (registration.add_method
+    also registers it with mergekit)."""
+    if any(method.method_name == solver_cls.name for method in MERGE_METHODS):
+        raise ValueError(f"a merge method named {solver_cls.name!r} already exists")
+    method = SolverMergeMethod(solver_cls)
+    MERGE_METHODS.append(method)
+    return method
+
+
+def method_named(name: str) -> SolverMergeMethod:
+    for method in MERGE_METHODS:
+        if method.method_name == name:
+            return method
+    raise KeyError(name)
+
+
+def __getattr__(attribute: str) -> SolverMergeMethod:
+    """`<name>_merge_method`: the pyproject entry points' targets."""
+    if attribute.endswith("_merge_method"):
+        try:
+            return method_named(attribute[: -len("_merge_method")])
+        except KeyError:
+            pass
+    raise AttributeError(f"module {__name__!r} has no attribute {attribute!r}")

@@ -16,6 +16,7 @@ from typing import Any, List, Optional
 import click
 
 from mergekit_wudi import __version__
+from mergekit_wudi.config_error import ConfigError
 
 _MAIN_EPILOG = """\b
 Examples:
@@ -41,11 +42,10 @@ class _Main(click.Group):
 @click.group(cls=_Main, epilog=_MAIN_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mergekit-wudi")
 def main() -> None:
-    """mergekit-wudi: WUDI-Merging, DOGE, TSV-Merge and Iso-C/CTS for mergekit.
+    """mergekit-wudi: data-free merge methods for mergekit.
 
-    Installing the package registers the merge methods wudi, wudi_cfs, doge, tsv, iso_c
-    and iso_cts with
-    mergekit, so the plain `mergekit-yaml` runs them. This command lists them, runs a
+    Installing the package registers its merge methods (`mergekit-wudi methods` lists
+    them) with mergekit, so the plain `mergekit-yaml` runs them. This command lists them, runs a
     merge where automatic registration is off (MERGEKIT_WUDI_NO_AUTOLOAD=1), and
     reports how much a solved merge lowers the interference loss.
     """
@@ -202,8 +202,6 @@ def _run_command() -> click.Command:
         except RuntimeError as error:  # a method name taken by another package
             raise click.ClickException(str(error)) from None
         _validate_config(kwargs["config_file"])
-        from mergekit_wudi.config_error import ConfigError
-
         try:
             mergekit_yaml.callback(**kwargs)
         except ConfigError as error:  # one line, also where the autoload's excepthook is off
@@ -217,7 +215,7 @@ def _run_command() -> click.Command:
         params=params,
         callback=callback,
         help="Run a merge exactly as `mergekit-yaml CONFIG_FILE OUT_PATH [OPTIONS]` does, after registering "
-        "wudi, wudi_cfs, doge, tsv, iso_c and iso_cts (for environments where automatic registration is off, e.g. "
+        "this package's methods (for environments where automatic registration is off, e.g. "
         "MERGEKIT_WUDI_NO_AUTOLOAD=1). Every mergekit-yaml option works the same way.",
         short_help="Run mergekit-yaml with the methods registered.",
         epilog="""\b
@@ -236,11 +234,11 @@ def _one_line(error: BaseException) -> str:
 
 def _validate_config(path: str) -> None:
     """Fail with one line, before mergekit starts, on a config mergekit would reject."""
-    from mergekit_wudi.config_check import UnsupportedConfig, check_merge_method, load_config
+    from mergekit_wudi.config_check import check_merge_method, load_config
 
     try:
         check_merge_method(load_config(path), path)
-    except UnsupportedConfig as error:
+    except ConfigError as error:
         raise click.ClickException(str(error)) from None
 
 
@@ -299,7 +297,7 @@ def report(
     from mergekit.options import MergeOptions
 
     from mergekit_wudi import report as reporting
-    from mergekit_wudi.config_check import UnsupportedConfig, load_config
+    from mergekit_wudi.config_check import load_config
 
     if name_filter:
         try:
@@ -308,7 +306,7 @@ def report(
             raise click.BadParameter(f"not a regular expression: {error}", param_hint="--filter") from None
     try:
         config = load_config(config_file)
-    except UnsupportedConfig as error:
+    except ConfigError as error:
         raise click.ClickException(str(error)) from None
     if plots:
         try:
@@ -330,7 +328,7 @@ def report(
             config, options=options, name_filter=name_filter, max_tensors=max_tensors, device=device, ranks=ranks,
             progress=lambda: bars[0].update(),
         )
-    except UnsupportedConfig as error:
+    except ConfigError as error:
         raise click.ClickException(f"{config_file}: {error}") from None
     except (OSError, RuntimeError, ValueError) as error:
         # Unreadable models, unknown architectures, inconsistent slices: mergekit's own message.

@@ -22,33 +22,29 @@ from mergekit_wudi.spec import real_parameters
 from mergekit_wudi.tensor_kinds import is_ours
 
 
-class UnsupportedConfig(ValueError):
-    """The config cannot be reported on (not one of our methods, or unreadable)."""
-
-
 def load_config(path: str):
-    """A mergekit MergeConfiguration from a YAML file; UnsupportedConfig with one line on failure."""
+    """A mergekit MergeConfiguration from a YAML file; ConfigError with one line on failure."""
     try:
         with open(path, encoding="utf-8") as file:
             data = yaml.safe_load(file)
     except OSError as error:
-        raise UnsupportedConfig(f"cannot read config {path!r}: {error.strerror or error}") from None
+        raise ConfigError(f"cannot read config {path!r}: {error.strerror or error}") from None
     except yaml.YAMLError as error:
-        raise UnsupportedConfig(f"config {path!r} is not valid YAML: {error}") from None
+        raise ConfigError(f"config {path!r} is not valid YAML: {error}") from None
     try:
         return MergeConfiguration.model_validate(data)
     except (ValidationError, RuntimeError, ValueError) as error:
         first = str(error).strip().splitlines()
-        raise UnsupportedConfig(f"config {path!r} is not a valid mergekit config: {' '.join(first[:3])}") from None
+        raise ConfigError(f"config {path!r} is not a valid mergekit config: {' '.join(first[:3])}") from None
 
 
 def check_merge_method(config: Any, path: str) -> None:
-    """UnsupportedConfig (one line) when the config's merge_method is not registered."""
+    """ConfigError (one line) when the config's merge_method is not registered."""
     try:
         registry.get(config.merge_method)
     except RuntimeError:
         names = sorted(method.spec.name for method in registry.registered_methods())
-        raise UnsupportedConfig(
+        raise ConfigError(
             f"config {path!r}: unknown merge_method {config.merge_method!r}; registered: {', '.join(names)}"
         ) from None
 

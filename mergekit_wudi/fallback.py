@@ -12,6 +12,7 @@ import torch
 from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import MISSING, BasePolicy, ParameterScope, ParameterSpec, TensorGroup
 
+from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.names import suggest
 from mergekit_wudi.tensor_kinds import is_ours
 
@@ -72,7 +73,7 @@ def _fallback_argument(parameter: ParameterSpec, value: Any, group: TensorGroup,
     if parameter.scope == ParameterScope.SHARED:
         distinct = set(given.values())
         if len(distinct) > 1:
-            raise ValueError(
+            raise ConfigError(
                 f"fallback {fallback!r} takes one shared {parameter.name!r}, but the models give {sorted(distinct)} "
                 f"on tensor {group.metadata.name!r}"
             )
@@ -85,7 +86,7 @@ def _fallback_argument(parameter: ParameterSpec, value: Any, group: TensorGroup,
         elif parameter.default is not MISSING:
             result[entry.id] = parameter.default
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"fallback {fallback!r} needs {parameter.name!r} for model {entry.id} on tensor "
                 f"{group.metadata.name!r}; set it in that model's parameters"
             )

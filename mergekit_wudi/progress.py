@@ -142,8 +142,7 @@ def _planned_solves(bar: tqdm.tqdm, method_name: str) -> Optional[Set[str]]:
         ours = True
         weight = task.output_weight
         solve = task.parameters.get("solve", True)
-        # names with "norm" are 1-D in every architecture: keeps the first ETA close
-        if "norm" not in weight.name.lower() and will_solve(weight.name, None, weight.vocabulary_axis, solve=solve):
+        if will_solve(weight.name, None, weight.vocabulary_axis, solve=solve):
             planned.add(weight.name)
     return planned if ours else None
 

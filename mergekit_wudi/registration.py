@@ -1,4 +1,4 @@
-"""Registration of the three methods with mergekit: the package's only import-time effects.
+"""Registration of our merge methods with mergekit: the package's only import-time effects.
 
 mergekit 0.1.5 finds merge methods only through `mergekit.merge_methods.registry`, and
 has no entry-point discovery. So the wheel installs `mergekit_wudi.pth`, whose one line
@@ -35,16 +35,10 @@ def register(*, strict: bool = True) -> tuple:
     from mergekit_wudi.tensor_kinds import is_ours
 
     register_architectures()
-    added = []
-    for method in MERGE_METHODS:
-        try:
-            existing = registry.get(method.method_name)
-        except RuntimeError:
-            registry.register(method)
-            added.append(method.method_name)
-            continue
-        if is_ours(existing):
-            continue
+    registered = {method.spec.name: method for method in registry.registered_methods()}
+    taken = [(method, registered[method.method_name]) for method in MERGE_METHODS
+             if method.method_name in registered and not is_ours(registered[method.method_name])]
+    for method, existing in taken:  # all checked before any is registered
         message = (
             f"mergekit-wudi: merge method {method.method_name!r} is already registered by "
             f"{type(existing).__module__}.{type(existing).__qualname__}; left in place, "
@@ -55,7 +49,20 @@ def register(*, strict: bool = True) -> tuple:
         import logging
 
         logging.getLogger(__name__).warning(message)
-    return tuple(added)
+    added = [method for method in MERGE_METHODS if method.method_name not in registered]
+    for method in added:
+        registry.register(method)
+    return tuple(method.method_name for method in added)
+
+
+def add_method(solver_cls: type):
+    """Make a `Solver` subclass (solvers/base.py) one of our merge methods, and register
+    it with mergekit: what a solver module of this package gets by being there."""
+    from mergekit_wudi.adapter import append_method
+
+    method = append_method(solver_cls)
+    register()
+    return method
 
 
 def autoload_disabled() -> bool:

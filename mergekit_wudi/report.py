@@ -109,7 +109,7 @@ def plan_reports(
     """Check and plan at once; return (number of candidate tensors, lazy iterator of reports).
 
     config: a mergekit MergeConfiguration with merge_method one of ours
-    (UnsupportedConfig otherwise). The iterator yields one TensorReport per solved tensor,
+    (ConfigError otherwise). The iterator yields one TensorReport per solved tensor,
     in mergekit's order, reading the tensors only as it goes.
     name_filter: a regular expression searched in tensor names (a plain substring works).
     max_tensors: stop after this many reports. device: where tensors are solved.
@@ -124,7 +124,7 @@ def plan_reports(
     from mergekit.plan import MergePlanner
 
     from mergekit_wudi.adapter import MERGE_METHODS
-    from mergekit_wudi.config_check import UnsupportedConfig
+    from mergekit_wudi.config_error import ConfigError
     from mergekit_wudi.registration import register
     from mergekit_wudi.tensor_kinds import will_solve
 
@@ -132,13 +132,13 @@ def plan_reports(
 
     ours = {method.method_name: method for method in MERGE_METHODS}
     if config.merge_method not in ours:
-        raise UnsupportedConfig(
+        raise ConfigError(
             f"merge_method {config.merge_method!r} is not a mergekit-wudi method; "
             f"the report needs one of: {', '.join(ours)}"
         )
     method = ours[config.merge_method]
     if registry.get(method.method_name) is not method:
-        raise UnsupportedConfig(f"merge method {method.method_name!r} is registered by another package")
+        raise ConfigError(f"merge method {method.method_name!r} is registered by another package")
     options = options or MergeOptions(quiet=True)
     pattern = re.compile(name_filter) if name_filter else None
 

@@ -20,9 +20,9 @@ _TABLE_MODULES = frozenset(
 _INPUT_MAJOR_MODULES = frozenset({"c_attn", "c_fc", "c_proj", "q_attn"})
 # Stands in for a tensor not read yet (planning): a 2-D float tensor, so the name decides.
 _UNREAD_MATRIX = torch.empty((1, 1), device="meta")
-# The module that defines our merge-method class (compared by name, so a reloaded
-# module's methods still count as ours).
-_OUR_METHOD_MODULE = "mergekit_wudi.adapter"
+# A class attribute set on our merge-method class (a name, so that the methods of a
+# reloaded adapter module still count as ours).
+OURS_MARKER = "_mergekit_wudi_method"
 
 
 def _module_name(tensor_name: str) -> str:
@@ -64,13 +64,15 @@ def fallback_reason(
     """Why a tensor goes to the fallback method, or None when it is solved.
 
     tensor: the base model's tensor; None before it is read (planning), then only the
-    name decides. solve: the resolved `solve` parameter. fine_tunes: how many models
-    besides the base hold the tensor.
+    name decides (a name with "norm" is a 1-D tensor in every architecture). solve: the
+    resolved `solve` parameter. fine_tunes: how many models besides the base hold it.
     """
     if not fine_tunes:
         return "only the base model has it"
     if not solve:
         return "solve: false"
+    if tensor is None and name is not None and "norm" in name.lower():
+        return "not a linear weight"
     if not is_linear_weight(name, _UNREAD_MATRIX if tensor is None else tensor, vocabulary_axis):
         return "not a linear weight"
     return None
@@ -83,4 +85,4 @@ def will_solve(name: Optional[str], tensor: Optional[torch.Tensor], *args: Any, 
 
 def is_ours(method: Any) -> bool:
     """Whether a mergekit merge method is one of mergekit-wudi's solver methods."""
-    return type(method).__module__ == _OUR_METHOD_MODULE
+    return getattr(type(method), OURS_MARKER, False) is True

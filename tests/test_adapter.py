@@ -3,6 +3,7 @@
 import pytest
 import torch
 from mergekit.merge_methods import merge_tensors
+from registry import METHODS
 from tensors import low_rank_task_vectors
 
 from mergekit_wudi.config_error import ConfigError
@@ -15,8 +16,6 @@ from mergekit_wudi.solvers import (
     WudiConfig,
     WudiSolver,
 )
-
-METHODS = ["wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts"]
 
 
 def family(generator, count=3, shape=(12, 10), dtype=torch.float32):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from models import load_model, write_config
+from registry import METHODS
 from runner import mergekit_wudi_cli, mergekit_yaml
 
 import mergekit_wudi
@@ -48,7 +49,7 @@ def test_run_help_has_every_mergekit_yaml_option():
 
 def test_methods_json_lists_own_parameters_with_defaults():
     described = {item["name"]: item for item in json.loads(mergekit_wudi_cli("methods", "--format", "json").output)}
-    assert list(described) == ["wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts"]
+    assert list(described) == list(METHODS)
     common = {"weight": 1.0, "lambda": 1.0, "fallback": "task_arithmetic", "solve": True, "input_major": None}
     # Defaults from methods.md and the solver configs, independent of the spec.
     expected = {
@@ -95,7 +96,7 @@ def test_methods_text_and_markdown():
 def test_methods_unknown_name():
     result = mergekit_wudi_cli("methods", "wudy")
     assert result.exit_code == 2
-    assert "wudy" in result.output and "wudi, wudi_cfs, doge, tsv, iso_c, iso_cts" in result.output
+    assert "wudy" in result.output and ", ".join(METHODS) in result.output
 
 
 # --- run -----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 from mergekit.config import MergeConfiguration
 from models import write_config
 
-from mergekit_wudi.config_check import UnsupportedConfig, check_config_keys, check_merge_method, load_config
+from mergekit_wudi.config_check import check_config_keys, check_merge_method, load_config
 from mergekit_wudi.config_error import ConfigError
 
 
@@ -39,17 +39,17 @@ def test_other_methods_are_left_alone(family, tmp_path):
 
 
 def test_load_config_failures_are_one_line(tmp_path):
-    with pytest.raises(UnsupportedConfig, match="cannot read config"):
+    with pytest.raises(ConfigError, match="cannot read config"):
         load_config(str(tmp_path / "missing.yml"))
     (tmp_path / "bad.yml").write_text("models: [")
-    with pytest.raises(UnsupportedConfig, match="is not valid YAML"):
+    with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(str(tmp_path / "bad.yml"))
     (tmp_path / "wrong.yml").write_text("merge_method: wudi\nmodels: 3\n")
-    with pytest.raises(UnsupportedConfig, match="is not a valid mergekit config"):
+    with pytest.raises(ConfigError, match="is not a valid mergekit config"):
         load_config(str(tmp_path / "wrong.yml"))
 
 
 def test_check_merge_method(family, tmp_path):
     check_merge_method(configuration(family, tmp_path, "wudi_cfs"), "c.yml")
-    with pytest.raises(UnsupportedConfig, match="config 'c.yml': unknown merge_method 'wudy'; registered: "):
+    with pytest.raises(ConfigError, match="config 'c.yml': unknown merge_method 'wudy'; registered: "):
         check_merge_method(configuration(family, tmp_path, "wudy"), "c.yml")

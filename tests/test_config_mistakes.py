@@ -13,7 +13,6 @@ from runner import mergekit_yaml
 from mergekit_wudi.config_error import ConfigError
 
 OPTIONS = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False)
-METHODS = ("wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts")
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,11 @@ import models
 import pytest
 import torch
 from models import load_model, write_config
+from registry import METHODS, quick_parameters
 from runner import mergekit_yaml, mergekit_yaml_in_process
 from tensors import full_rank_task_vectors
 
 from mergekit_wudi.solvers import DogeConfig, DogeSolver, WudiCfsConfig, WudiCfsSolver, WudiConfig, WudiSolver
-
-PARAMETERS = {"wudi": {"steps": 50}, "wudi_cfs": {}, "doge": {"steps": 50}, "tsv": {}, "iso_c": {}, "iso_cts": {}}
 
 
 def assert_same_bits(a, b):
@@ -24,12 +23,12 @@ def assert_same_bits(a, b):
 
 def run(family, tmp_path, method):
     base, *models = family
-    return write_config(tmp_path / "cfg.yml", method, base, models, {"lambda": 0.9, **PARAMETERS[method]},
+    return write_config(tmp_path / "cfg.yml", method, base, models, {"lambda": 0.9, **quick_parameters(method)},
                         [{"weight": w} for w in (1.0, 0.8, 1.2)])
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", list(PARAMETERS))
+@pytest.mark.parametrize("method", METHODS)
 def test_same_bits_across_runs_and_shard_sizes(family, tmp_path, method):
     config = run(family, tmp_path, method)
     mergekit_yaml_in_process(config, tmp_path / "a")
@@ -39,7 +38,7 @@ def test_same_bits_across_runs_and_shard_sizes(family, tmp_path, method):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", list(PARAMETERS))
+@pytest.mark.parametrize("method", METHODS)
 def test_same_bits_across_thread_counts(family, tmp_path, method):
     config = run(family, tmp_path, method)
     mergekit_yaml_in_process(config, tmp_path / "default")  # torch's default: one thread a core

@@ -11,13 +11,13 @@ from mergekit.merge_methods import registry
 from models import fine_tune, is_llama_linear, llama_state_dict, load_model, make_family, save_model, write_config
 from reference import usable, wudi_adam, wudi_closed_form, wudi_ridge, wudi_ridge_loss
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
+from registry import METHODS
 from runner import mergekit_yaml_in_process as run
 
 from mergekit_wudi.adapter import SolverMergeMethod
 
 pytestmark = pytest.mark.e2e
 
-METHODS = ["wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts"]
 LAMBDA = 0.9
 
 

@@ -10,6 +10,7 @@ import yaml
 from mergekit.config import ConfigReader, MergeConfiguration
 from mergekit.merge_methods import registry
 from mergekit.parameter_resolver import resolve_parameters
+from registry import METHODS
 
 from mergekit_wudi.config_check import check_config_keys
 from mergekit_wudi.config_error import ConfigError
@@ -42,7 +43,7 @@ def test_recipe_is_valid(path):
 def test_recipes_cover_the_documented_cases():
     configs = {p.name: MergeConfiguration.model_validate(yaml.safe_load(p.read_text())) for p in EXAMPLES.glob("*.yml")}
     methods = {c.merge_method for c in configs.values()}
-    assert methods == {"wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts"}
+    assert methods == set(METHODS)  # a recipe per method
     families = {"llama": False, "mistral": False, "qwen": False}
     for config in configs.values():
         for family in families:
@@ -73,6 +74,6 @@ def test_key_check_rejects_what_mergekit_would_ignore(block, key, message):
 def test_demo_writes_configs_that_mergekit_accepts(tmp_path):
     result = subprocess.run([sys.executable, str(EXAMPLES / "demo.py"), str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for method in ("wudi", "wudi_cfs", "doge"):
+    for method in METHODS:
         config = MergeConfiguration.model_validate(yaml.safe_load((tmp_path / f"{method}.yml").read_text()))
         assert config.merge_method == method and len(config.models) == 3

@@ -5,6 +5,7 @@ import torch
 from mergekit.merge_methods import merge_tensors
 from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
 
+from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.fallback import BASE_FALLBACK, check_fallback, merge_by_fallback
 
 
@@ -52,12 +53,12 @@ def test_per_model_values_are_rescoped_for_the_fallback(generator):
 def test_a_required_per_model_value_names_the_model(generator):
     tensors, _ = group(generator)
     parameters = {"fallback": "task_arithmetic", "weight": {"m1": 0.5, "m2": None}}
-    with pytest.raises(ValueError, match="fallback 'task_arithmetic' needs 'weight' for model m2 on tensor 'model.norm.weight'"):
+    with pytest.raises(ConfigError, match="fallback 'task_arithmetic' needs 'weight' for model m2 on tensor 'model.norm.weight'"):
         merge_by_fallback("wudi", tensors, parameters)
 
 
 def test_a_shared_fallback_parameter_must_agree_across_models(generator):
     tensors, _ = group(generator)
     parameters = {"fallback": "karcher", "tol": {"m1": 1e-5, "m2": 1e-6}}
-    with pytest.raises(ValueError, match="fallback 'karcher' takes one shared 'tol', but the models give"):
+    with pytest.raises(ConfigError, match="fallback 'karcher' takes one shared 'tol', but the models give"):
         merge_by_fallback("wudi", tensors, parameters)

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 from mergekit.merge_methods import registry
+from registry import METHODS
 
 from mergekit_wudi.solvers import DogeConfig, WudiConfig
 from mergekit_wudi.spec import (
@@ -13,8 +14,6 @@ from mergekit_wudi.spec import (
     PassThroughParameter,
     parameter_role,
 )
-
-METHODS = ("wudi", "wudi_cfs", "doge", "tsv", "iso_c", "iso_cts")
 
 
 @pytest.mark.parametrize("method", METHODS)

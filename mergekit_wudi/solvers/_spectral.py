@@ -34,12 +34,11 @@ its memory.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
-from mergekit_wudi.solvers.checks import per_model_values
-from mergekit_wudi.solvers.numerics import TaskVectors, kept, one_cpu_thread, prepare_task_vectors, row_chunks
+from mergekit_wudi.solvers.numerics import kept, one_cpu_thread, row_chunks
 
 # What a solve may hold beside its N task vectors, in tensors of the (out, in) size
 # in the compute dtype: the N + 6 bound less one for fixed buffers (MKL's, LAPACK's) and
@@ -245,33 +244,3 @@ class SingularStacks:
         polar_(left, spare)
         polar_(right, spare)
         return left, right, self.values[: self.count]
-
-
-class SpectralSolver:
-    """`Solver(config).solve(task_vectors)` for the methods without per-model parameters:
-    a subclass sets `config_cls` and writes `_solve` for the usable task vectors.
-
-    Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
-    returns (out, in) in the compute dtype on the input device. The whole solve runs on
-    one CPU thread (one_cpu_thread): its cost is LAPACK's, which runs on one thread in
-    every solver of this package, and the products around it then round the same way at
-    any `-j`.
-    """
-
-    config_cls: type
-
-    def __init__(self, config: Optional[Any] = None):
-        self.config = config or self.config_cls()
-
-    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
-        """task_vectors: (N, out, in) -> t_m (out, in). No per-model parameter (any keyword:
-        TypeError). Zero or non-finite task vectors are excluded; none left gives zero."""
-        per_model_values(self.config, per_model, 0)
-        with one_cpu_thread(task_vectors.device):  # the norms too: they set iso_cts's cutoffs
-            prepared = prepare_task_vectors(task_vectors)
-            if prepared.count == 0:
-                return prepared.vectors.new_zeros(task_vectors.shape[1:])
-            return self._solve(prepared)
-
-    def _solve(self, prepared: TaskVectors) -> torch.Tensor:
-        raise NotImplementedError

@@ -1,8 +1,4 @@
-"""DOGE-TA: data-free merging by adaptive projective gradient descent.
-
-DOGE: Wei et al., "Modeling Multi-Task Model Merging as Adaptive Projective Gradient
-Descent", ICML 2025, arXiv:2501.01230.
-"""
+"""DOGE-TA: Wei et al., ICML 2025, arXiv:2501.01230, Sec. 4 and Alg. 1."""
 
 from __future__ import annotations
 
@@ -12,6 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from mergekit_wudi.solvers.base import Solver
 from mergekit_wudi.solvers.checks import (
     check_config,
     check_fraction,
@@ -19,31 +16,14 @@ from mergekit_wudi.solvers.checks import (
     check_positive,
     check_positive_int,
     config_field,
-    per_model_values,
 )
-from mergekit_wudi.solvers.numerics import (
-    adam_optimizer,
-    kept,
-    one_cpu_thread,
-    one_thread_if_small,
-    prepare_task_vectors,
-    release,
-)
+from mergekit_wudi.solvers.numerics import TaskVectors, adam_optimizer, kept, one_cpu_thread, release
 
 
 @dataclass(frozen=True)
 class DogeConfig:
-    """Hyperparameters of DOGE-TA (the paper's defaults: eta 0.07, Adam lr 1e-4, 400 steps,
-    keep 30% of each task vector, keep r/6 shared directions).
-
-    Args:
-        eta (float, default 0.07): per-task coefficient l_i = eta / ||t_i||_F.
-        lr (float, default 1e-4): Adam learning rate for the shared correction delta.
-        steps (int, default 400): Adam iterations.
-        density (float in (0, 1], default 0.3): fraction of each task vector's entries
-            kept by the magnitude trim; per model in YAML.
-        subspace (int, default 6): keep floor(min(out, in) / subspace) shared directions.
-    """
+    """The paper's defaults: eta 0.07, Adam lr 1e-4 for 400 steps, keep 30% of each task
+    vector, keep r/6 shared directions."""
 
     eta: float = config_field(0.07, check_positive, "l_i = eta / ||t_i||")
     lr: float = config_field(1e-4, check_positive, "Adam learning rate")
@@ -55,61 +35,32 @@ class DogeConfig:
         check_config(self)
 
 
-class DogeSolver:
-    """Merged task vector of DOGE-TA for one linear weight.
+class DogeSolver(Solver):
+    """DOGE-TA (Sec. 4, Alg. 1), per tensor:
 
-    DOGE, Wei et al., ICML 2025 (arXiv:2501.01230), Sec. 4 and Alg. 1, the
-    task-arithmetic variant, per tensor:
-        l_i = eta / ||t_i||_F,   S = sum_i l_i t_i,   L = sum_i l_i
-        shared subspace: r = min(out, in), k = floor(r / N); the top-k left singular
-            vectors of every t_i, stacked as columns of an (out, r) matrix (zeros
-            elsewhere); U_k = its first floor(r / subspace) left singular vectors;
-            P = U_k U_k^T (never formed: P g = U_k (U_k^T g))
-        loss(delta) = sum_j sum_rows (rowsum(t_j * (t_j - S - L delta)))^2
-        gradient (closed form, no autograd), with E_j = rowsum(t_j * (t_j - S - L delta)):
-            grad = -2 L sum_j E_j[:, None] * t_j,   projected: g <- g - P g
-        Adam (torch.optim.Adam arithmetic) on delta from 0, then the trim:
-            M_i keeps |t_i| >= the (d - floor(d * density_i))-th smallest |t_i|, d = numel
-        t_m = sum_i l_i * M_i * (t_i + delta)
+        l_i = eta / ||t_i||_F,  S = sum_i l_i t_i,  L = sum_i l_i
+        P = U_k U_k^T, U_k: the shared subspace of the tasks' top left singular vectors
+        min over delta of  sum_j sum_rows (rowsum(t_j * (t_j - S - L delta)))^2,
+            Adam from 0, every gradient projected g <- g - P g
+        t_m = sum_i l_i * M_i * (t_i + delta),  M_i: the magnitude trim at density_i
 
-    Deviations from the paper: the trim is per tensor where the paper trims globally
-    across layers (mergekit hands over one tensor at a time, as for its TIES), and the
-    loss uses row-wise inner products (one per output neuron). Where k = 0 (more tasks
-    than r) or floor(r / subspace) = 0 there is no shared direction and no projection.
-    Rank-deficient task vectors (LoRA deltas): each task gives only the directions of its
-    top k whose singular value is above rtol * sigma_1, rtol = max(out, in) * eps(float32)
-    (singular_value_rtol), and U_k only the directions of the stack's top
-    floor(r / subspace) above the same relative tolerance (max(out, r) * eps(float32)),
-    so U_k may have fewer columns; past the rank the paper's "top-k" would be set by
-    rounding. On full-rank task vectors (sigma_k above the tolerance) this is the paper's
-    rule. Singular subspaces: see top_left_singular_vectors.
-
-    Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
-    returns (out, in) in the compute dtype on the input device. Zero or non-finite task
-    vectors are excluded; with none left the result is zero.
+    The trim is per tensor (the paper's is global), and rank-deficient inputs keep only
+    directions above the rank cutoff (docs/methods.md).
     """
 
-    def __init__(self, config: Optional[DogeConfig] = None):
-        self.config = config or DogeConfig()
+    name = "doge"
+    pretty_name = "DOGE-TA"
+    paper = "https://arxiv.org/abs/2501.01230"
+    config_cls = DogeConfig
 
-    @one_thread_if_small
-    def solve(self, task_vectors: torch.Tensor, **per_model: Optional[Sequence[float]]) -> torch.Tensor:
-        """task_vectors: (N, out, in); density=: one kept fraction per task vector
-        (config.density for all when unset or None)."""
-        densities = per_model_values(self.config, per_model, task_vectors.shape[0])["density"]
-        prepared = prepare_task_vectors(task_vectors)
+    def _solve(self, prepared: TaskVectors, density: Sequence[float]) -> torch.Tensor:
         vectors = prepared.vectors  # (n, out, in)
-        count = vectors.shape[0]
-        if count == 0:
-            return vectors.new_zeros(task_vectors.shape[1:])
-        densities = [densities[index] for index in prepared.indices]
         coefficients = [self.config.eta / math.sqrt(sq) for sq in prepared.sq_norms]  # l_i
-
         delta = self._solve_delta(vectors, coefficients)
         merged = torch.zeros_like(delta)
         kept = torch.empty_like(delta)  # |t_i|, then M_i * (t_i + delta)
-        for task, coefficient, density in zip(vectors, coefficients, densities):
-            mask = _trim_mask_of_magnitudes(torch.abs(task, out=kept), density)
+        for task, coefficient, task_density in zip(vectors, coefficients, density):
+            mask = _trim_mask_of_magnitudes(torch.abs(task, out=kept), task_density)
             torch.add(task, delta, out=kept).mul_(mask)
             merged.add_(kept, alpha=coefficient)
         return merged

@@ -18,11 +18,11 @@ import torch
 from mergekit_wudi.solvers._spectral import (
     SOLVE_TENSORS,
     SingularStacks,
-    SpectralSolver,
-    polar_,
+        polar_,
     top_singular_triplets,
     top_singular_triplets_and_complement,
 )
+from mergekit_wudi.solvers.base import Solver
 from mergekit_wudi.solvers.checks import check_config, check_fraction, config_field
 from mergekit_wudi.solvers.numerics import TaskVectors
 
@@ -44,7 +44,7 @@ class IsoCConfig:
         check_config(self)
 
 
-class IsoCSolver(SpectralSolver):
+class IsoCSolver(Solver):
     """Merged task vector of Iso-C for one linear weight: the flattened spectrum of the sum.
 
     Iso-C, Marczak et al., ICML 2025 (arXiv:2502.04959), as the official code computes
@@ -74,7 +74,11 @@ class IsoCSolver(SpectralSolver):
     Input, output and dtypes: SpectralSolver (_spectral.py).
     """
 
+    name = "iso_c"
+    pretty_name = "Iso-C"
+    paper = "https://arxiv.org/abs/2502.04959"
     config_cls = IsoCConfig
+    one_thread = True
 
     def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         summed = prepared.vectors.sum(dim=0)  # T, (out, in)
@@ -106,7 +110,7 @@ class IsoCtsConfig:
         check_config(self)
 
 
-class IsoCtsSolver(SpectralSolver):
+class IsoCtsSolver(Solver):
     """Merged task vector of Iso-CTS for one linear weight.
 
     Iso-CTS, Marczak et al., ICML 2025 (arXiv:2502.04959), as the official code computes
@@ -149,7 +153,11 @@ class IsoCtsSolver(SpectralSolver):
     Input, output and dtypes: SpectralSolver (_spectral.py).
     """
 
+    name = "iso_cts"
+    pretty_name = "Iso-CTS"
+    paper = "https://arxiv.org/abs/2502.04959"
     config_cls = IsoCtsConfig
+    one_thread = True
 
     def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         vectors = prepared.vectors  # (n, out, in)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mergekit_wudi.solvers._spectral import SingularStacks, SpectralSolver, top_singular_triplets
+from mergekit_wudi.solvers._spectral import SingularStacks, top_singular_triplets
+from mergekit_wudi.solvers.base import Solver
 from mergekit_wudi.solvers.checks import check_config
 from mergekit_wudi.solvers.numerics import TaskVectors
 
@@ -32,7 +33,7 @@ class TsvConfig:
         check_config(self)
 
 
-class TsvSolver(SpectralSolver):
+class TsvSolver(Solver):
     """Merged task vector of TSV-Merge for one linear weight.
 
     TSV-M, Gargiulo et al., CVPR 2025 (arXiv:2412.00081): the TSV-C truncation, then the
@@ -82,7 +83,11 @@ class TsvSolver(SpectralSolver):
     Input, output and dtypes: SpectralSolver (_spectral.py).
     """
 
+    name = "tsv"
+    pretty_name = "TSV-Merge"
+    paper = "https://arxiv.org/abs/2412.00081"
     config_cls = TsvConfig
+    one_thread = True
 
     def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         vectors = prepared.vectors  # (n, out, in)

@@ -1,30 +1,20 @@
-"""WUDI-Merging solved with Adam, without autograd.
-
-WUDI-Merging: Cheng et al., "Whoever Started the Interference Should End It: Guiding
-Data-Free Model Merging via Task Vectors", ICML 2025, arXiv:2503.08099.
-"""
+"""WUDI-Merging: Cheng et al., ICML 2025, arXiv:2503.08099, Eq. 21, solved with Adam."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from mergekit_wudi.solvers.checks import (
-    check_config,
-    check_non_negative_int,
-    check_positive,
-    config_field,
-    per_model_values,
-)
+from mergekit_wudi.solvers.base import Solver
+from mergekit_wudi.solvers.checks import check_config, check_non_negative_int, check_positive, config_field
 from mergekit_wudi.solvers.numerics import (
     CHUNK_DIVISOR,
     CHUNK_ELEMENTS,
+    TaskVectors,
     adam_optimizer,
     gram_terms,
-    one_thread_if_small,
-    prepare_task_vectors,
     release,
     solver_row_chunks,
 )
@@ -46,12 +36,7 @@ _TALL_CHUNK_DIVISOR = 2
 
 @dataclass(frozen=True)
 class WudiConfig:
-    """Hyperparameters of WUDI-Merging (paper Sec. 4 and A.8: Adam, lr 1e-5, 300 steps).
-
-    Args:
-        steps (int, default 300): Adam iterations; 0 returns task arithmetic's sum.
-        lr (float, default 1e-5): Adam learning rate, in the task vectors' own units.
-    """
+    """The paper's Adam settings (Sec. 4, A.8); steps 0 returns the plain sum."""
 
     steps: int = config_field(300, check_non_negative_int, "Adam iterations")
     lr: float = config_field(1e-5, check_positive, "Adam learning rate")
@@ -60,35 +45,25 @@ class WudiConfig:
         check_config(self)
 
 
-class WudiSolver:
-    """Merged task vector minimising the WUDI interference loss, solved with Adam.
+class WudiSolver(Solver):
+    """WUDI-Merging (Eq. 21), solved with Adam from t_m = sum_i t_i:
 
-    WUDI-Merging, Cheng et al., ICML 2025 (arXiv:2503.08099), Eq. 21 of the ICML text:
-        L(t_m) = sum_i ||(t_m - t_i) t_i^T||_F^2 / ||t_i||_F^2
-    Gradient used instead of autograd:
-        grad = 2 (t_m C - D),  C = sum_i t_i^T t_i / ||t_i||^2   (in, in)
-                               D = sum_i t_i t_i^T t_i / ||t_i||^2  (out, in)
-    or, where `in` is large next to `out`, the same thing in out-space
-        t_m C = sum_i ((t_m t_i^T) / ||t_i||^2) t_i = ((t_m T^T) * w) T,
-    with T the (N*out, in) stack of task vectors and w the per-block weights
-    1/||t_i||^2: two GEMMs, and no (N, out, out) intermediate. The in-space form costs
-    2*out*in^2 flops a step, the out-space one 4*N*out^2*in; the cheaper is used,
-    unless C would take more than _MAX_GRAM_OVER_TENSOR times the tensor's memory.
+        L(t_m) = sum_i ||(t_m - t_i) t_i^T||_F^2 / ||t_i||_F^2,   grad = 2 (t_m C - D)
+        C = sum_i t_i^T t_i / ||t_i||^2 (in, in),  D = sum_i t_i t_i^T t_i / ||t_i||^2 (out, in)
 
-    Adam as torch.optim.Adam (betas 0.9/0.999, eps 1e-8; the fused kernel where the
-    device has one, see adam_optimizer), from t_m = sum_i t_i. The
-    loss is a sum over rows of t_m and Adam is element-wise, so rows are solved in
-    chunks (every step of one chunk, then the next): same result, bounded memory.
-
-    Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
-    returns (out, in) in that compute dtype on the input device. Zero or non-finite task
-    vectors are excluded; with none left the result is zero. With one left it is
-    returned as is: t_m = t_1 is a stationary point, where float32 rounding in the
-    gradient would otherwise be amplified by Adam's normalisation.
+    or t_m C in out-space, ((t_m T^T) * w) T with T the (N*out, in) stack, where that
+    costs fewer flops or C would not fit the memory bound. Rows are solved in chunks
+    (the loss is a sum over rows, Adam is element-wise). One usable task vector is
+    returned as is (a stationary point). docs/methods.md has the details.
     """
 
+    name = "wudi"
+    pretty_name = "WUDI-Merging"
+    paper = "https://arxiv.org/abs/2503.08099"
+    config_cls = WudiConfig
+
     def __init__(self, config: Optional[WudiConfig] = None, *, chunk_elements: int = CHUNK_ELEMENTS):
-        self.config = config or WudiConfig()
+        super().__init__(config)
         self.chunk_elements = chunk_elements
 
     @staticmethod
@@ -98,13 +73,9 @@ class WudiSolver:
         small = in_features <= _MAX_GRAM_OVER_TENSOR * out_features
         return cheaper and small
 
-    @one_thread_if_small
-    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
-        """task_vectors: (N, out, in). WUDI has no per-model parameter (any keyword: TypeError)."""
-        per_model_values(self.config, per_model, 0)
-        prepared = prepare_task_vectors(task_vectors)
+    def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         if prepared.count <= 1 or self.config.steps == 0:
-            return prepared.vectors.sum(dim=0)  # zeros where no task vector is usable
+            return prepared.vectors.sum(dim=0)
         vectors = prepared.vectors  # (n, out, in)
         count, out_features, in_features = vectors.shape
         weights = [1.0 / sq for sq in prepared.sq_norms]

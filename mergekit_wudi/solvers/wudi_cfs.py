@@ -1,37 +1,23 @@
-"""WUDI-Merging's closed-form solution (WUDI-Merging-CFS).
-
-WUDI-Merging: Cheng et al., "Whoever Started the Interference Should End It: Guiding
-Data-Free Model Merging via Task Vectors", ICML 2025, arXiv:2503.08099.
-"""
+"""WUDI-Merging-CFS: Cheng et al., ICML 2025, arXiv:2503.08099, Eq. 20."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
 
 import torch
 
-from mergekit_wudi.solvers.checks import check_config, check_non_negative, config_field, per_model_values
-from mergekit_wudi.solvers.numerics import gram_terms, one_cpu_thread, one_thread_if_small, prepare_task_vectors
+from mergekit_wudi.solvers.base import Solver
+from mergekit_wudi.solvers.checks import check_config, check_non_negative, config_field
+from mergekit_wudi.solvers.numerics import TaskVectors, gram_terms, one_cpu_thread
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class WudiCfsConfig:
-    """Hyperparameters of WUDI-Merging-CFS.
-
-    Args:
-        omega (float, default 0.1): scale-free ridge. The ridge added to the (in, in)
-            matrix is r * sum_i a_i with r = omega * mean_i ||t_i||^2 / in; since
-            trace(C) = N, omega is the ridge as a fraction of C's mean eigenvalue when
-            the task vectors have similar norms. 0 gives the minimum-norm
-            (pseudo-inverse) minimiser of the unregularised loss; large omega tends to
-            the norm-weighted mean sum_i a_i t_i / sum_i a_i. The paper (Sec. 5.4,
-            Fig. 5a) finds the closed form sensitive to this choice; 0.1 damps only
-            directions that carry under a tenth of an isotropic task vector's energy.
-    """
+    """omega: the ridge r = omega * mean_i ||t_i||^2 / in, a fraction of C's mean
+    eigenvalue for task vectors of similar norms; 0 gives the pseudo-inverse solution."""
 
     omega: float = config_field(0.1, check_non_negative, "scale-free ridge (0: pseudo-inverse)")
 
@@ -39,47 +25,26 @@ class WudiCfsConfig:
         check_config(self)
 
 
-class WudiCfsSolver:
-    """Closed-form minimiser of the ridge-regularised WUDI loss.
+class WudiCfsSolver(Solver):
+    """WUDI-Merging's closed form (Eq. 20), the minimiser of
+    sum_i a_i (||(t_m - t_i) t_i^T||_F^2 + r ||t_m - t_i||_F^2),  a_i = 1/||t_i||_F^2:
 
-    WUDI-Merging, Cheng et al., ICML 2025 (arXiv:2503.08099), Eq. 20 of the ICML text
-    (derivation in A.1.4, Eq. 71-82), the minimiser of
-        sum_i a_i (||(t_m - t_i) t_i^T||_F^2 + r ||t_m - t_i||_F^2),  a_i = 1/||t_i||_F^2:
-        t_m = (sum_i a_i t_i (t_i^T t_i + r I)) (sum_i a_i (t_i^T t_i + r I))^-1
-            = (D + r sum_i a_i t_i) (C + r A I)^-1,   A = sum_i a_i
-    with C = sum_i a_i t_i^T t_i (in, in) and D = sum_i a_i t_i t_i^T t_i (out, in), and
-    r = omega * mean_i(||t_i||^2) / in. (A.1.4 writes t_i t_i^T where the shapes need
-    t_i^T t_i; Eq. 20 and this code use the latter.)
+        t_m = (D + r sum_i a_i t_i) (C + r A I)^-1,   A = sum_i a_i
+        C = sum_i a_i t_i^T t_i (in, in),  D = sum_i a_i t_i t_i^T t_i (out, in)
 
-    The (in, in) matrix M = C + r A I is symmetric positive semi-definite: with r > 0 it
-    is solved by Cholesky, M = L L^T, t_m = B L^-T L^-1 (factor and triangular solves
-    in place: peak memory N + 2 tensors plus one (in, in) matrix); where that fails
-    (the matrix is rebuilt), or at omega = 0, by
-    an eigendecomposition that gives the pseudo-inverse (minimum-norm) solution, with
-    eigenvalues below in * eps(dtype) * max eigenvalue treated as zero, as
-    torch.linalg.pinv does for Hermitian input.
-
-    Input (N, out, in), any float dtype; solved in float32 (float64 if given float64);
-    returns (out, in) in the compute dtype on the input device. Zero or non-finite task
-    vectors are excluded; with none left the result is zero, with one left (N = 1, or
-    N effective = 1) it is that task vector, exactly.
+    Cholesky in place where r > 0 and it succeeds, else the pseudo-inverse through an
+    eigendecomposition. One usable task vector is returned exactly (docs/methods.md).
     """
 
-    def __init__(self, config: Optional[WudiCfsConfig] = None):
-        self.config = config or WudiCfsConfig()
+    name = "wudi_cfs"
+    pretty_name = "WUDI-Merging (closed form)"
+    paper = "https://arxiv.org/abs/2503.08099"
+    config_cls = WudiCfsConfig
 
-    @one_thread_if_small
-    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
-        """task_vectors: (N, out, in). No per-model parameter (any keyword: TypeError)."""
-        per_model_values(self.config, per_model, 0)
-        prepared = prepare_task_vectors(task_vectors)
+    def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         vectors = prepared.vectors  # (n, out, in)
         count, out_features, in_features = vectors.shape
-        if count == 0:
-            return vectors.new_zeros(task_vectors.shape[1:])
-        if count == 1:
-            # The exact minimiser for any omega: t_1 (t_1^T t_1 + r I)(t_1^T t_1 + r I)^-1 = t_1;
-            # a float32 solve would only approximate it.
+        if count == 1:  # the exact minimiser for any omega; a float32 solve would approximate it
             return vectors[0].clone()
         inv_norms = [1.0 / sq for sq in prepared.sq_norms]  # a_i
         ridge = self.config.omega * (sum(prepared.sq_norms) / count) / in_features  # r

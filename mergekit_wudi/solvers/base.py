@@ -1,0 +1,64 @@
+"""The solver template: every method is a `Solver` subclass with a config and a `_solve`.
+
+`solve` does the prologue once for all methods: per-model values checked, task vectors
+cast to the compute dtype with zero or non-finite ones dropped, the thread policy, and
+the empty case. A subclass writes only `_solve(prepared, **per_model)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ClassVar, Optional, Tuple
+
+import torch
+
+from mergekit_wudi.solvers.checks import per_model_values
+from mergekit_wudi.solvers.numerics import ONE_THREAD_ELEMENTS, TaskVectors, one_cpu_thread, prepare_task_vectors
+
+# Peak memory of one solve, in tensors of the (out, in) size in the compute dtype:
+# the N task vectors plus at most this many (tests/test_memory.py measures it).
+SOLVE_EXTRA_TENSORS = 6
+
+
+class Solver:
+    """`Solver(config).solve(task_vectors, **per_model)`: (N, out, in) in, (out, in) out.
+
+    Class attributes of a method: `name` (the YAML merge_method), `pretty_name`,
+    `paper` (a URL), `config_cls` (a frozen dataclass of `config_field`s), and
+    `one_thread` (True: the whole solve runs on one CPU thread, so results do not depend
+    on the thread count; False: only tensors under ONE_THREAD_ELEMENTS do).
+
+    Input: any float dtype on any device; solved in float32 (float64 if given float64);
+    returns (out, in) in that compute dtype on the input device. Zero or non-finite task
+    vectors take no part; with none left the result is zero.
+    """
+
+    name: ClassVar[str] = ""
+    pretty_name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    config_cls: ClassVar[type]
+    one_thread: ClassVar[bool] = False
+
+    def __init__(self, config: Optional[Any] = None):
+        self.config = config or self.config_cls()
+
+    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
+        """task_vectors (N, out, in) -> t_m (out, in); per_model: one value per task vector
+        for each per-model config field (an unknown keyword is a TypeError)."""
+        count = task_vectors.shape[0] if isinstance(task_vectors, torch.Tensor) and task_vectors.ndim else 0
+        values = per_model_values(self.config, per_model, count)
+        with self._threads(task_vectors):
+            prepared = prepare_task_vectors(task_vectors)
+            if prepared.count == 0:
+                return prepared.vectors.new_zeros(task_vectors.shape[1:])
+            kept = {name: tuple(given[i] for i in prepared.indices) for name, given in values.items()}
+            return self._solve(prepared, **kept)
+
+    def _solve(self, prepared: TaskVectors, **per_model: Tuple[Any, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _threads(self, task_vectors: torch.Tensor):
+        if not isinstance(task_vectors, torch.Tensor) or task_vectors.ndim != 3:
+            return contextlib.nullcontext()  # prepare_task_vectors says what is wrong
+        small = task_vectors.shape[1] * task_vectors.shape[2] < ONE_THREAD_ELEMENTS
+        return one_cpu_thread(task_vectors.device) if self.one_thread or small else contextlib.nullcontext()
