@@ -106,3 +106,16 @@ def test_importing_one_of_our_modules_first_still_registers(module):
     )
     assert result.stdout.strip() == repr(list(METHODS)), result.stderr
     assert "registration failed" not in result.stderr
+
+
+def test_pyproject_entry_points_equal_the_registry():
+    tomllib = pytest.importorskip("tomllib")
+    from importlib import import_module
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    entry_points = pyproject["project"]["entry-points"]["mergekit.merge_methods"]
+    assert sorted(entry_points) == sorted(METHODS)
+    for name, target in entry_points.items():
+        module, _, attribute = target.partition(":")
+        assert getattr(import_module(module), attribute).method_name == name
