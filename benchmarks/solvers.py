@@ -45,6 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
@@ -159,9 +160,11 @@ def reset_peak_rss() -> int:
 
 def memory_child(method: str, count: int, out_features: int, in_features: int, device: str) -> dict:
     """Runs in the child: merge one tensor through the adapter, return peak extra bytes."""
-    from mergekit.merge_methods import merge_tensors
+    from mergekit.merge_methods import merge_tensors, registry
 
-    parameters = {"steps": MEMORY_STEPS} if method in ("wudi", "doge") else {}
+    config_cls = getattr(registry.get(method), "config_cls", None)  # ours: an iterative one has `steps`
+    names = {field.name for field in dataclasses.fields(config_cls)} if config_cls else set()
+    parameters = {"steps": MEMORY_STEPS} if "steps" in names else {}
     if method == "task_arithmetic":
         parameters = {"weight": 1.0}
     # Load every library and kernel on a tiny case first, so the measurement starts warm.
