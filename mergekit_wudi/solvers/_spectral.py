@@ -34,25 +34,21 @@ its memory.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from mergekit_wudi.solvers.numerics import kept, one_cpu_thread, row_chunks
+from mergekit_wudi.solvers.numerics import kept, one_cpu_thread, rank_cutoff, row_blocks, symmetric_eigh
 
 # What a solve may hold beside its N task vectors, in tensors of the (out, in) size
 # in the compute dtype: the N + 6 bound less one for fixed buffers (MKL's, LAPACK's) and
 # the float64 row blocks.
 SOLVE_TENSORS = 5
 
-# Row blocks of a matrix, converted to float64 one at a time, take 1/BLOCKS of it
-# (2/BLOCKS of its float32 size).
-BLOCKS = 16
-
 
 def cutoff(matrix: torch.Tensor, scale: float) -> float:
-    """max(out, in) * eps(dtype) * scale: singular values at or below it count as zero."""
-    return max(matrix.shape) * torch.finfo(matrix.dtype).eps * scale
+    """rank_cutoff of an (out, in) matrix: max(out, in) * eps(dtype) * scale."""
+    return rank_cutoff(max(matrix.shape), matrix.dtype, scale)
 
 
 def svd(matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,7 +78,7 @@ def top_singular_triplets(
     limit = min(limit, rows.shape[1])
     if limit == 0:
         return matrix.new_empty(matrix.shape[0], 0), matrix.new_empty(0), matrix.new_empty(0, matrix.shape[1])
-    _, vectors = eigh64(gram64(rows), top=limit)  # V (n, limit), float64
+    _, vectors = symmetric_eigh(gram64(rows), top=limit, lean=True)  # V (n, limit), float64
     left, values, right, _ = _triplets(matrix, rows, vectors, scale)
     return (left, values, right) if tall else (right.mT, values, left.mT)
 
@@ -108,9 +104,9 @@ def top_singular_triplets_and_complement(
         return u[:, :count], s[:count], vh[:count], u[:, count:]
     rows = matrix.mT  # A = M^T (in, out): A^T A = M M^T, its eigenvectors are M's U
     limit = min(limit, out_features)
-    _, vectors = eigh64(gram64(rows))  # (out, out), ascending
+    _, vectors = symmetric_eigh(gram64(rows), lean=True)  # (out, out), ascending
     split = out_features - limit
-    complement = vectors[:, :split].to(matrix.dtype)  # before U and Vh exist: the peak stays eigh64's
+    complement = vectors[:, :split].to(matrix.dtype)  # before U and Vh exist: the peak stays the eigendecomposition's
     left, values, right, keep = _triplets(matrix, rows, vectors[:, split:], None)
     if not bool(keep.all()):  # top directions dropped by the cutoff belong to the complement
         complement = torch.cat([complement, vectors[:, split:][:, ~keep].to(matrix.dtype)], dim=1)
@@ -161,7 +157,7 @@ def polar_(matrix: torch.Tensor, spare: int) -> torch.Tensor:
         return values[:count]
     rows = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.mT  # A (rows, n)
     size = rows.shape[1]
-    squares, vectors = eigh64(gram64(rows), in_place=4 * size * size > spare)  # ascending
+    squares, vectors = symmetric_eigh(gram64(rows), in_place=4 * size * size > spare, lean=True)  # ascending
     values = squares.clamp_(min=0).sqrt_()  # d
     keep = values > cutoff(matrix, float(values.max()))
     # Z diag(d^-1/2) on the kept columns, zero elsewhere, so that A Z' Z'^T = A Z diag(1/d) Z^T
@@ -178,41 +174,6 @@ def gram64(rows: torch.Tensor) -> torch.Tensor:
         part = rows[block].double()
         gram.addmm_(part.mT, part)
     return gram
-
-
-def eigh64(gram: torch.Tensor, top: Optional[int] = None, in_place: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The `top` largest eigenvalues (all by default), ascending, and their eigenvectors
-    (n, top) of the symmetric float64 `gram`, which it overwrites.
-
-    CPU: LAPACK dsyevr (a new (n, top) array; O(n) workspace) or, with in_place, dsyev
-    (all n eigenvectors written over `gram`; about 5 times slower). Elsewhere:
-    torch.linalg.eigh.
-    """
-    size = gram.shape[0]
-    top = size if top is None else top
-    if gram.device.type != "cpu":
-        values, vectors = torch.linalg.eigh(gram)
-        return values[size - top :], vectors[:, size - top :]
-    from scipy.linalg import lapack  # a dependency of mergekit; imported on first use
-
-    array = gram.numpy().T  # the same symmetric matrix, in LAPACK's column-major order
-    if in_place:
-        (work, _) = lapack.dsyev_lwork(size)
-        values, vectors, info = lapack.dsyev(array, compute_v=1, lwork=int(work), overwrite_a=1)
-    else:
-        values, vectors, _, _, info = lapack.dsyevr(
-            array, compute_v=1, range="I", il=size - top + 1, iu=size, overwrite_a=1
-        )
-    if info != 0:
-        raise torch.linalg.LinAlgError(f"LAPACK symmetric eigensolver failed (info={info}) on a {size}x{size} Gram matrix")
-    if in_place:  # dsyev: all n pairs, ascending; the top are the last
-        return torch.from_numpy(values[size - top :]), torch.from_numpy(vectors[:, size - top :])
-    return torch.from_numpy(values[:top]), torch.from_numpy(vectors)  # dsyevr: the `top` asked for, first
-
-
-def row_blocks(count: int) -> Iterator[slice]:
-    """slice(start, stop) over `count` rows, BLOCKS of them (fewer for small counts)."""
-    return row_chunks(count, 1, -(-count // BLOCKS))
 
 
 class SingularStacks:

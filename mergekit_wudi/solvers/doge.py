@@ -17,7 +17,16 @@ from mergekit_wudi.solvers.checks import (
     check_positive_int,
     config_field,
 )
-from mergekit_wudi.solvers.numerics import TaskVectors, adam_optimizer, kept, one_cpu_thread, release
+from mergekit_wudi.solvers.numerics import (
+    TaskVectors,
+    adam_optimizer,
+    kept,
+    one_cpu_thread,
+    rank_cutoff,
+    release,
+    row_blocks,
+    symmetric_eigh,
+)
 
 
 @dataclass(frozen=True)
@@ -129,20 +138,9 @@ class DogeSolver(Solver):
 GRAM_MIN_ELEMENTS = 1 << 20
 
 
-def singular_value_rtol(out_features: int, in_features: int) -> float:
-    """max(out, in) * eps(float32): singular values at or below rtol * sigma_max are rounding.
-
-    The rank tolerance of torch.linalg.matrix_rank and numpy.linalg.matrix_rank, with
-    float32's eps whatever the compute dtype: a backward-stable SVD of a float32 matrix
-    has singular value errors up to about that, and a float64 solve must keep the same
-    directions as a float32 one.
-    """
-    return max(out_features, in_features) * torch.finfo(torch.float32).eps
-
-
 def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     """(out, j), j <= k: orthonormal columns spanning the left singular vectors of M's
-    first k singular values, keeping only those above singular_value_rtol * sigma_1.
+    first k singular values, keeping only those above rank_cutoff(max(out, in), float32, sigma_1).
 
     j = k where M has k singular values above the tolerance (full-rank task vectors: the
     paper's behaviour); fewer where its rank is lower, as those past the rank would be
@@ -172,54 +170,35 @@ def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
 
 def _top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     out_features, in_features = matrix.shape
-    rtol = singular_value_rtol(out_features, in_features)
+    size = max(out_features, in_features)
     if matrix.numel() < GRAM_MIN_ELEMENTS:
         left, values, _ = torch.linalg.svd(matrix, full_matrices=False)
-        return _above_tolerance(left, values, k, rtol)
+        return _above_tolerance(left, values, k, size)
     width = k + min(min(out_features, in_features) - k, max(16, k // 4))  # k + p
     gram = matrix @ matrix.T if out_features <= in_features else matrix.T @ matrix
-    _, top = _top_eigenvectors(gram, width)
+    _, top = symmetric_eigh(gram, width, in_place=True)
     del gram
     if out_features <= in_features:
         # B B^T, B = Q^T M (k + p, in), accumulated in float64 over column blocks of M.
         small = top.new_zeros(width, width, dtype=torch.float64)
-        step = -(-in_features // 8)
-        for start in range(0, in_features, step):
-            block = (top.T @ matrix[:, start : start + step]).double()
+        for columns in row_blocks(in_features, 8):
+            block = (top.T @ matrix[:, columns]).double()
             small.addmm_(block, block.T)
         del block
-        squares, vectors = _top_eigenvectors(small, width)  # ascending sigma^2
+        squares, vectors = symmetric_eigh(small, width, in_place=True)  # ascending sigma^2
         values = squares.flip(0).clamp_(min=0).sqrt_()
-        return top @ _above_tolerance(vectors.flip(1), values, k, rtol).to(matrix.dtype)
+        return top @ _above_tolerance(vectors.flip(1), values, k, size).to(matrix.dtype)
     ritz = matrix @ top  # (out, k + p)
     del top
     left, values, _ = torch.linalg.svd(ritz, full_matrices=False)
-    return _above_tolerance(left, values, k, rtol)
+    return _above_tolerance(left, values, k, size)
 
 
-def _above_tolerance(vectors: torch.Tensor, values: torch.Tensor, k: int, rtol: float) -> torch.Tensor:
-    """The first k columns of `vectors` whose singular value (`values`, descending) is
-    above rtol * values[0]."""
-    return vectors[:, : kept(values, k, rtol * values[0]) if values.numel() else 0]
-
-
-def _top_eigenvectors(symmetric: torch.Tensor, count: int):
-    """The `count` largest eigenvalues (ascending) and their eigenvectors, a new
-    contiguous tensor.
-
-    Overwrites `symmetric`: its transpose is the column-major layout LAPACK works in,
-    so eigh writes the eigenvectors over it instead of into a copy (one tensor less).
-    """
-    eigenvectors = symmetric.mT
-    eigenvalues = symmetric.new_empty(symmetric.shape[0])
-    with one_cpu_thread(symmetric.device):
-        try:
-            torch.linalg.eigh(eigenvectors, out=(eigenvalues, eigenvectors))
-        except RuntimeError as error:  # a torch that refuses the aliased out=
-            if isinstance(error, torch.linalg.LinAlgError):
-                raise
-            eigenvalues, eigenvectors = torch.linalg.eigh(symmetric)
-    return eigenvalues[-count:], eigenvectors[:, -count:].contiguous()  # the last columns
+def _above_tolerance(vectors: torch.Tensor, values: torch.Tensor, k: int, size: int) -> torch.Tensor:
+    """The first k columns of `vectors` whose singular value (`values`, descending) is above
+    rank_cutoff(size, float32, values[0]): float32's eps whatever the compute dtype, so a
+    float64 solve keeps the directions a float32 one keeps (docs/methods.md)."""
+    return vectors[:, : kept(values, k, rank_cutoff(size, torch.float32, values[0])) if values.numel() else 0]
 
 
 def _row_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

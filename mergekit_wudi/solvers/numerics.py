@@ -137,6 +137,12 @@ def one_thread_if_small(solve):
     return wrapper
 
 
+def rank_cutoff(size: int, dtype: torch.dtype, scale):
+    """size * eps(dtype) * scale: a singular value (or eigenvalue) at or below it is rounding
+    and counts as zero, the rule of torch.linalg.matrix_rank and pinv; scale is the largest."""
+    return size * torch.finfo(dtype).eps * scale
+
+
 def kept(values: torch.Tensor, limit: int, threshold: float) -> int:
     """How many of the first `limit` (descending) singular values exceed `threshold`: the
     rank cut of doge's subspaces and of the tsv / iso solvers."""
@@ -148,6 +154,61 @@ def row_chunks(rows: int, cols: int, chunk_elements: int) -> Iterator[slice]:
     step = max(1, chunk_elements // max(1, cols))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
+
+
+def row_blocks(count: int, blocks: int = 16) -> Iterator[slice]:
+    """`blocks` consecutive slices over `count` rows (fewer for small counts)."""
+    return row_chunks(count, 1, -(-count // blocks))
+
+
+def symmetric_eigh(
+    matrix: torch.Tensor, top: Optional[int] = None, *, in_place: bool = False, lean: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The `top` largest eigenvalues (all by default), ascending, and their eigenvectors
+    (n, top) of a symmetric matrix, on one CPU thread.
+
+    lean (a float64 matrix on the CPU): LAPACK through scipy, dsyevr (a new (n, top)
+    array, O(n) workspace) or, with in_place, dsyev (all eigenvectors written over the
+    matrix, about 5 times slower), for memory bounds that leave no room for the 2 n^2
+    workspace of torch's syevd. Otherwise torch.linalg.eigh, writing the eigenvectors
+    over the matrix where in_place (its transpose is LAPACK's column-major layout).
+    """
+    size = matrix.shape[0]
+    top = size if top is None else top
+    if lean and matrix.device.type == "cpu" and matrix.dtype == torch.float64:
+        return _scipy_eigh(matrix, top, in_place)
+    with one_cpu_thread(matrix.device):
+        if in_place:
+            eigenvectors = matrix.mT
+            eigenvalues = matrix.new_empty(size)
+            try:
+                torch.linalg.eigh(eigenvectors, out=(eigenvalues, eigenvectors))
+            except RuntimeError as error:  # a torch that refuses the aliased out=
+                if isinstance(error, torch.linalg.LinAlgError):
+                    raise
+                eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+        else:
+            eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    return eigenvalues[size - top :], eigenvectors[:, size - top :].contiguous()
+
+
+def _scipy_eigh(matrix: torch.Tensor, top: int, in_place: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    from scipy.linalg import lapack  # a dependency of mergekit; imported on first use
+
+    size = matrix.shape[0]
+    array = matrix.numpy().T  # the same symmetric matrix, in LAPACK's column-major order
+    if in_place:
+        (work, _) = lapack.dsyev_lwork(size)
+        values, vectors, info = lapack.dsyev(array, compute_v=1, lwork=int(work), overwrite_a=1)
+    else:
+        values, vectors, _, _, info = lapack.dsyevr(
+            array, compute_v=1, range="I", il=size - top + 1, iu=size, overwrite_a=1
+        )
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"LAPACK symmetric eigensolver failed (info={info}) on a {size}x{size} matrix")
+    if in_place:  # dsyev: all n pairs, ascending; the top are the last
+        return torch.from_numpy(values[size - top :]), torch.from_numpy(vectors[:, size - top :])
+    return torch.from_numpy(values[:top]), torch.from_numpy(vectors)  # dsyevr: the `top` asked for, first
 
 
 def solver_row_chunks(rows: int, cols: int, chunk_elements: int, divisor: int = CHUNK_DIVISOR) -> Iterator[slice]:

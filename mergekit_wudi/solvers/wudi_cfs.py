@@ -9,7 +9,7 @@ import torch
 
 from mergekit_wudi.solvers.base import Solver
 from mergekit_wudi.solvers.checks import check_config, check_non_negative, config_field
-from mergekit_wudi.solvers.numerics import TaskVectors, gram_terms, one_cpu_thread
+from mergekit_wudi.solvers.numerics import TaskVectors, gram_terms, one_cpu_thread, rank_cutoff, symmetric_eigh
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,8 @@ def _normal_equations(vectors: torch.Tensor, inv_norms, ridge: float, rhs: bool 
 
 def _pinv_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     """rhs @ pinv(matrix) for a symmetric PSD matrix, through its eigendecomposition."""
-    with one_cpu_thread(matrix.device):
-        eigenvalues, eigenvectors = torch.linalg.eigh(matrix)  # (in,), (in, in)
-    cutoff = matrix.shape[0] * torch.finfo(matrix.dtype).eps * eigenvalues.abs().max()
+    eigenvalues, eigenvectors = symmetric_eigh(matrix)  # (in,), (in, in)
+    cutoff = rank_cutoff(matrix.shape[0], matrix.dtype, eigenvalues.abs().max())
     keep = eigenvalues > cutoff
     basis = eigenvectors[:, keep]  # (in, k)
     coords = (rhs @ basis).div_(eigenvalues[keep])  # (out, k)

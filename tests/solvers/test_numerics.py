@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from mergekit_wudi.solvers import compute_dtype
-from mergekit_wudi.solvers.numerics import gram_terms, prepare_task_vectors, row_chunks
+from mergekit_wudi.solvers.numerics import (
+    gram_terms,
+    prepare_task_vectors,
+    rank_cutoff,
+    row_blocks,
+    row_chunks,
+    symmetric_eigh,
+)
 
 
 @pytest.mark.parametrize("shape", [(3, 7, 5), (3, 5, 7), (1, 6, 6)], ids=["tall", "wide", "square"])
@@ -38,3 +45,26 @@ def test_row_chunks_cover_every_row_once(rows, cols, elements):
     chunks = list(row_chunks(rows, cols, elements))
     assert [i for chunk in chunks for i in range(rows)[chunk]] == list(range(rows))
     assert all((chunk.stop - chunk.start) * cols <= elements or chunk.stop - chunk.start == 1 for chunk in chunks)
+
+
+@pytest.mark.parametrize(
+    "dtype, in_place, lean",
+    [(torch.float64, False, True), (torch.float64, True, True), (torch.float64, True, False), (torch.float32, True, False),
+     (torch.float32, False, False)],
+    ids=["dsyevr", "dsyev", "torch-in-place-64", "torch-in-place-32", "torch"],
+)
+def test_symmetric_eigh_returns_the_largest_pairs(generator, dtype, in_place, lean):
+    # A symmetric matrix with eigenvalues 1..6: the top 2 are 5 and 6 (ascending), on every route.
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
+    values = torch.arange(1.0, 7.0, dtype=torch.float64)
+    matrix = (basis @ torch.diag(values) @ basis.T).to(dtype)
+    values_out, vectors = symmetric_eigh(matrix, top=2, in_place=in_place, lean=lean)
+    tolerance = 1e-10 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(values_out.double(), values[4:], rtol=0, atol=tolerance)
+    torch.testing.assert_close((vectors.double().T @ basis[:, 4:]).abs(), torch.eye(2, dtype=torch.float64), rtol=0, atol=tolerance)
+
+
+def test_rank_cutoff_and_row_blocks():
+    assert rank_cutoff(7, torch.float32, 2.0) == 7 * torch.finfo(torch.float32).eps * 2.0
+    assert [(b.start, b.stop) for b in row_blocks(10, 4)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert [(b.start, b.stop) for b in row_blocks(3)] == [(0, 1), (1, 2), (2, 3)]

@@ -1,4 +1,4 @@
-"""_spectral.py: the cutoff, the polar factor and SpectralSolver's common solve."""
+"""_spectral.py: the cutoff, the singular triplets and the polar factor."""
 
 import pytest
 import torch
@@ -7,7 +7,6 @@ from tensors import full_rank_task_vectors
 from mergekit_wudi.solvers import IsoCSolver, IsoCtsSolver, TsvSolver
 from mergekit_wudi.solvers._spectral import (
     cutoff,
-    eigh64,
     polar_,
     top_singular_triplets,
     top_singular_triplets_and_complement,
@@ -160,13 +159,3 @@ def test_the_complement_spans_what_the_top_directions_leave(generator, dtype, ra
 def test_the_complement_needs_out_at_most_in(generator):
     with pytest.raises(ValueError, match="needs out <= in, got a 6x4 matrix"):
         top_singular_triplets_and_complement(torch.randn(6, 4, generator=generator), 2)
-
-
-@pytest.mark.parametrize("in_place", [False, True], ids=["dsyevr", "dsyev"])
-def test_eigh64_returns_the_largest_pairs(generator, in_place):
-    # A symmetric matrix with eigenvalues 1..6: the top 2 are 5 and 6 (ascending), either solver.
-    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=generator, dtype=torch.float64))
-    values = torch.arange(1.0, 7.0, dtype=torch.float64)
-    values_out, vectors = eigh64(basis @ torch.diag(values) @ basis.T, top=2, in_place=in_place)
-    torch.testing.assert_close(values_out, torch.tensor([5.0, 6.0], dtype=torch.float64), rtol=0, atol=1e-12)
-    torch.testing.assert_close((vectors.T @ basis[:, 4:]).abs(), torch.eye(2, dtype=torch.float64), rtol=0, atol=1e-10)
