@@ -65,7 +65,7 @@ def wudi_closed_form(task_vectors: torch.Tensor, omega: float) -> torch.Tensor:
 
 def kept_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     """The first k left singular vectors whose singular value is above rtol * sigma_1,
-    rtol = max(out, in) * eps(float32) (README, DOGE subspaces and low-rank task vectors)."""
+    rtol = max(out, in) * eps(float32) (docs/reliability.md, DOGE subspaces and low-rank task vectors)."""
     u, s, _ = torch.linalg.svd(matrix, full_matrices=False)
     rtol = max(matrix.shape) * torch.finfo(torch.float32).eps
     return u[:, :k][:, s[:k] > rtol * s[0]]

@@ -135,7 +135,7 @@ def test_threaded_lapack_opt_out_runs_the_factorisations_on_every_thread(threads
 
 
 # Everything that depends on the device sits in one function each in solvers/numerics.py
-# (README, Reliability); these check each on the CPU. No GPU has run them yet.
+# (docs/reliability.md); these check each on the CPU. No GPU has run them yet.
 
 
 def test_one_cpu_thread_changes_nothing_off_the_cpu(threads):

@@ -25,13 +25,8 @@ class ToyConfig:
         check_config(self)
 
 
-class ToySolver(Solver):
+class ToySolver(Solver, name="toy_mean", pretty_name="Toy mean", paper="https://example.org/toy", config=ToyConfig):
     """t_m = mean_scale * mean_i t_i."""
-
-    name = "toy_mean"
-    pretty_name = "Toy mean"
-    paper = "https://example.org/toy"
-    config_cls = ToyConfig
 
     def _solve(self, prepared):
         return prepared.vectors.mean(dim=0).mul_(self.config.mean_scale)

@@ -1,35 +1,13 @@
-"""SVD pieces shared by the TSV and Iso solvers: a cutoff rule, truncated singular
-triplets, polar factors, and their common `solve` (SpectralSolver).
+"""SVD pieces shared by the TSV and Iso solvers: singular triplets, polar factors, stacks.
 
-Pure torch, with LAPACK's symmetric eigensolvers taken from scipy (a dependency of
-mergekit) on the CPU. A whole solve runs under one_cpu_thread, so results do not depend
-on the thread count.
-
-The cutoff. A singular value s of an (out, in) matrix with s <= max(out, in) * eps *
-scale, eps the machine epsilon of the compute dtype, is treated as zero and its singular
-vectors are dropped: below it, s and its vectors are set by rounding (the rule of
-torch.linalg.matrix_rank and pinv, with `scale` the largest singular value unless a
-caller says otherwise). Without it, a rank-deficient input would bring in directions
-chosen by rounding, at full weight, after a whitening or a spectrum flattening.
-
-The route (float32, the compute dtype of every checkpoint but float64 ones). A full SVD
-(LAPACK gesdd) of an (out, in) matrix takes a copy of it, U, Vh and a workspace of
-4 min(out, in)^2 elements: 7 tensors for a square one, past the N + 6 bound of a solve
-on its own. Here the singular triplets come from the eigendecomposition of the Gram
-matrix of the smaller side, A^T A with A the matrix or its transpose (rows >= cols),
-accumulated in float64 over row blocks of A:
-  - A^T A = V diag(s^2) V^T;  U = A V diag(1/s)  (also in float64, over row blocks);
-  - eigensolver: LAPACK dsyevr (MRRR; only the eigenpairs asked for, O(n) workspace),
-    or dsyev (QR iteration, eigenvectors written over the Gram matrix: no second n x n
-    array, about 5 times slower) where the caller's memory bound has no room for dsyevr's
-    eigenvector array; off the CPU, torch.linalg.eigh.
-Accuracy: forming A^T A squares the condition number, but in float64 from float32 data:
-the eigenvalues carry an absolute error of about n * eps64 * s_1^2, so a singular value
-s is found to about n * eps64 * s_1^2 / s, under 1e-8 * s_1 for every s above the float32
-cutoff (n * 1.2e-7 * s_1) at any n up to 10^5: as accurate as float32 gesdd's s_1 * eps32
-and more, and the cutoff separates the same directions (measured: docs/methods-2025.md,
-"How the SVDs are computed (float32), and their accuracy"). Float64 inputs keep gesdd (the Gram route would lose half their digits), with
-its memory.
+Float32 matrices never go through gesdd, whose copy, U, Vh and 4 min(out, in)^2
+workspace alone pass the N + 6 bound: the triplets come from the eigendecomposition of
+the Gram matrix of the smaller side, A^T A = V diag(s^2) V^T and U = A V diag(1/s), with
+A^T A accumulated and A V formed in float64 over row blocks, and LAPACK dsyevr/dsyev
+(numerics.symmetric_eigh, lean). Singular values are then within n eps64 s_1^2 / s of
+the float64 SVD's, under 1e-8 s_1 above the float32 cutoff (docs/methods-2025.md, "How
+the SVDs are computed"). Float64 inputs keep gesdd. Values at or below the rank cutoff
+are dropped with their vectors.
 """
 
 from __future__ import annotations

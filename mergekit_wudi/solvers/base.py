@@ -23,8 +23,8 @@ SOLVE_EXTRA_TENSORS = 6
 class Solver:
     """`Solver(config).solve(task_vectors, **per_model)`: (N, out, in) in, (out, in) out.
 
-    Class attributes of a method: `name` (the YAML merge_method), `pretty_name`,
-    `paper` (a URL), `config_cls` (a frozen dataclass of `config_field`s), and
+    A method is declared in its class statement: `name` (the YAML merge_method),
+    `pretty_name`, `paper` (a URL), `config` (a frozen dataclass of `config_field`s), and
     `one_thread` (True: the whole solve runs on one CPU thread, so results do not depend
     on the thread count; False: only tensors under ONE_THREAD_ELEMENTS do).
 
@@ -38,6 +38,14 @@ class Solver:
     paper: ClassVar[str] = ""
     config_cls: ClassVar[type]
     one_thread: ClassVar[bool] = False
+
+    def __init_subclass__(cls, *, name: str = "", pretty_name: str = "", paper: str = "", config: Optional[type] = None,
+                          one_thread: bool = False, **kwargs: Any):
+        """`class XSolver(Solver, name=..., pretty_name=..., paper=..., config=XConfig)`."""
+        super().__init_subclass__(**kwargs)
+        cls.name, cls.pretty_name, cls.paper, cls.one_thread = name, pretty_name, paper, one_thread
+        if config is not None:
+            cls.config_cls = config
 
     def __init__(self, config: Optional[Any] = None):
         self.config = config or self.config_cls()

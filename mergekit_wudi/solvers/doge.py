@@ -44,7 +44,9 @@ class DogeConfig:
         check_config(self)
 
 
-class DogeSolver(Solver):
+class DogeSolver(
+    Solver, name="doge", pretty_name="DOGE-TA", paper="https://arxiv.org/abs/2501.01230", config=DogeConfig
+):
     """DOGE-TA (Sec. 4, Alg. 1), per tensor:
 
         l_i = eta / ||t_i||_F,  S = sum_i l_i t_i,  L = sum_i l_i
@@ -56,11 +58,6 @@ class DogeSolver(Solver):
     The trim is per tensor (the paper's is global), and rank-deficient inputs keep only
     directions above the rank cutoff (docs/methods.md).
     """
-
-    name = "doge"
-    pretty_name = "DOGE-TA"
-    paper = "https://arxiv.org/abs/2501.01230"
-    config_cls = DogeConfig
 
     def _solve(self, prepared: TaskVectors, density: Sequence[float]) -> torch.Tensor:
         vectors = prepared.vectors  # (n, out, in)
@@ -147,8 +144,8 @@ def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     set by rounding (by the route, the dtype, the thread count). Same rule on both
     routes, applied to the singular values each computes.
 
-    Under GRAM_MIN_ELEMENTS elements: torch.linalg.svd (LAPACK gesdd), as methods.md and
-    the paper's code write it. From there on, in two steps that need far less memory than
+    Under GRAM_MIN_ELEMENTS elements: torch.linalg.svd (LAPACK gesdd), as the paper's code
+    does. From there on, in two steps that need far less memory than
     gesdd (its input copy, U, Vh and divide-and-conquer buffers take more than the N + 6
     bound of a whole DOGE solve leaves):
       1. Q, the top k + p eigenvectors of the smaller Gram matrix, M M^T or M^T M
@@ -159,11 +156,10 @@ def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
          again; sigma^2 are its eigenvalues); for out > in (Q holds right singular
          vectors), the SVD of M Q, (out, k + p).
     The Gram matrix squares M, so float32 rounding moves the subspace more than gesdd
-    does; step 2 recovers most of it (README, DOGE subspace; benchmarks/doge_subspace.py).
+    does; step 2 recovers most of it (docs/reliability.md, "DOGE subspaces").
     """
     # All on one thread: besides the SVD and eigh, the Gram route's products (k + p, out)
-    # @ (out, in) and the Gram itself round differently with the thread count (README,
-    # Reliability).
+    # @ (out, in) and the Gram itself round differently with the thread count (docs/reliability.md).
     with one_cpu_thread(matrix.device):
         return _top_left_singular_vectors(matrix, k)
 

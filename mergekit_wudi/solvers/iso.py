@@ -1,10 +1,4 @@
-"""Iso-C and Iso-CTS: isotropic merging in the common (and task-specific) subspaces.
-
-Iso: Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and
-Task-Specific Subspaces", ICML 2025, arXiv:2502.04959. Official code:
-danielm1405/iso-merging, src/utils/iso.py (functions iso_c and iso_cts) and
-config/method/iso_cts.yaml (common_space_fraction: 0.8).
-"""
+"""Iso-C and Iso-CTS: Marczak et al., ICML 2025, arXiv:2502.04959, as the official code computes them."""
 
 from __future__ import annotations
 
@@ -31,54 +25,23 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class IsoCConfig:
-    """Hyperparameters of Iso-C: none of its own.
-
-    The paper's scaling coefficient alpha (t_m scaled before it is added to W0) is the
-    adapter's `lambda`: in the official code it multiplies the whole merged task vector
-    (src/models/task_vectors.py, apply_to: pretrained + scaling_coef * vector), which is
-    exactly W0 + lambda * t_m. The code has no default for it: it picks alpha on
-    validation data from 0.1, 0.2, ..., 3.0 (src/eval/eval.py, evaluate_task_vector).
-    """
+    """None: the paper's alpha is the adapter's `lambda` (the official code tunes it on
+    validation data; here the user sets it)."""
 
     def __post_init__(self):
         check_config(self)
 
 
-class IsoCSolver(Solver):
-    """Merged task vector of Iso-C for one linear weight: the flattened spectrum of the sum.
+class IsoCSolver(
+    Solver, name="iso_c", pretty_name="Iso-C", paper="https://arxiv.org/abs/2502.04959", config=IsoCConfig, one_thread=True
+):
+    """Iso-C per tensor: the flattened spectrum of the sum,
 
-    Iso-C, Marczak et al., ICML 2025 (arXiv:2502.04959), as the official code computes
-    it (src/utils/iso.py, iso_c, l. 5-27; the paper's text was not at hand, so no
-    equation number), per tensor:
-        T = sum_i t_i = U diag(s) V^T,   s_bar = mean_j s_j
-        t_m = s_bar U V^T
-    (the code forms sum_i t_i / N and multiplies it by N again: the same T). Every
-    non-zero singular value of t_m is s_bar; t_m = s_bar * polar(T).
+        T = sum_i t_i = U diag(s) V^T,  t_m = mean(s) U V^T = mean(s) polar(T)
 
-    Defined where the code leaves rounding to choose: singular values of T at or below
-    max(out, in) * eps * s_max are dropped with their vectors, and s_bar is the mean of
-    the kept ones. The code averages over all r = min(out, in) values and keeps every
-    direction, so for a rank-deficient T (a sum of LoRA deltas, of rank far below r) it
-    shrinks s_bar by rank / r and fills the null space with directions chosen by
-    rounding, at weight s_bar. Identical to the code where T has full rank r. Zero or
-    non-finite task vectors are excluded (they add nothing to T); N = 1 gives
-    s_bar U_1 V_1^T (t_1 with its spectrum flattened, not t_1); T = 0 (tasks that
-    cancel) gives zero. The code averages non-2-D tensors (and CLIP's text_projection);
-    here those go to the adapter's fallback.
-
-    Memory (tensor = out x in in the compute dtype), beside the input (N): T, its float64
-    Gram matrix on the smaller side and all of its eigenvectors (dsyevr): at most 5
-    tensors, when square; polar(T) is written over T (_spectral.polar_; measured in
-    docs/methods-2025.md).
-
-    Input, output and dtypes: SpectralSolver (_spectral.py).
+    over the singular values above the rank cutoff (the code averages all r, which
+    shrinks LoRA merges by rank / r: docs/methods-2025.md).
     """
-
-    name = "iso_c"
-    pretty_name = "Iso-C"
-    paper = "https://arxiv.org/abs/2502.04959"
-    config_cls = IsoCConfig
-    one_thread = True
 
     def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         summed = prepared.vectors.sum(dim=0)  # T, (out, in)
@@ -90,17 +53,8 @@ class IsoCSolver(Solver):
 
 @dataclass(frozen=True)
 class IsoCtsConfig:
-    """Hyperparameters of Iso-CTS.
-
-    Args:
-        common_space_fraction (float in (0, 1], default 0.8): share of r = min(out, in)
-            given to the common subspace (the top singular vectors of sum_i t_i); the
-            rest is split equally among the tasks' own subspaces. Default from the
-            official code, config/method/iso_cts.yaml (common_space_fraction: 0.8), also
-            the value its README runs. 1 gives Iso-C.
-
-    The scaling coefficient alpha is the adapter's `lambda`, as for Iso-C (IsoCConfig).
-    """
+    """common_space_fraction: the share of r = min(out, in) given to the common subspace
+    (official default 0.8; 1 gives Iso-C)."""
 
     common_space_fraction: float = config_field(
         0.8, check_fraction, "share of min(out, in) given to the common subspace (1: Iso-C)"
@@ -110,54 +64,19 @@ class IsoCtsConfig:
         check_config(self)
 
 
-class IsoCtsSolver(Solver):
-    """Merged task vector of Iso-CTS for one linear weight.
+class IsoCtsSolver(
+    Solver, name="iso_cts", pretty_name="Iso-CTS", paper="https://arxiv.org/abs/2502.04959", config=IsoCtsConfig, one_thread=True
+):
+    """Iso-CTS per tensor, r = min(out, in), f = common_space_fraction:
 
-    Iso-CTS, Marczak et al., ICML 2025 (arXiv:2502.04959), as the official code computes
-    it (src/utils/iso.py, iso_cts, l. 30-104; no equation number, as for Iso-C), per
-    tensor, with r = min(out, in), f = common_space_fraction and N tasks:
-        sizes: k0 = floor(r f);  s = round((r - k0) / N) (Python's round, half to even);
-               k = r - N s  (common directions), s per task
-        common: T = sum_i t_i = U diag(sigma) V^T; U_c, sigma_c, V_c its top k
-        task-specific: R_i = t_i - U_c U_c^T t_i = P_i diag(rho_i) Q_i^T; keep its top s
-        stack: U_hat = [P_1,s ... P_N,s U_c] (out, r), V_hat = [Q_1,s ... Q_N,s V_c],
-               values = (rho_1,s ... rho_N,s, sigma_c)
-        U_perp = polar(U_hat), V_perp = polar(V_hat)  (P Q^T of their SVDs)
-        t_m = mean(values) U_perp V_perp^T
-    Every non-zero singular value of t_m is mean(values). The order of the stack does not matter
-    (polar(U_hat Pi) = polar(U_hat) Pi for a permutation Pi). f = 1 gives k = r, s = 0:
-    Iso-C. N = 1 gives Iso-C of t_1 (R_1 holds t_1's remaining components).
+        k0 = floor(r f),  s = round((r - k0) / N),  k = r - N s
+        T = sum_i t_i: its top k triplets U_c, sigma_c, V_c (the common subspace)
+        R_i = t_i - U_c U_c^T t_i: its top s triplets P_i, rho_i, Q_i
+        U_hat = [P_1 ... P_N U_c] (out, r),  V_hat = [Q_1 ... Q_N V_c]
+        t_m = mean(rho, sigma_c) polar(U_hat) polar(V_hat)^T
 
-    Defined where the code leaves rounding to choose (identical to the code where T has
-    k and every R_i has s singular values above the cutoff, and the stacks have full
-    column rank):
-      - T's singular values at or below max(out, in) * eps * sigma_max are dropped
-        (fewer than k common directions); R_i's at or below max(out, in) * eps *
-        ||t_i||_F (R_i's own largest value is rounding where t_i lies in the common
-        subspace); the polar factors are taken on the stacks' ranges (_spectral.polar);
-        the mean is over the kept values (the code's over all r);
-      - s is capped at floor(r / N), so that k >= 0 (the code slices with a negative k
-        where round() goes past r, which only tiny r and f allow);
-      - zero or non-finite task vectors are excluded before N is counted;
-      - T = 0 with s = 0 gives zero.
-    The code averages non-2-D tensors (and CLIP's text_projection); here those go to the
-    adapter's fallback.
-
-    Memory (tensor = out x in in the compute dtype), beside the input (N): first T, its
-    float64 Gram matrix and k of its eigenvectors (at most 1 + 2 + 2k/r tensors); then
-    the stacks U_hat, V_hat ((out + in) r elements: 2 tensors when square), one residual
-    R_i and its float64 Gram matrix (2 r^2 elements): 5 tensors when square, the peak;
-    then the two polar factors as TSV's (_spectral.polar_; measured in
-    docs/methods-2025.md).
-
-    Input, output and dtypes: SpectralSolver (_spectral.py).
+    Cutoffs, the cap s <= floor(r / N) and the memory plan: docs/methods-2025.md.
     """
-
-    name = "iso_cts"
-    pretty_name = "Iso-CTS"
-    paper = "https://arxiv.org/abs/2502.04959"
-    config_cls = IsoCtsConfig
-    one_thread = True
 
     def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         vectors = prepared.vectors  # (n, out, in)

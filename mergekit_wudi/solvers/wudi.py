@@ -45,7 +45,9 @@ class WudiConfig:
         check_config(self)
 
 
-class WudiSolver(Solver):
+class WudiSolver(
+    Solver, name="wudi", pretty_name="WUDI-Merging", paper="https://arxiv.org/abs/2503.08099", config=WudiConfig
+):
     """WUDI-Merging (Eq. 21), solved with Adam from t_m = sum_i t_i:
 
         L(t_m) = sum_i ||(t_m - t_i) t_i^T||_F^2 / ||t_i||_F^2,   grad = 2 (t_m C - D)
@@ -56,11 +58,6 @@ class WudiSolver(Solver):
     (the loss is a sum over rows, Adam is element-wise). One usable task vector is
     returned as is (a stationary point). docs/methods.md has the details.
     """
-
-    name = "wudi"
-    pretty_name = "WUDI-Merging"
-    paper = "https://arxiv.org/abs/2503.08099"
-    config_cls = WudiConfig
 
     def __init__(self, config: Optional[WudiConfig] = None, *, chunk_elements: int = CHUNK_ELEMENTS):
         super().__init__(config)

@@ -25,7 +25,9 @@ class WudiCfsConfig:
         check_config(self)
 
 
-class WudiCfsSolver(Solver):
+class WudiCfsSolver(
+    Solver, name="wudi_cfs", pretty_name="WUDI-Merging (closed form)", paper="https://arxiv.org/abs/2503.08099", config=WudiCfsConfig
+):
     """WUDI-Merging's closed form (Eq. 20), the minimiser of
     sum_i a_i (||(t_m - t_i) t_i^T||_F^2 + r ||t_m - t_i||_F^2),  a_i = 1/||t_i||_F^2:
 
@@ -35,11 +37,6 @@ class WudiCfsSolver(Solver):
     Cholesky in place where r > 0 and it succeeds, else the pseudo-inverse through an
     eigendecomposition. One usable task vector is returned exactly (docs/methods.md).
     """
-
-    name = "wudi_cfs"
-    pretty_name = "WUDI-Merging (closed form)"
-    paper = "https://arxiv.org/abs/2503.08099"
-    config_cls = WudiCfsConfig
 
     def _solve(self, prepared: TaskVectors) -> torch.Tensor:
         vectors = prepared.vectors  # (n, out, in)
