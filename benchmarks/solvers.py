@@ -2,7 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py tensors [--large] [--quick] [--target]
     OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py memory [--size 8192] [--count 8]
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py spectral [--counts 2 4 8] [--quick]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py spectral [--counts 2 4 8] [--quick] [--methods ...]
     OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py e2e
 
 `tensors`: per tensor (float32, Llama-like shapes, N = 2, 4, 8 and N = 3 on 1024x1024),
@@ -21,9 +21,9 @@ on the CPU and, when torch.cuda.is_available(), on CUDA too:
 `memory`: peak extra memory of one large solve (default 8192x8192, N = 8: wudi and
   wudi_cfs), through the adapter, with a few Adam steps: every buffer is allocated
   before or at the first step, so the peak does not depend on the step count.
-`spectral`: tsv, iso_c and iso_cts (N = 2, 4, 8; square and Llama-like shapes): peak
-  extra memory through the adapter against N + 6, and the merge's time against
-  task_arithmetic's.
+`spectral`: tsv, iso_c and iso_cts, or --methods (N = 2, 4, 8; square and Llama-like
+  shapes): peak extra memory through the adapter against N + 6, and the merge's time
+  against task_arithmetic's (`--methods wudi_cfs ace --counts 4`: ace against wudi_cfs).
 `e2e`: `mergekit-yaml` wall time and peak RSS of each method against task_arithmetic on
   one Llama-like family (bf16 checkpoints, 3 fine-tunes).
 
@@ -158,7 +158,11 @@ def reset_peak_rss() -> int:
     return status_bytes("VmRSS")
 
 
-def memory_child(method: str, count: int, out_features: int, in_features: int, device: str) -> dict:
+# Per-model weights of --spread: the task vectors' squared norms spread over a factor 256.
+SPREAD = (1.0, 0.25, 4.0)
+
+
+def memory_child(method: str, count: int, out_features: int, in_features: int, device: str, spread: bool = False) -> dict:
     """Runs in the child: merge one tensor through the adapter, return peak extra bytes."""
     from mergekit.merge_methods import merge_tensors, registry
 
@@ -167,6 +171,8 @@ def memory_child(method: str, count: int, out_features: int, in_features: int, d
     parameters = {"steps": MEMORY_STEPS} if "steps" in names else {}
     if method == "task_arithmetic":
         parameters = {"weight": 1.0}
+    if spread:
+        parameters["weight"] = [SPREAD[index % len(SPREAD)] for index in range(count)]
     # Load every library and kernel on a tiny case first, so the measurement starts warm.
     tiny = [torch.randn(8, 8, device=device) for _ in range(count + 1)]
     merge_tensors(tiny, method, base_index=0, name=LINEAR_NAME, parameters=parameters)
@@ -192,9 +198,10 @@ def memory_child(method: str, count: int, out_features: int, in_features: int, d
     return {"extra": peak - before, "seconds": seconds}
 
 
-def measure_memory(method: str, count: int, out_features: int, in_features: int, device: str) -> float:
+def measure_memory(method: str, count: int, out_features: int, in_features: int, device: str, spread: bool = False) -> float:
     """Peak extra memory of one adapter merge, in units of the tensor's float32 size."""
     command = [sys.executable, __file__, "child", method, str(count), str(out_features), str(in_features), device]
+    command += ["--spread"] if spread else []
     # Freed tensors go back to the OS at once (glibc's dynamic mmap threshold would keep
     # them in the heap, where the peak then depends on the order of earlier frees).
     environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16))
@@ -378,14 +385,14 @@ def spectral_table(args) -> None:
     the whole merge's time against task_arithmetic's, each case in a fresh process."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = [(1024, 1024), (2048, 2048), (2816, 1024), (1024, 2816)] if not args.quick else [(512, 512)]
-    methods = ["tsv", "iso_c", "iso_cts"]
+    methods = args.methods
     print(f"machine: {machine()}")
     print("| shape | N | peak extra memory, x tensor: " + " / ".join(methods) + " | bound N + 6 | time / task_arithmetic: " + " / ".join(methods) + " |")
     print("|---|---|---|---|---|")
     for out_features, in_features in shapes:
         for count in args.counts:
-            baseline = measure_memory("task_arithmetic", count, out_features, in_features, device)
-            results = [measure_memory(method, count, out_features, in_features, device) for method in methods]
+            baseline = measure_memory("task_arithmetic", count, out_features, in_features, device, args.spread)
+            results = [measure_memory(method, count, out_features, in_features, device, args.spread) for method in methods]
             memory = " / ".join(f"{result['ratio']:.2f}" for result in results)
             times = " / ".join(f"{result['seconds'] / baseline['seconds']:.0f}x" for result in results)
             print(f"| {out_features}x{in_features} | {count} | {memory} | {count + 6} | {times} |", flush=True)
@@ -507,6 +514,8 @@ def main() -> None:
     spectral = commands.add_parser("spectral", help="tsv, iso_c, iso_cts: memory and time")
     spectral.add_argument("--counts", type=int, nargs="+", default=[2, 4, 8])
     spectral.add_argument("--quick", action="store_true", help="one small shape (a smoke test)")
+    spectral.add_argument("--methods", nargs="+", default=["tsv", "iso_c", "iso_cts"])
+    spectral.add_argument("--spread", action="store_true", help=f"per-model weights {SPREAD}, repeated")
     e2e = commands.add_parser("e2e", help="mergekit-yaml wall time and peak RSS")
     e2e.add_argument("--hidden", type=int, default=512)
     e2e.add_argument("--intermediate", type=int, default=1408)
@@ -519,12 +528,13 @@ def main() -> None:
     child.add_argument("out_features", type=int)
     child.add_argument("in_features", type=int)
     child.add_argument("device")
+    child.add_argument("--spread", action="store_true")
     args = parser.parse_args()
     if args.command == "child":
         import mergekit_wudi
 
         mergekit_wudi.register()
-        print(json.dumps(memory_child(args.method, args.count, args.out_features, args.in_features, args.device)))
+        print(json.dumps(memory_child(args.method, args.count, args.out_features, args.in_features, args.device, args.spread)))
     elif args.command == "tensors":
         tensors_table(args)
     elif args.command == "memory":

@@ -39,21 +39,10 @@ class SolverMergeMethod(GroupMergeMethod):
 
     solver_cls: type
 
-    @property
-    def method_name(self) -> str:
-        return self.solver_cls.name
-
-    @property
-    def method_pretty_name(self) -> str:
-        return self.solver_cls.pretty_name
-
-    @property
-    def method_reference_url(self) -> str:
-        return self.solver_cls.paper
-
-    @property
-    def config_cls(self) -> type:
-        return self.solver_cls.config_cls
+    method_name = property(lambda self: self.solver_cls.name)
+    method_pretty_name = property(lambda self: self.solver_cls.pretty_name)
+    method_reference_url = property(lambda self: self.solver_cls.paper)
+    config_cls = property(lambda self: self.solver_cls.config_cls)
 
     @property
     def spec(self) -> MergeMethodSpec:
@@ -127,7 +116,13 @@ class SolverMergeMethod(GroupMergeMethod):
 
         base_c, task_vectors = _task_vectors(group, parameters["weight"], transpose)
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
-        merged = self.solver_cls(config).solve(task_vectors, **per_model)  # (out, in)
+        try:
+            merged = self.solver_cls(config).solve(task_vectors, **per_model)  # (out, in)
+        except torch.linalg.LinAlgError as error:
+            models = ", ".join(str(entry.id) for entry in entries)
+            raise FloatingPointError(
+                f"{self.method_name}: solving tensor {name!r} failed (models: {models}): {error}; nothing was written"
+            ) from None
         log_objective(self.method_name, name, task_vectors, merged)
         del task_vectors
         result = torch.add(base_c, merged, alpha=parameters["lambda"], out=merged)  # in place
@@ -170,7 +165,7 @@ def _task_vectors(group: TensorGroup, weights: Mapping[Any, float], transpose: b
     """The base, (out, in), and t_i = weight_i (W_i - W0), (N, out, in), in the compute dtype.
 
     Peak memory of a solve, in tensors: the N task vectors, a float32 base where the
-    checkpoint is not float32, and what the solver adds (at most 6, see README).
+    checkpoint is not float32, and what the solver adds (at most SOLVE_EXTRA_TENSORS).
     """
     base = group.base.tensor
     dtype = compute_dtype(base.dtype)

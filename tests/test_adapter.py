@@ -141,3 +141,15 @@ def test_all_zero_task_vectors_give_the_base(generator):
     base = torch.randn(8, 8, generator=generator)
     merged = merge("wudi", [base, base.clone(), base.clone()])
     assert torch.equal(merged, base)
+
+
+def test_a_failed_factorisation_names_the_tensor_and_the_models(generator, monkeypatch):
+    from mergekit_wudi.solvers import AceSolver
+
+    def fail(self, prepared):
+        raise torch.linalg.LinAlgError("not positive definite")
+
+    monkeypatch.setattr(AceSolver, "_solve", fail)
+    with pytest.raises(FloatingPointError, match=r"ace: solving tensor 'model.layers.0.mlp.up_proj.weight' failed "
+                                                 r"\(models: .*\): not positive definite; nothing was written"):
+        merge("ace", family(generator))

@@ -15,6 +15,7 @@ import torch
 from models import is_llama_linear, load_model, make_family, save_model, write_config
 from reference import doge, wudi_adam, wudi_closed_form
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
+from reference_ace import ace_heterogeneity, ace_reference
 from runner import mergekit_yaml
 
 from mergekit_wudi.solvers import DogeConfig, DogeSolver
@@ -86,7 +87,7 @@ def test_wudi_cfs(family, task_arithmetic, tmp_path):
 
 def test_doge(family, task_arithmetic, tmp_path):
     # These task vectors have rank 2, below DOGE's k = floor(r / N) = 21 singular vectors
-    # per task: only the directions above the rank tolerance are kept (README, "DOGE
+    # per task: only the directions above the rank tolerance are kept (docs/reliability.md, "DOGE
     # subspaces and low-rank task vectors"), so the float32 merge agrees with the float64
     # reference (before the tolerance: O(1) apart, the other 19 set by rounding).
     merged = run_method(family, tmp_path, "doge")
@@ -148,6 +149,25 @@ def test_iso_cts_task_specific_directions_on_full_rank_task_vectors(full_rank_fa
     check_linear(merged, full_rank_family, lambda tv: iso_cts(tv, 0.5, EPS32), tolerance=1e-4)
     _, tv = task_vectors(full_rank_family, "model.layers.0.self_attn.q_proj.weight")
     assert (iso_cts(tv, 0.5, EPS32) - iso_c(tv, EPS32)).norm() > 0.05 * iso_c(tv, EPS32).norm()  # not Iso-C
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [1.0, 0.25, 4.0]], ids=["equal", "spread"])
+def test_ace_matches_the_official_code_on_full_rank_task_vectors(full_rank_family, tmp_path, weights):
+    # Spread weights turn on the code's switch (trace normalisation, prior scaling and the
+    # spectral refinement) on some tensors; equal weights leave it off on all of them.
+    base, *fine_tunes = full_rank_family
+    config = write_config(tmp_path / "ace.yml", "ace", base, fine_tunes, {"lambda": 0.9}, [{"weight": w} for w in weights])
+    mergekit_yaml(config, tmp_path / "out")
+    merged, models_ = load_model(tmp_path / "out"), [load_model(p) for p in full_rank_family]
+    switched = []
+    for name in (n for n in merged if is_llama_linear(n)):
+        w0 = models_[0][name].double()
+        tv = [w * (m[name].double() - w0) for w, m in zip(weights, models_[1:])]
+        switched.append(ace_heterogeneity(tv)[1])
+        expected = w0 + 0.9 * ace_reference(tv)
+        error = (merged[name].double() - expected).norm() / (expected - w0).norm()
+        assert error < 1e-5, f"{name}: relative error {error:.2e}"
+    assert len(switched) == 14 and any(switched) == (weights[1] != 1.0)
 
 
 def test_shards_and_lazy_unpickle_give_the_same_tensors(family, tmp_path):

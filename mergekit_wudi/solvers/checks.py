@@ -48,6 +48,31 @@ def check_fraction(name: str, value: Any) -> float:
     return float(value)
 
 
+def check_unit_interval(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not (0 <= value <= 1):
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_choice(*choices: str):
+    """A check that accepts one of `choices`."""
+
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
 def config_field(default: Any, check, help: str, per_model: bool = False) -> Any:
     """A config dataclass field with its check and help text in the metadata."""
     return dataclasses.field(
