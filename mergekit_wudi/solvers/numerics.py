@@ -95,8 +95,8 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
     and wide products, triangular solves, bmm and element-wise ops do not; mergekit's
     `-j/--num-threads` sets torch's thread count. The rest of a solve stays
     multi-threaded. No effect off the CPU, nor with MERGEKIT_WUDI_THREADED_LAPACK=1
-    (faster on many cores; bits then depend on the thread count). Measurements: README
-    (Reliability), benchmarks/results/lapack_threads.md.
+    (faster on many cores; bits then depend on the thread count). Measurements:
+    docs/reliability.md, benchmarks/results/lapack_threads.md.
     """
     if torch.device(device).type != "cpu" or os.environ.get(THREADED_LAPACK_ENV, "") not in ("", "0"):
         yield
@@ -120,7 +120,7 @@ def one_thread_if_small(solve):
     per task vector, the whole solve runs in one_cpu_thread.
 
     At such sizes MKL's small GEMMs with accumulation (addmm) also round differently with
-    the thread count, while a second thread gains little there (README, Reliability).
+    the thread count, while a second thread gains little there (docs/reliability.md).
     Larger tensors keep every thread for their products.
     """
 
@@ -193,6 +193,15 @@ def symmetric_eigh(
 
 
 def _scipy_eigh(matrix: torch.Tensor, top: int, in_place: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """On one OpenBLAS thread: scipy's LAPACK otherwise takes every core, its bits then
+    depend on the machine's core count, and on a loaded machine it runs 10-40x slower."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _scipy_eigh_unlimited(matrix, top, in_place)
+
+
+def _scipy_eigh_unlimited(matrix: torch.Tensor, top: int, in_place: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     from scipy.linalg import lapack  # a dependency of mergekit; imported on first use
 
     size = matrix.shape[0]
