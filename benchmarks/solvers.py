@@ -174,8 +174,12 @@ def memory_child(method: str, count: int, out_features: int, in_features: int, d
     if spread:
         parameters["weight"] = [SPREAD[index % len(SPREAD)] for index in range(count)]
     # Load every library and kernel on a tiny case first, so the measurement starts warm.
-    tiny = [torch.randn(8, 8, device=device) for _ in range(count + 1)]
+    # Spread weights too, so that a data-dependent path (ace's refinement) and the libraries
+    # it loads (scipy's OpenBLAS and its 32 MiB buffers) are warm as well.
+    tiny = [torch.randn(16, 16, device=device) for _ in range(count + 1)]
     merge_tensors(tiny, method, base_index=0, name=LINEAR_NAME, parameters=parameters)
+    warm_spread = {**parameters, "weight": [SPREAD[index % len(SPREAD)] * 1e-2 for index in range(count)]}
+    merge_tensors(tiny, method, base_index=0, name=LINEAR_NAME, parameters=warm_spread)
     # Inputs written in place, one (out, in) tensor at a time: no temporary above them.
     generator = torch.Generator().manual_seed(0)
     tensors = []

@@ -18,7 +18,7 @@ from mergekit_wudi.solvers.checks import (
     check_unit_interval,
     config_field,
 )
-from mergekit_wudi.solvers.numerics import TaskVectors, one_cpu_thread, rank_cutoff
+from mergekit_wudi.solvers.numerics import TaskVectors, one_cpu_thread, rank_cutoff, row_blocks
 
 HETEROGENEITY = 0.3  # the code's switch: gamma > 0.3 turns on normalisation and refinement
 GUARD = 1e-12  # the code's guards on logs, traces and divisions
@@ -75,8 +75,8 @@ class AceSolver(
         config = self.config
 
         covariance = vectors.new_zeros(in_features, in_features)  # sum_i S_i
-        merged = torch.zeros_like(work)  # B = sum_i c_i R_i, then W_0, then t_m
-        residual = torch.zeros_like(work) if refine else None  # sum_i a_i t_i G_i, then Delta
+        merged = torch.zeros_like(work)  # sum_i a_i u_i G_i, then B, then W_0, then t_m
+        row = vectors.new_zeros(in_features) if refine else None  # u = sum_i a_i G_i m_i
         # G_i as an (in, in) temporary where in <= out; else (out, out) overlaps, as gram_terms does
         tall = in_features <= out_features
         scratch = vectors.new_empty((in_features, in_features) if tall else (out_features, out_features))
@@ -87,25 +87,28 @@ class AceSolver(
             if tall:
                 gram = torch.mm(centred.T, centred, out=scratch)  # G_i
                 covariance.add_(gram, alpha=weight)
-                merged.addmm_(update, gram, alpha=weight)  # a_i u_i G_i
-                if residual is not None:
-                    residual.addmm_(task, gram, alpha=weight)
+                merged.addmm_(update, gram, alpha=weight)
+                if row is not None:
+                    row.addmv_(gram, means[index], alpha=weight)
             else:
                 covariance.addmm_(centred.T, centred, alpha=weight)
                 merged.addmm_(torch.mm(update, centred.T, out=scratch), centred, alpha=weight)  # a_i (u_i c_i^T) c_i
-                if residual is not None:
-                    residual.addmm_(torch.mm(task, centred.T, out=scratch), centred, alpha=weight)
-            merged.add_(update, alpha=config.eps * weight)
-        del scratch
+                if row is not None:
+                    row.addmv_(centred.T, centred @ means[index], alpha=weight)
+        del scratch, work
         ridge = config.eps * sum(weights)  # sum_i e_i
         count = len(kept)
-        if residual is not None:  # - T (sum_j S_j + ridge I) / N, the ridge only with residual_ridge
-            total = work.zero_()  # T, summed in place: vectors[kept] would copy the stack
-            for index in kept:
-                total.add_(vectors[index])
-            residual.addmm_(total, covariance, alpha=-1.0 / count)
-            if config.residual_ridge:
-                residual.add_(total, alpha=-ridge / count)
+        residual = None
+        if refine:  # sum_i t_i (S_i - Sbar) = sum_i a_i c_i G_i + 1 u^T - T Sbar, before the ridge terms join B
+            residual = merged.clone()
+            if config.centre_update:
+                residual.add_(row)
+            _subtract_sum_times(residual, vectors, kept, covariance, 1.0 / count, ridge / count if config.residual_ridge else 0.0)
+        for index, weight in zip(kept, weights):  # B = sum_i u_i (a_i G_i + e_i I)
+            merged.add_(vectors[index], alpha=config.eps * weight)
+        if config.centre_update:
+            merged.sub_(sum(config.eps * weight * means[index] for index, weight in zip(kept, weights)))
+        del means
         scale = 1.0 / (sum(traces) / count + GUARD) if refine else 1.0
         _solve_closed_form(merged, covariance, ridge, config.prior, scale / count if config.prior == "mean" else scale)
         del covariance
@@ -120,6 +123,18 @@ class AceSolver(
         if values.numel():
             merged.addmm_(left, right, alpha=float(values.mean()))
         return merged
+
+
+def _subtract_sum_times(target: torch.Tensor, vectors: torch.Tensor, kept, matrix: torch.Tensor, scale: float,
+                        ridge: float) -> None:
+    """target -= T (scale matrix + ridge I), T = sum of the kept vectors, formed 1/16 of its rows at a time."""
+    for rows in row_blocks(target.shape[0]):
+        block = vectors[kept[0], rows].clone()
+        for index in kept[1:]:
+            block.add_(vectors[index, rows])
+        target[rows].addmm_(block, matrix, alpha=-scale)
+        if ridge:
+            target[rows].add_(block, alpha=-ridge)
 
 
 def _heterogeneous(traces: List[float]) -> bool:
