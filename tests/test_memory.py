@@ -21,15 +21,20 @@ BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "solvers.py"
 COUNT = 4
 
 
-@pytest.mark.slow
 # wide: in = 2.7 out, as the down_proj of Llama 2 and SmolLM2 (the (in, in) Gram of wudi
 # and wudi_cfs grows as in/out; at in = 4 out wudi_cfs goes past the bound: CHANGELOG).
 # Below about 4 MiB a tensor, fixed buffers (MKL's, LAPACK's) take a tensor or more.
-@pytest.mark.parametrize("shape", [(1024, 1024), (2048, 512), (768, 2048)], ids=["square", "tall", "wide"])
+# spread: per-model weights 1, 0.25, 4, 1, which switch ace's refinement on.
+CASES = [((1024, 1024), False), ((2048, 512), False), ((768, 2048), False), ((1024, 1024), True)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape, spread", CASES, ids=["square", "tall", "wide", "square-spread"])
 @pytest.mark.parametrize("method", METHODS)
-def test_peak_memory_is_within_the_bound(method, shape):
+def test_peak_memory_is_within_the_bound(method, shape, spread):
     environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16), OMP_WAIT_POLICY="PASSIVE")
     command = [sys.executable, str(BENCHMARK), "child", method, str(COUNT), *map(str, shape), "cpu"]
+    command += ["--spread"] if spread else []
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
     extra = json.loads(completed.stdout.strip().splitlines()[-1])["extra"]

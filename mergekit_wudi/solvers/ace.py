@@ -95,7 +95,8 @@ class AceSolver(
                 merged.addmm_(torch.mm(update, centred.T, out=scratch), centred, alpha=weight)  # a_i (u_i c_i^T) c_i
                 if row is not None:
                     row.addmv_(centred.T, centred @ means[index], alpha=weight)
-        del scratch, work
+        del scratch, work, centred, update, task
+        gram = None  # the loop's names held scratch and work alive
         ridge = config.eps * sum(weights)  # sum_i e_i
         count = len(kept)
         residual = None
