@@ -1,7 +1,7 @@
 """SVD pieces shared by the TSV and Iso solvers: singular triplets, polar factors, stacks.
 
 Float32 matrices never go through gesdd, whose copy, U, Vh and 4 min(out, in)^2
-workspace alone pass the N + 6 bound: the triplets come from the eigendecomposition of
+workspace alone pass the memory bound (SOLVE_EXTRA_TENSORS): the triplets come from the eigendecomposition of
 the Gram matrix of the smaller side, A^T A = V diag(s^2) V^T and U = A V diag(1/s), with
 A^T A accumulated and A V formed in float64 over row blocks, and LAPACK dsyevr/dsyev
 (numerics.symmetric_eigh, lean). Singular values are then within n eps64 s_1^2 / s of
@@ -16,12 +16,19 @@ from typing import Optional, Tuple
 
 import torch
 
-from mergekit_wudi.solvers.numerics import kept, one_cpu_thread, rank_cutoff, row_blocks, symmetric_eigh
+from mergekit_wudi.solvers.numerics import (
+    SOLVE_EXTRA_TENSORS,
+    kept,
+    one_cpu_thread,
+    rank_cutoff,
+    row_blocks,
+    symmetric_eigh,
+)
 
 # What a solve may hold beside its N task vectors, in tensors of the (out, in) size
-# in the compute dtype: the N + 6 bound less one for fixed buffers (MKL's, LAPACK's) and
+# in the compute dtype: the bound's SOLVE_EXTRA_TENSORS less one for fixed buffers (MKL's, LAPACK's) and
 # the float64 row blocks.
-SOLVE_TENSORS = 5
+SOLVE_TENSORS = SOLVE_EXTRA_TENSORS - 1
 
 
 def cutoff(matrix: torch.Tensor, scale: float) -> float:

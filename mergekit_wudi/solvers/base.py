@@ -13,11 +13,15 @@ from typing import Any, ClassVar, Optional, Tuple
 import torch
 
 from mergekit_wudi.solvers.checks import per_model_values
-from mergekit_wudi.solvers.numerics import ONE_THREAD_ELEMENTS, TaskVectors, one_cpu_thread, prepare_task_vectors
+from mergekit_wudi.solvers.numerics import (
+    ONE_THREAD_ELEMENTS,
+    SOLVE_EXTRA_TENSORS,
+    TaskVectors,
+    one_cpu_thread,
+    prepare_task_vectors,
+)
 
-# Peak memory of one solve, in tensors of the (out, in) size in the compute dtype:
-# the N task vectors plus at most this many (tests/test_memory.py measures it).
-SOLVE_EXTRA_TENSORS = 6
+__all__ = ["SOLVE_EXTRA_TENSORS", "Solver"]
 
 
 class Solver:

@@ -146,7 +146,7 @@ def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
 
     Under GRAM_MIN_ELEMENTS elements: torch.linalg.svd (LAPACK gesdd), as the paper's code
     does. From there on, in two steps that need far less memory than
-    gesdd (its input copy, U, Vh and divide-and-conquer buffers take more than the N + 6
+    gesdd (its input copy, U, Vh and divide-and-conquer buffers take more than the memory
     bound of a whole DOGE solve leaves):
       1. Q, the top k + p eigenvectors of the smaller Gram matrix, M M^T or M^T M
          (p = k / 4 extra directions, at least 16, at most r - k);

@@ -16,11 +16,15 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+# Peak memory of one solve, in tensors of the (out, in) size in the compute dtype: the N
+# task vectors plus at most this many (the memory bound; tests/test_memory.py measures it).
+SOLVE_EXTRA_TENSORS = 6
+
 # Row chunks hold at most this many elements of the (out, in) solution, so the
 # per-chunk state (gradient, two Adam moments) stays small...
 CHUNK_ELEMENTS = 1 << 22
 # ...and at most 1/CHUNK_DIVISOR of the tensor, so that state stays under 3/4 of the
-# tensor's size (the memory bound of a solve is N + 6 times the tensor; wudi passes its
+# tensor's size (the memory bound of a solve is N + SOLVE_EXTRA_TENSORS tensors; wudi passes its
 # own divisor where its other buffers leave more or less room), except for tensors
 # under MIN_CHUNK_ELEMENTS, kept whole (one chunk is faster, and small anyway).
 CHUNK_DIVISOR = 4

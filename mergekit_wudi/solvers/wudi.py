@@ -21,7 +21,7 @@ from mergekit_wudi.solvers.numerics import (
 
 # The in-space gradient keeps C = (in, in) in memory; past this many multiples of the
 # tensor's own size the out-space form is used even where it costs more flops. At 3.5,
-# C, D, the iterate and a row chunk's Adam state stay within N + 6 tensors with the N
+# C, D, the iterate and a row chunk's Adam state stay within the memory bound (SOLVE_EXTRA_TENSORS) with the N
 # task vectors (chunks of 1/8 of the tensor where C is over 2.5 tensors), and the
 # down_proj of Llama 2 (in = 2.7 out), Llama 3 and Mistral (in = 3.5 out) keeps the
 # cheaper form.
