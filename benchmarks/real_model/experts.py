@@ -1,47 +1,63 @@
-"""One expert per task from all-MiniLM-L6-v2, by the same deterministic recipe, cached outside git.
+"""Experts of all-MiniLM-L6-v2, one per task and expert set, by fixed recipes, cached outside git.
 
-Recipe (every task): mean-pooled sentence embedding of the frozen pretrained encoder ->
-a linear head fitted on it (full-batch Adam on cross-entropy) -> the encoder fine-tuned
-with that head frozen (AdamW, no dropout, fixed seed). Because each head is fitted on the
-pretrained encoder and never changes, the pretrained encoder, every expert and every
-merged encoder are scored with the same heads. A LoRA expert is trained by the same recipe
-with peft adapters on the encoder's linear layers (the head frozen, the base frozen).
+Recipe (every task): mean-pooled sentence embedding of the frozen pretrained encoder -> a
+linear head fitted on it (full-batch Adam on cross-entropy, training split) -> the encoder
+fine-tuned with that head frozen (AdamW, no dropout). Because each head is fitted on the
+pretrained encoder and never changes, the pretrained encoder, every expert and every merged
+encoder are scored with the same heads. Expert sets (bench.plan.EXPERT_SETS):
 
-Cache: $MERGEKIT_WUDI_BENCH_CACHE (default ~/.cache/mergekit-wudi-bench)/<recipe hash>/
-    heads/<task>.safetensors   full/<task>/ (a BertModel checkpoint)   lora/<task>/ (a peft adapter)
+- `full`, `full_seed1`: every encoder weight trained, lr 5e-5, 4 epochs, batch 32; seeds 0 and 1.
+- `lora` (conventional): peft adapters of rank 8 on the encoder's linear layers, alpha = r = 8,
+  lr 1e-3, the same epochs, and a distinct seed per adapter (seed 100 + task index, set before
+  `get_peft_model`, so the A matrices differ).
+- `lora_aggressive` (the recipe before issue 21): rank 8, alpha 16 (= 2r), lr 1e-3, one seed
+  (0) for every adapter, so all of them start from the same A matrices.
+- `mixed`: no training of its own: full experts (seed 0) on the even-indexed tasks, `lora`
+  experts on the odd-indexed ones.
+
+Cache (bench.cache): <cache>/minilm/base/, heads-<key>/<task>.safetensors, <set>-<key>/<task>/.
+
+    OMP_WAIT_POLICY=PASSIVE BENCH_THREADS=1 nice -n 15 python benchmarks/real_model/experts.py [SET...]
 """
 
-import hashlib
+from __future__ import annotations
+
 import importlib.util
-import json
-import logging
-import os
-import time
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-from tasks import TASK_NAMES, load_task
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-logger = logging.getLogger(__name__)
+import bench.env  # noqa: E402, F401  (before torch loads)
+import torch  # noqa: E402
+from bench import cache  # noqa: E402
+from bench.experts import BaseRecipe, ExpertSets, lora_seed, recipe_sets  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
+from real_model.tasks import DATA_PACKAGES, TASK_NAMES, load_task  # noqa: E402
+
+BENCH = "minilm"
 MAX_TOKENS = 16  # word and short-phrase tasks: the longest text is well under this
 
 
 @dataclass(frozen=True)
-class Recipe:
-    seed: int = 0
-    head_steps: int = 300
-    head_lr: float = 1e-2
-    head_weight_decay: float = 0.1
+class Recipe(BaseRecipe):
     epochs: int = 4
     batch_size: int = 32
     lr: float = 5e-5
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_lr: float = 1e-3
     lora_targets: tuple = ("query", "key", "value", "dense")
+
+
+@dataclass(frozen=True)
+class HeadRecipe:
+    seed: int = 0
+    steps: int = 300
+    lr: float = 1e-2
+    weight_decay: float = 0.1
+
+
+RECIPES = recipe_sets(Recipe, lora={"lr": 1e-3}, aggressive={"lr": 1e-3, "lora_alpha": 16})
 
 
 def model_dir() -> Path:
@@ -52,22 +68,32 @@ def model_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
-def cache_dir(recipe: Recipe) -> Path:
-    root = Path(os.environ.get("MERGEKIT_WUDI_BENCH_CACHE", Path.home() / ".cache" / "mergekit-wudi-bench"))
-    key = hashlib.sha256(json.dumps(asdict(recipe), sort_keys=True).encode()).hexdigest()[:12]
-    return root / f"recipe-{key}"
-
-
 def load_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir())
 
 
-def load_encoder(path) -> torch.nn.Module:
+def load_model(path) -> torch.nn.Module:
     from transformers import BertModel
 
     return BertModel.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def load_lora(base_path, adapter_path) -> torch.nn.Module:
+    import peft
+
+    return peft.PeftModel.from_pretrained(load_model(base_path), adapter_path).merge_and_unload().eval()
+
+
+def base_checkpoint() -> Path:
+    """The pretrained encoder re-saved by the installed transformers, so that base, experts and
+    LoRA-applied models share one tensor layout (the packaged file also holds the
+    `embeddings.position_ids` buffer, which transformers 5 no longer saves)."""
+    path = cache.root(BENCH) / "base"
+    if not (path / "model.safetensors").exists():
+        load_model(model_dir()).save_pretrained(path)
+    return path
 
 
 def embed(encoder, tokenizer, texts) -> torch.Tensor:
@@ -79,94 +105,88 @@ def embed(encoder, tokenizer, texts) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(encoder, tokenizer, head: dict, texts, labels, batch_size: int = 256) -> float:
-    correct = 0
+def predict(encoder, tokenizer, head: dict, texts, batch_size: int = 256) -> tuple:
+    """(predicted classes, all embeddings finite) for `texts`."""
+    predicted, finite = [], True
     for start in range(0, len(texts), batch_size):
         features = embed(encoder, tokenizer, texts[start : start + batch_size])
-        predicted = (features @ head["weight"].T + head["bias"]).argmax(-1)
-        correct += int((predicted == torch.tensor(labels[start : start + batch_size])).sum())
-    return correct / len(texts)
+        finite = finite and bool(torch.isfinite(features).all())
+        predicted += (features @ head["weight"].T + head["bias"]).argmax(-1).tolist()
+    return predicted, finite
 
 
-def _fit_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, recipe: Recipe) -> dict:
+def _fit_head(features: torch.Tensor, labels: torch.Tensor, n_classes: int, recipe: HeadRecipe) -> dict:
     generator = torch.Generator().manual_seed(recipe.seed)
     linear = torch.nn.Linear(features.shape[1], n_classes)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) * 0.01)
         linear.bias.zero_()
-    optimizer = torch.optim.Adam(linear.parameters(), lr=recipe.head_lr, weight_decay=recipe.head_weight_decay)
-    for _ in range(recipe.head_steps):
+    optimizer = torch.optim.Adam(linear.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    for _ in range(recipe.steps):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(linear(features), labels).backward()
         optimizer.step()
     return {"weight": linear.weight.detach().clone(), "bias": linear.bias.detach().clone()}
 
 
-def _fine_tune(encoder, tokenizer, head: dict, task, lr: float, recipe: Recipe) -> None:
+def _fine_tune(encoder, tokenizer, head: dict, task, recipe: Recipe) -> None:
     """Train the encoder's trainable parameters with the head frozen, in place."""
     torch.manual_seed(recipe.seed)
     order_generator = torch.Generator().manual_seed(recipe.seed)
     params = [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    labels = torch.tensor(task.train_labels)
+    optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0)
+    texts, labels = task.texts("train"), torch.tensor(task.labels("train"))
+    encoder.train()
     for _ in range(recipe.epochs):
-        order = torch.randperm(len(task.train_texts), generator=order_generator)
+        order = torch.randperm(len(texts), generator=order_generator)
         for start in range(0, len(order), recipe.batch_size):
             index = order[start : start + recipe.batch_size]
-            features = embed(encoder, tokenizer, [task.train_texts[i] for i in index])
+            features = embed(encoder, tokenizer, [texts[i] for i in index])
             loss = torch.nn.functional.cross_entropy(features @ head["weight"].T + head["bias"], labels[index])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    encoder.eval()
 
 
-def base_checkpoint(root: Path) -> Path:
-    """The pretrained encoder re-saved by the installed transformers, so that base, experts and
-    LoRA-applied models share one tensor layout (the packaged file also holds the
-    `embeddings.position_ids` buffer, which transformers 5 no longer saves)."""
-    return root / "base"
+def heads_dir() -> Path:
+    return cache.set_dir(BENCH, "heads", asdict(HeadRecipe()), SETS.split_definitions(), DATA_PACKAGES)
 
 
-def ensure_experts(recipe: Recipe = Recipe(), lora: bool = True) -> Path:
-    """Train whatever is missing from the cache; return the cache folder."""
-    root = cache_dir(recipe)
-    tokenizer = load_tokenizer()
-    base = model_dir()
-    if not (base_checkpoint(root) / "model.safetensors").exists():
-        load_encoder(base).save_pretrained(base_checkpoint(root))
+def ensure_heads() -> Path:
+    root, tokenizer = heads_dir(), None
     for name in TASK_NAMES:
-        task = load_task(name)
-        head_path = root / "heads" / f"{name}.safetensors"
-        if not head_path.exists():
-            encoder = load_encoder(base)
-            with torch.no_grad():
-                features = embed(encoder, tokenizer, task.train_texts)
-            head = _fit_head(features, torch.tensor(task.train_labels), len(task.classes), recipe)
-            head_path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(head, head_path)
-        head = load_file(head_path)
-        full_path = root / "full" / name
-        if not (full_path / "model.safetensors").exists():
-            started = time.perf_counter()
-            encoder = load_encoder(base)
-            _fine_tune(encoder, tokenizer, head, task, recipe.lr, recipe)
-            encoder.save_pretrained(full_path)
-            logger.info("full expert %s: %.0f s", name, time.perf_counter() - started)
-        lora_path = root / "lora" / name
-        if lora and not (lora_path / "adapter_model.safetensors").exists():
-            import peft
-
-            started = time.perf_counter()
-            torch.manual_seed(recipe.seed)
-            config = peft.LoraConfig(
-                r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, target_modules=list(recipe.lora_targets)
-            )
-            encoder = peft.get_peft_model(load_encoder(base), config)
-            _fine_tune(encoder, tokenizer, head, task, recipe.lora_lr, recipe)
-            encoder.save_pretrained(lora_path)
-            logger.info("LoRA expert %s: %.0f s", name, time.perf_counter() - started)
+        path = root / f"{name}.safetensors"
+        if path.exists():
+            continue
+        task, tokenizer = load_task(name), tokenizer or load_tokenizer()
+        with torch.no_grad():
+            features = embed(load_model(base_checkpoint()), tokenizer, task.texts("train"))
+        save_file(_fit_head(features, torch.tensor(task.labels("train")), len(task.classes), HeadRecipe()), path)
     return root
 
 
-def load_head(root: Path, name: str) -> dict:
-    return load_file(root / "heads" / f"{name}.safetensors")
+def load_head(name: str) -> dict:
+    return load_file(heads_dir() / f"{name}.safetensors")
+
+
+def train(recipe: Recipe, name: str, index: int, path: Path) -> None:
+    """One expert: the task's head (fitted once, on the pretrained encoder) frozen, the encoder or its adapters trained."""
+    ensure_heads()
+    task, head, tokenizer = load_task(name), load_head(name), load_tokenizer()
+    encoder = load_model(base_checkpoint())
+    if recipe.kind == "lora":
+        import peft
+
+        torch.manual_seed(lora_seed(recipe, index))
+        config = peft.LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, target_modules=list(recipe.lora_targets))
+        encoder = peft.get_peft_model(encoder, config)
+    _fine_tune(encoder, tokenizer, head, task, recipe)
+    encoder.save_pretrained(path)
+
+
+SETS = ExpertSets(BENCH, TASK_NAMES, lambda name: load_task(name).splits, DATA_PACKAGES, RECIPES, train, {"heads": asdict(HeadRecipe())})
+
+
+if __name__ == "__main__":
+    SETS.main()

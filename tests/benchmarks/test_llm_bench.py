@@ -1,27 +1,17 @@
-"""benchmarks/llm: the task builders, the exact-match scorer, the report arithmetic, the GGUF
+"""benchmarks/llm: the task formats, the exact-match scorer, the GGUF
 conversion core and a merge of a tied-embedding Llama that plain transformers loads and runs.
 
 No training and no real model: tiny transformers models built here.
 """
 
 import json
-import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from llm import convert, tasks
 from runner import mergekit_yaml
-
-LLM = Path(__file__).resolve().parents[2] / "benchmarks" / "llm"
-sys.path.insert(0, str(LLM))
-sys.path.insert(0, str(LLM.parent))
-
-import convert  # noqa: E402
-import run  # noqa: E402
-import tasks  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,33 +19,12 @@ def loaded():
     return {name: tasks.load_task(name) for name in tasks.TASK_NAMES}
 
 
-def test_tasks_are_deterministic_and_the_seed_matters(loaded):
-    for name, task in loaded.items():
-        assert tasks.load_task(name) == task
-        assert tasks.load_task(name, seed=1).test != task.test
-
-
-def test_splits_are_disjoint_and_sized(loaded):
-    assert len(loaded) >= 4
-    for task in loaded.values():
-        train, test = {e.prompt for e in task.train}, {e.prompt for e in task.test}
-        assert len(test) == len(task.test) == tasks.N_TEST  # no duplicate prompt within a split
-        assert len(train) == len(task.train) >= 500
-        assert not train & test
-
-
-def test_small_splits_come_from_the_front_of_the_same_shuffle():
-    small, full = tasks.load_task("addition", n_train=10, n_test=5), tasks.load_task("addition")
-    assert small.test == full.test[:5]
-    assert small.train[:10] != full.train[:10]  # the training split starts after the held-out one
-    assert not {e.prompt for e in small.train} & {e.prompt for e in small.test}
-
-
 def test_answers_are_well_formed(loaded):
     for task in loaded.values():
-        for example in task.train + task.test:
+        for example in task.train + task.validation + task.test:
             assert example.prompt.endswith("\nAnswer:") and "\n" not in example.prompt[: -len("\nAnswer:")]
             assert example.answer and example.answer == example.answer.strip() and "\n" not in example.answer
+            assert re.fullmatch(tasks.ANSWER_FORMAT[task.name], example.answer), (task.name, example.answer)
     for e in loaded["sentiment"].test:
         assert e.answer in {"positive", "negative"}
     assert {e.answer for e in loaded["surname"].train} == {"German", "French", "Italian", "Spanish"}
@@ -68,15 +37,14 @@ def test_answers_are_well_formed(loaded):
 
 
 def test_sentiment_labels_follow_the_afinn_score():
-    assert ("Is the word 'good' positive or negative?", "positive") in tasks._sentiment_items()
-    assert ("Is the word 'bad' positive or negative?", "negative") in tasks._sentiment_items()
+    items = {(i.text, i.label) for i in tasks._sentiment_items()}
+    assert ("Is the word 'good' positive or negative?", "positive") in items
+    assert ("Is the word 'bad' positive or negative?", "negative") in items
 
 
-def test_unknown_task_and_short_pool_are_errors():
+def test_unknown_task_is_an_error():
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         tasks.load_task("nope")
-    with pytest.raises(ValueError, match="last_letter"):
-        tasks.load_task("last_letter", n_test=10**6)
 
 
 @pytest.mark.parametrize(
@@ -95,23 +63,6 @@ def test_unknown_task_and_short_pool_are_errors():
 )
 def test_exact_match(completion, answer, expected):
     assert tasks.exact_match(completion, answer) is expected
-
-
-def test_report_arithmetic():
-    assert run.standard_error(0.5, 100) == pytest.approx(0.05)
-    assert run.standard_error(1.0, 100) == 0.0
-    accuracy, sizes = {"a": 0.5, "b": 0.9}, {"a": 100, "b": 400}
-    assert run.average_error(accuracy, sizes) == pytest.approx(math.sqrt(0.05**2 + 0.015**2) / 2)
-    # base avg 0.1, experts avg 0.9, merged avg 0.5: half the gap
-    assert run.gap_closed({"a": 0.4, "b": 0.6}, {"a": 0.0, "b": 0.2}, {"a": 1.0, "b": 0.8}) == pytest.approx(0.5)
-
-
-def test_lora_rows_use_mergekit_adapter_syntax(tmp_path):
-    run.write_config(tmp_path / "c.yml", "wudi", {"lr": 1e-5}, "lora", tmp_path / "root", tmp_path / "base")
-    config = yaml.safe_load((tmp_path / "c.yml").read_text())
-    assert config["base_model"] == str(tmp_path / "base")
-    assert [m["model"] for m in config["models"]] == [f"{tmp_path / 'base'}+{tmp_path / 'root' / 'lora' / n}" for n in tasks.TASK_NAMES]
-    assert config["parameters"] == {"lr": 1e-5} and config["dtype"] == "float32"
 
 
 def tiny_llama(seed: int = 0):
@@ -188,11 +139,3 @@ def test_merged_tied_llama_loads_with_transformers_and_generates(tmp_path, metho
     assert not torch.equal(merged.state_dict()[q], base.state_dict()[q])  # the solve did move the linear weights
     out = merged.generate(torch.tensor([[1, 5, 7]]), max_new_tokens=4, do_sample=False, pad_token_id=2)
     assert out.shape[1] > 3 and torch.isfinite(merged(out).logits).all()
-
-
-def test_rows_at_defaults_set_no_parameter_and_labels_are_unique():
-    labels = [label for label, *_ in run.MERGES]
-    assert len(labels) == len(set(labels)) and run.QUICK <= set(labels)
-    defaults = [(label, method, parameters) for label, method, parameters, _ in run.MERGES if "(defaults)" in label]
-    assert {(method, label.startswith("LoRA")) for label, method, _ in defaults} >= {(m, lora) for m in ("wudi", "wudi_cfs", "doge") for lora in (False, True)}
-    assert all(parameters == {} for *_, parameters in defaults)

@@ -1,0 +1,59 @@
+"""The rows of a benchmark and the choices made on validation."""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+EXPERT_SETS = ("full", "lora", "lora_aggressive", "mixed")  # each gets the whole plan
+REPLICATES = {"full_seed1": "full"}  # a second expert seed: the headline rows of its primary set again
+
+
+def mixed_members(task_names: Sequence[str]) -> Dict[str, str]:
+    """Half full, half LoRA: full experts (seed 0) on even-indexed tasks, conventional LoRA on odd ones."""
+    return {name: ("full" if index % 2 == 0 else "lora") for index, name in enumerate(task_names)}
+
+LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)  # issue 23: each method's own best lambda on 0.1..1.5
+NORMALIZE = (True, False)
+# mergekit's built-ins and the densities searched for them (`density` keeps that share of each task
+# vector; breadcrumbs_ties also drops the top `gamma` = 0.01 by magnitude, so it keeps less).
+BUILTINS = {
+    "task_arithmetic": (),
+    "ties": (0.2, 0.5, 0.8),
+    "dare_ties": (0.2, 0.5, 0.8),
+    "della": (0.2, 0.5, 0.8),  # epsilon 0.15 (its default): density ± epsilon stays in (0, 1)
+    "breadcrumbs_ties": (0.5, 0.8, 0.9),
+}
+QUICK_LAMBDAS = (0.5, 1.0)
+QUICK_METHODS = ("task_arithmetic", "ties", "wudi_cfs")
+
+
+def ours() -> tuple:
+    """The project's methods, from the one method table."""
+    from mergekit_wudi.adapter import MERGE_METHODS
+
+    return tuple(m.method_name for m in MERGE_METHODS)
+
+
+def methods(quick: bool = False) -> tuple:
+    every = (*BUILTINS, *ours())
+    return tuple(m for m in every if m in QUICK_METHODS) if quick else every
+
+
+def stage_one(method: str, quick: bool = False) -> list:
+    """The configurations tried at lambda 1 before the lambda grid: the defaults ({}), then for
+    a built-in with a density every (density, normalize) pair; normalize for task_arithmetic
+    with equal weights is lambda / N, which the grid covers."""
+    densities = BUILTINS.get(method, ())
+    if quick:
+        densities = densities[1:2]
+    return [{}] + [{"density": d, "normalize": n} for d in densities for n in (NORMALIZE[:1] if quick else NORMALIZE)]
+
+
+def stage_two(best: dict, quick: bool = False) -> list:
+    """The lambda grid at the best stage-one configuration (lambda 1 is already in stage one)."""
+    return [{**best, "lambda": lam} for lam in (QUICK_LAMBDAS if quick else LAMBDAS) if lam != best.get("lambda", 1.0)]
+
+
+def better(candidate: float, incumbent) -> bool:
+    """Strictly better on validation: ties keep the earlier (simpler) configuration."""
+    return incumbent is None or candidate > incumbent + 1e-12
