@@ -43,13 +43,16 @@ class Solver:
     config_cls: ClassVar[type]
     one_thread: ClassVar[bool] = False
 
-    def __init_subclass__(cls, *, name: str = "", pretty_name: str = "", paper: str = "", config: Optional[type] = None,
-                          one_thread: bool = False, **kwargs: Any):
-        """`class XSolver(Solver, name=..., pretty_name=..., paper=..., config=XConfig)`."""
+    def __init_subclass__(cls, *, name: Optional[str] = None, pretty_name: Optional[str] = None,
+                          paper: Optional[str] = None, config: Optional[type] = None, one_thread: Optional[bool] = None,
+                          **kwargs: Any):
+        """`class XSolver(Solver, name=..., pretty_name=..., paper=..., config=XConfig)`; what a
+        subclass does not give, it inherits."""
         super().__init_subclass__(**kwargs)
-        cls.name, cls.pretty_name, cls.paper, cls.one_thread = name, pretty_name, paper, one_thread
-        if config is not None:
-            cls.config_cls = config
+        given = {"name": name, "pretty_name": pretty_name, "paper": paper, "config_cls": config, "one_thread": one_thread}
+        for attribute, value in given.items():
+            if value is not None:
+                setattr(cls, attribute, value)
 
     def __init__(self, config: Optional[Any] = None):
         self.config = config or self.config_cls()
