@@ -150,17 +150,17 @@ def test_one_cpu_thread_changes_nothing_off_the_cpu(threads):
 
 
 def test_small_solves_run_on_one_thread_and_large_ones_on_all(threads):
-    from mergekit_wudi.solvers import numerics
+    from mergekit_wudi.solvers.numerics import solve_threads
 
-    class Probe:
-        @numerics.one_thread_if_small
-        def solve(self, task_vectors):
+    def threads_in_solve(task_vectors, whole=False):
+        with solve_threads(task_vectors, whole=whole):
             return torch.get_num_threads()
 
     threads(2)
-    assert Probe().solve(torch.zeros(3, 255, 256)) == 1  # 65,280 elements < 2^16
-    assert Probe().solve(torch.zeros(3, 256, 256)) == 2
-    assert Probe().solve(torch.zeros(3, 2, 2, device="meta")) == 2
+    assert threads_in_solve(torch.zeros(3, 255, 256)) == 1  # 65,280 elements < 2^16
+    assert threads_in_solve(torch.zeros(3, 256, 256)) == 2
+    assert threads_in_solve(torch.zeros(3, 256, 256), whole=True) == 1  # tsv, iso_c, iso_cts
+    assert threads_in_solve(torch.zeros(3, 2, 2, device="meta")) == 2
 
 
 @pytest.mark.parametrize("dtype, expected", [(torch.float64, torch.float64), (torch.float32, torch.float32),

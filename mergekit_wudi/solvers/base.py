@@ -7,19 +7,12 @@ the empty case. A subclass writes only `_solve(prepared, **per_model)`.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, ClassVar, Optional, Tuple
 
 import torch
 
 from mergekit_wudi.solvers.checks import per_model_values
-from mergekit_wudi.solvers.numerics import (
-    ONE_THREAD_ELEMENTS,
-    SOLVE_EXTRA_TENSORS,
-    TaskVectors,
-    one_cpu_thread,
-    prepare_task_vectors,
-)
+from mergekit_wudi.solvers.numerics import SOLVE_EXTRA_TENSORS, TaskVectors, prepare_task_vectors, solve_threads
 
 __all__ = ["SOLVE_EXTRA_TENSORS", "Solver"]
 
@@ -62,7 +55,7 @@ class Solver:
         for each per-model config field (an unknown keyword is a TypeError)."""
         count = task_vectors.shape[0] if isinstance(task_vectors, torch.Tensor) and task_vectors.ndim else 0
         values = per_model_values(self.config, per_model, count)
-        with self._threads(task_vectors):
+        with solve_threads(task_vectors, whole=self.one_thread):
             prepared = prepare_task_vectors(task_vectors)
             if prepared.count == 0:
                 return prepared.vectors.new_zeros(task_vectors.shape[1:])
@@ -71,9 +64,3 @@ class Solver:
 
     def _solve(self, prepared: TaskVectors, **per_model: Tuple[Any, ...]) -> torch.Tensor:
         raise NotImplementedError
-
-    def _threads(self, task_vectors: torch.Tensor):
-        if not isinstance(task_vectors, torch.Tensor) or task_vectors.ndim != 3:
-            return contextlib.nullcontext()  # prepare_task_vectors says what is wrong
-        small = task_vectors.shape[1] * task_vectors.shape[2] < ONE_THREAD_ELEMENTS
-        return one_cpu_thread(task_vectors.device) if self.one_thread or small else contextlib.nullcontext()

@@ -7,12 +7,11 @@ Pure torch: nothing here imports mergekit, click or logging configuration.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -115,30 +114,23 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
 
 
 # Tensors under this many elements are solved on one thread from start to end
-# (one_thread_if_small); 255x256 is, 256x256 and 384x384 are not.
+# (solve_threads); 255x256 is, 256x256 and 384x384 are not.
 ONE_THREAD_ELEMENTS = 1 << 16
 
 
-def one_thread_if_small(solve):
-    """Decorates a solver's solve(task_vectors, ...): under ONE_THREAD_ELEMENTS elements
-    per task vector, the whole solve runs in one_cpu_thread.
+def solve_threads(task_vectors: Any, whole: bool = False):
+    """The thread policy of a whole solve, as a context: one_cpu_thread where `whole`, or
+    where each task vector has fewer than ONE_THREAD_ELEMENTS elements; otherwise none.
 
     At such sizes MKL's small GEMMs with accumulation (addmm) also round differently with
     the thread count, while a second thread gains little there (docs/reliability.md).
-    Larger tensors keep every thread for their products.
+    Larger tensors keep every thread for their products. Anything but an (N, out, in)
+    tensor gets no context (prepare_task_vectors then says what is wrong).
     """
-
-    @functools.wraps(solve)
-    def wrapper(self, task_vectors, *args, **kwargs):
-        small = (
-            isinstance(task_vectors, torch.Tensor)
-            and task_vectors.ndim == 3
-            and task_vectors.shape[1] * task_vectors.shape[2] < ONE_THREAD_ELEMENTS
-        )
-        with one_cpu_thread(task_vectors.device) if small else contextlib.nullcontext():
-            return solve(self, task_vectors, *args, **kwargs)
-
-    return wrapper
+    if not isinstance(task_vectors, torch.Tensor) or task_vectors.ndim != 3:
+        return contextlib.nullcontext()
+    small = task_vectors.shape[1] * task_vectors.shape[2] < ONE_THREAD_ELEMENTS
+    return one_cpu_thread(task_vectors.device) if whole or small else contextlib.nullcontext()
 
 
 def rank_cutoff(size: int, dtype: torch.dtype, scale):

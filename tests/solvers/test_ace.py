@@ -90,7 +90,7 @@ def test_bf16_input_is_solved_in_float32(generator):
 
 
 def test_same_bits_at_one_and_two_threads(generator):
-    tv = spread(generator, (300, 260)).float()  # over one_thread_if_small's size
+    tv = spread(generator, (300, 260)).float()  # over solve_threads's one-thread size
     first, second = solve_at_one_and_two_threads(AceSolver().solve, tv)
     assert torch.equal(first, second)
 
