@@ -71,17 +71,22 @@ def kept_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     return u[:, :k][:, s[:k] > rtol * s[0]]
 
 
+def numerical_rank(matrix: torch.Tensor) -> int:
+    """Singular values above rtol * sigma_1, rtol = max(out, in) * eps(float32)."""
+    s = torch.linalg.svdvals(matrix)
+    return int((s > max(matrix.shape) * torch.finfo(torch.float32).eps * s[0]).sum())
+
+
 def doge_projector(tasks: Sequence[torch.Tensor], subspace: int) -> Optional[torch.Tensor]:
+    """The paper's App. B: k_i = rank(t_i) // N per task, rank // subspace shared directions,
+    rank the task vector's (numerical) rank; min(out, in) for full-rank task vectors."""
     out_features, in_features = tasks[0].shape
-    rank = min(out_features, in_features)
-    k = rank // len(tasks)
-    keep = rank // subspace
-    if k == 0 or keep == 0:
+    ranks = [numerical_rank(t) for t in tasks]
+    keep = max(ranks) // subspace
+    columns = [kept_left_singular_vectors(t, r // len(tasks)) for t, r in zip(tasks, ranks)]
+    if keep == 0 or sum(c.shape[1] for c in columns) == 0:
         return None
-    columns = [kept_left_singular_vectors(t, k) for t in tasks]
-    stacked = torch.zeros(out_features, rank, dtype=torch.float64)
-    for index, block in enumerate(columns):
-        stacked[:, index * k : index * k + block.shape[1]] = block
+    stacked = torch.cat(columns, dim=1)
     u_k = kept_left_singular_vectors(stacked, keep)
     return u_k @ u_k.T
 

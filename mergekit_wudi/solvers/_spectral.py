@@ -18,6 +18,7 @@ import torch
 
 from mergekit_wudi.solvers.numerics import (
     SOLVE_EXTRA_TENSORS,
+    gram64,
     kept,
     one_cpu_thread,
     rank_cutoff,
@@ -150,15 +151,6 @@ def polar_(matrix: torch.Tensor, spare: int) -> torch.Tensor:
     for block in row_blocks(rows.shape[0]):
         rows[block] = (rows[block].double() @ vectors) @ vectors.mT  # in float64, block by block
     return values[keep].to(matrix.dtype)
-
-
-def gram64(rows: torch.Tensor) -> torch.Tensor:
-    """A^T A (n, n) in float64, for A (rows, n), accumulated over row blocks of A."""
-    gram = rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
-    for block in row_blocks(rows.shape[0]):
-        part = rows[block].double()
-        gram.addmm_(part.mT, part)
-    return gram
 
 
 class SingularStacks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -20,25 +20,27 @@ from mergekit_wudi.solvers.checks import (
 from mergekit_wudi.solvers.numerics import (
     TaskVectors,
     adam_optimizer,
+    gram64,
     kept,
     one_cpu_thread,
     rank_cutoff,
     release,
     row_blocks,
     symmetric_eigh,
+    symmetric_eigvals_,
 )
 
 
 @dataclass(frozen=True)
 class DogeConfig:
     """The paper's defaults: eta 0.07, Adam lr 1e-4 for 400 steps, keep 30% of each task
-    vector, keep r/6 shared directions."""
+    vector, keep rank/6 shared directions."""
 
     eta: float = config_field(0.07, check_positive, "l_i = eta / ||t_i||")
     lr: float = config_field(1e-4, check_positive, "Adam learning rate")
     steps: int = config_field(400, check_non_negative_int, "Adam iterations")
     density: float = config_field(0.3, check_fraction, "kept fraction in the trim", per_model=True)
-    subspace: int = config_field(6, check_positive_int, "keep r/subspace shared directions")
+    subspace: int = config_field(6, check_positive_int, "keep rank/subspace shared directions")
 
     def __post_init__(self):
         check_config(self)
@@ -72,24 +74,31 @@ class DogeSolver(
         return merged
 
     def shared_basis(self, vectors: torch.Tensor) -> Optional[torch.Tensor]:
-        """U_k, (out, at most floor(r / subspace)), or None where there is no shared direction.
+        """U_k, (out, at most floor(max_i rank_i / subspace)), or None where there is no shared direction.
+
+        "Rank" is each task vector's numerical rank, as the paper's App. B words it ("the rank
+        of the task vector divided by the number of tasks"): rank_i = the singular values of t_i
+        above rank_cutoff(max(out, in), float32, sigma_1). Task i gives its top
+        k_i = floor(rank_i / N) left singular vectors; the stack gives at most
+        floor(max_i rank_i / subspace). For full-rank task vectors rank_i = min(out, in), the
+        code's r; for rank-8 LoRA task vectors the code's r would make U_k the union of every
+        task's whole column space and the projected descent would stall (docs/research/doge-lora.md).
 
         Only the subspaces matter: P = U_k U_k^T, and the stacked matrix's left singular
         subspace depends on each task's kept subspace, not on the basis chosen in it.
-        Each task gives its top-k directions above the tolerance of
-        top_left_singular_vectors (fewer than k where its rank is lower); the stack gives
-        at most floor(r / subspace), again only those above the tolerance.
         """
         count, out_features, in_features = vectors.shape
-        rank = min(out_features, in_features)
-        per_task = rank // count
-        keep = rank // self.config.subspace
-        if per_task == 0 or keep == 0:
+        subspaces = [task_subspace(task, count) for task in vectors]  # (out, k_i), together at most (out, min(out, in))
+        stacked = vectors.new_zeros(out_features, min(out_features, in_features))  # unused columns stay 0
+        start = 0
+        for columns, _ in subspaces:
+            stacked[:, start : start + columns.shape[1]] = columns
+            start += columns.shape[1]
+        top_rank = max(rank for _, rank in subspaces)
+        del subspaces
+        keep = top_rank // self.config.subspace
+        if start == 0 or keep == 0:
             return None
-        stacked = vectors.new_zeros(out_features, rank)  # (out, r); unused columns stay 0
-        for index, task in enumerate(vectors):
-            columns = top_left_singular_vectors(task, per_task)  # (out, <= k)
-            stacked[:, index * per_task : index * per_task + columns.shape[1]] = columns
         basis = top_left_singular_vectors(stacked, keep)
         return basis.contiguous() if basis.shape[1] else None
 
@@ -162,6 +171,30 @@ def top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     # @ (out, in) and the Gram itself round differently with the thread count (docs/reliability.md).
     with one_cpu_thread(matrix.device):
         return _top_left_singular_vectors(matrix, k)
+
+
+def task_subspace(task: torch.Tensor, count: int) -> Tuple[torch.Tensor, int]:
+    """(the top floor(rank / count) left singular vectors of one task vector, its numerical rank).
+
+    rank: singular values above rank_cutoff(max(out, in), float32, sigma_1). Under
+    GRAM_MIN_ELEMENTS both come from the one SVD; from there on the rank comes from the
+    eigenvalues of the smaller Gram matrix in float64 (the float32 one cannot resolve the
+    cutoff: its rounding, eps32 * sigma_1^2, is above cutoff^2), then the vectors as
+    top_left_singular_vectors computes them.
+    """
+    out_features, in_features = task.shape
+    size = max(out_features, in_features)
+    with one_cpu_thread(task.device):
+        if task.numel() < GRAM_MIN_ELEMENTS:
+            left, values, _ = torch.linalg.svd(task, full_matrices=False)
+            rank = kept(values, values.numel(), rank_cutoff(size, torch.float32, values[0]))
+            return left[:, : rank // count], rank
+        gram = gram64(task.mT if out_features <= in_features else task)  # (smaller, smaller)
+        values = symmetric_eigvals_(gram).flip(0).clamp_(min=0).sqrt_()  # descending sigma
+        del gram
+        rank = kept(values, values.numel(), rank_cutoff(size, torch.float32, values[0]))
+    k = rank // count
+    return (top_left_singular_vectors(task, k) if k else task.new_zeros(out_features, 0)), rank
 
 
 def _top_left_singular_vectors(matrix: torch.Tensor, k: int) -> torch.Tensor:

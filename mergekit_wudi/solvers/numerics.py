@@ -157,6 +157,15 @@ def row_blocks(count: int, blocks: int = 16) -> Iterator[slice]:
     return row_chunks(count, 1, -(-count // blocks))
 
 
+def gram64(rows: torch.Tensor) -> torch.Tensor:
+    """A^T A (n, n) in float64, for A (rows, n), accumulated over row blocks of A."""
+    gram = rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+    for block in row_blocks(rows.shape[0]):
+        part = rows[block].double()
+        gram.addmm_(part.mT, part)
+    return gram
+
+
 def symmetric_eigh(
     matrix: torch.Tensor, top: Optional[int] = None, *, in_place: bool = False, lean: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +195,23 @@ def symmetric_eigh(
         else:
             eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
     return eigenvalues[size - top :], eigenvectors[:, size - top :].contiguous()
+
+
+def symmetric_eigvals_(matrix: torch.Tensor) -> torch.Tensor:
+    """Every eigenvalue, ascending, of a symmetric matrix, which may be overwritten: for a
+    float64 CPU matrix LAPACK dsyevr without eigenvectors in place (O(n) workspace) on one
+    OpenBLAS thread, as in symmetric_eigh's lean route; otherwise torch.linalg.eigvalsh."""
+    if matrix.device.type == "cpu" and matrix.dtype == torch.float64:
+        from scipy.linalg import lapack
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1, user_api="blas"):
+            values, _, _, _, info = lapack.dsyevr(matrix.numpy().T, compute_v=0, range="A", overwrite_a=1)
+        if info != 0:
+            raise torch.linalg.LinAlgError(f"LAPACK symmetric eigensolver failed (info={info}) on a {matrix.shape[0]}x{matrix.shape[0]} matrix")
+        return torch.from_numpy(values)
+    with one_cpu_thread(matrix.device):
+        return torch.linalg.eigvalsh(matrix)
 
 
 def _scipy_eigh(matrix: torch.Tensor, top: int, in_place: bool) -> Tuple[torch.Tensor, torch.Tensor]:
