@@ -1,6 +1,6 @@
 """Both real-model benchmarks in one run: MiniLM (benchmarks/real_model), then SmolLM2 (benchmarks/llm).
 
-    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 BENCH_THREADS=1 nice -n 15 python benchmarks/run_all.py   # --quick, --resume, --out DIR
+    OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 BENCH_THREADS=1 nice -n 15 python benchmarks/run_all.py   # --quick, --resume, --sets A,B, --methods X,Y, --out DIR
 
 Trains every missing expert (cached outside git), runs every merge of bench.plan through the
 real `mergekit-yaml`, and writes results.json, results.md and accuracy.png into

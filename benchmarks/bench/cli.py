@@ -14,6 +14,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="development: full experts only, task_arithmetic / ties / wudi_cfs, a 2-point grid, 100 items per split")
     p.add_argument("--resume", action="store_true", help="reuse identical merges already in OUT/results.json (development; the table says so)")
+    p.add_argument("--sets", type=lambda v: v.split(","), help="a partial plan: only these expert sets (comma-separated); the table says so")
+    p.add_argument("--methods", type=lambda v: v.split(","), help="a partial plan: only these methods (comma-separated); the table says so")
     p.add_argument("--out", type=Path, help="where results.json/md and accuracy.png go (default: beside run.py; --quick: the cache folder)")
     return p
 
@@ -28,7 +30,7 @@ def run(benchmark_class, args) -> dict:
     bench = benchmark_class(limit=QUICK_LIMIT if args.quick else None)
     out = args.out or (cache.root(bench.name) / "quick" if args.quick else bench.default_out)
     started = time.perf_counter()
-    report = Runner(bench, out, quick=args.quick, resume=args.resume).run()
+    report = Runner(bench, out, quick=args.quick, resume=args.resume, sets=args.sets, methods=args.methods).run()
     print(f"[{bench.name}] wrote {out / 'results.md'} in {time.perf_counter() - started:.0f} s", flush=True)
     return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import subprocess
 from functools import lru_cache
@@ -35,10 +36,25 @@ def commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
+@lru_cache(maxsize=1)
+def package_code() -> str:
+    """sha256 (16 hex) of mergekit_wudi's Python sources as imported: what a merge of ours ran, even
+    on an uncommitted tree, so --resume never reuses one of our rows made by other code."""
+    import mergekit_wudi
+
+    hasher = hashlib.sha256()
+    root = Path(mergekit_wudi.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        hasher.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return hasher.hexdigest()[:16]
+
+
 def stamp(data_packages: Iterable[str] = ()) -> dict:
-    """The provenance of a row: commit, package versions (code and data), Python and machine."""
+    """The provenance of a row: commit, mergekit_wudi's source hash, package versions (code and
+    data), Python and machine."""
     return {
         "commit": commit(),
+        "package_code": package_code(),
         "versions": versions([*PACKAGES, *data_packages]),
         "python": platform.python_version(),
         "machine": platform.machine(),

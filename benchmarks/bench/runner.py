@@ -42,15 +42,26 @@ def _validation(record: dict) -> float:
     return stats.mean_accuracy(record["correct"]["validation"]) if "validation" in record["correct"] else -1.0
 
 
+def _reusable(record: dict, data_packages) -> bool:
+    """--resume reuses a record only if what produced it is unchanged: mergekit_wudi's sources
+    for our methods, the package versions (code and data) for every row."""
+    here = stamp(data_packages)
+    made = record.get("provenance", {})
+    if made.get("versions") != here["versions"]:
+        return False
+    return record["method"] in plan.BUILTINS or made.get("package_code") == here["package_code"]
+
+
 class Runner:
-    def __init__(self, bench, out: Path, quick: bool = False, resume: bool = False):
+    def __init__(self, bench, out: Path, quick: bool = False, resume: bool = False, sets=None, methods=None):
         self.bench, self.out, self.quick = bench, out, quick
+        self.only_sets, self.only_methods = sets, methods  # a partial plan (None: the whole plan)
         self.work = out / "merges"
         self.started = time.perf_counter()
         previous = out / "results.json"
         self.previous = {}
         if resume and previous.exists():
-            self.previous = {(e["set"], e["yaml"]): e for e in json.loads(previous.read_text())["evaluations"]}
+            self.previous = {(e["set"], e["yaml"]): e for e in json.loads(previous.read_text())["evaluations"] if _reusable(e, bench.data_packages)}
         self.report = {
             "benchmark": bench.name,
             "title": bench.title,
@@ -60,6 +71,7 @@ class Runner:
             "provenance": stamp(bench.data_packages),
             "tasks": bench.tasks_info(),
             "recipes": bench.recipes,
+            "partial": {"sets": sets, "methods": methods} if sets or methods else None,
             "plan": {"lambdas": list(plan.QUICK_LAMBDAS if quick else plan.LAMBDAS), "builtins": {m: list(d) for m, d in plan.BUILTINS.items()}, "normalize": list(plan.NORMALIZE)},
             "expert_sets": {},
             "base": {},
@@ -95,8 +107,8 @@ class Runner:
         if record is None and (set_name, text) in self.previous and all(s in self.previous[(set_name, text)]["correct"] for s in splits):
             record = {**self.previous[(set_name, text)], "resumed": True}
             self.report["evaluations"].append(record)
-        if record is not None and all(s in record["correct"] for s in splits) and not keep:
-            return record, None
+        if record is not None and all(s in record["correct"] for s in splits) and (not keep or record.get("resumed")):
+            return record, None  # a resumed one is not merged again to be kept: tune merges its best for test
         digest = hashlib.sha256(f"{set_name}\n{text}".encode()).hexdigest()[:10]
         self.work.mkdir(parents=True, exist_ok=True)
         config, merged = self.work / f"{digest}.yml", self.work / digest
@@ -155,6 +167,8 @@ class Runner:
             correct, checks = self.bench.score(best_dir, ("test",))
             best["correct"].update(correct)
             best["checks"].update(checks)
+        elif "test" not in best["correct"]:  # chosen among resumed rows: merge it again for test
+            self.evaluate(set_name, method, best["parameters"], splits=("test",), stage=best["stage"])
         if best_dir is not None:
             shutil.rmtree(best_dir, ignore_errors=True)
         self.report["rows"].append({"set": set_name, "method": method, "kind": "tuned", "evaluation": best["id"]})
@@ -163,8 +177,9 @@ class Runner:
 
     # -- the whole run ------------------------------------------------------------------------
     def run(self) -> dict:
-        sets = ["full"] if self.quick else list(plan.EXPERT_SETS)
-        replicates = {} if self.quick else dict(plan.REPLICATES)
+        sets = ["full"] if self.quick else [s for s in plan.EXPERT_SETS if not self.only_sets or s in self.only_sets]
+        replicates = {} if self.quick else {r: p for r, p in plan.REPLICATES.items() if p in sets and (not self.only_sets or r in self.only_sets)}
+        chosen = [m for m in plan.methods(self.quick) if not self.only_methods or m in self.only_methods]
         self.members = {}
         self.experts([*sets, *replicates])
         base_correct, base_checks = self.bench.score(self.bench.base(), SPLITS)
@@ -173,7 +188,7 @@ class Runner:
         tuned = {}
         for set_name in sets:
             best_value: Optional[float] = None
-            for method in plan.methods(self.quick):
+            for method in chosen:
                 tuned[(set_name, method)] = record = self.tune(set_name, method)
                 value = _validation(record)
                 if method in plan.BUILTINS and plan.better(value, best_value):
@@ -181,12 +196,14 @@ class Runner:
                     self.report["best_builtin"][set_name] = {"method": method, "evaluation": record["id"]}
             self.save()
         for replicate, primary in replicates.items():
-            for method in plan.methods(self.quick):
+            for method in chosen:
                 defaults, _ = self.evaluate(replicate, method, {}, stage="defaults")
                 self.report["rows"].append({"set": replicate, "method": method, "kind": "defaults", "evaluation": defaults["id"]})
                 chosen, _ = self.evaluate(replicate, method, tuned[(primary, method)]["parameters"], stage="tuned on " + primary)
                 self.report["rows"].append({"set": replicate, "method": method, "kind": "tuned", "evaluation": chosen["id"]})
-            best = self.report["best_builtin"][primary]
+            best = self.report["best_builtin"].get(primary)
+            if best is None:  # a partial plan without built-ins
+                continue
             rows = [r for r in self.report["rows"] if r["set"] == replicate and r["kind"] == "tuned" and r["method"] == best["method"]]
             self.report["best_builtin"][replicate] = {"method": best["method"], "evaluation": rows[0]["evaluation"], "chosen_on": primary}
             self.save()

@@ -164,3 +164,36 @@ def test_the_estimate_counts_the_full_plan(result):
     assert set(seconds) == set(plan.methods())
     # wudi: 7 merges x 4 sets + test scoring of 2 rows x 4 sets + 2 replicate merges scored on both splits
     assert seconds["wudi"] == pytest.approx(7 * 100 * 4 + 2 * 100 * 1.0 * 4 + 2 * 100 * 2.0)
+
+
+def test_resume_reuses_only_rows_made_by_the_same_code(tmp_path, monkeypatch):
+    from bench import provenance
+
+    calls = []
+
+    def counting(config, out, work):
+        calls.append(yaml.safe_load(Path(config).read_text())["merge_method"])
+        return fake_mergekit(config, out, work)
+
+    monkeypatch.setattr(runner, "run_mergekit", counting)
+    out = tmp_path / "out"
+    runner.Runner(FakeBench(tmp_path), out, quick=True).run()
+    first = len(calls)
+    calls.clear()
+    runner.Runner(FakeBench(tmp_path), out, quick=True, resume=True).run()
+    assert calls == []  # nothing changed: every merge reused
+    monkeypatch.setattr(provenance, "package_code", lambda: "changed")  # our sources changed
+    data = runner.Runner(FakeBench(tmp_path), out, quick=True, resume=True).run()
+    assert set(calls) == {"wudi_cfs"} and 0 < len(calls) < first  # ours merged again, built-ins reused
+    assert all(e["provenance"]["package_code"] == "changed" for e in data["evaluations"] if e["method"] == "wudi_cfs")
+    assert "reused from an earlier run" in (out / "results.md").read_text()
+
+
+def test_a_partial_plan_runs_only_the_sets_and_methods_asked_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "run_mergekit", fake_mergekit)
+    monkeypatch.setattr(plan, "EXPERT_SETS", ("full", "lora"))
+    monkeypatch.setattr(plan, "LAMBDAS", (0.5, 1.0))
+    data = runner.Runner(FakeBench(tmp_path), tmp_path / "out", sets=["lora"], methods=["task_arithmetic", "wudi_cfs"]).run()
+    assert {(e["set"], e["method"]) for e in data["evaluations"]} == {("lora", "task_arithmetic"), ("lora", "wudi_cfs")}
+    assert data["best_builtin"]["lora"]["method"] == "task_arithmetic"
+    assert "**Partial plan** (expert sets lora; methods task_arithmetic, wudi_cfs)" in (tmp_path / "out" / "results.md").read_text()
