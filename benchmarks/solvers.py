@@ -162,7 +162,8 @@ def reset_peak_rss() -> int:
 SPREAD = (1.0, 0.25, 4.0)
 
 
-def memory_child(method: str, count: int, out_features: int, in_features: int, device: str, spread: bool = False) -> dict:
+def memory_child(method: str, count: int, out_features: int, in_features: int, device: str, spread: bool = False,
+                 calibrate: bool = False) -> dict:
     """Runs in the child: merge one tensor through the adapter, return peak extra bytes."""
     from mergekit.merge_methods import merge_tensors, registry
 
@@ -173,6 +174,8 @@ def memory_child(method: str, count: int, out_features: int, in_features: int, d
         parameters = {"weight": 1.0}
     if spread:
         parameters["weight"] = [SPREAD[index % len(SPREAD)] for index in range(count)]
+    if calibrate:
+        parameters["calibrate"] = "input_space"
     # Load every library and kernel on a tiny case first, so the measurement starts warm.
     # Spread weights too, so that a data-dependent path (ace's refinement) and the libraries
     # it loads (scipy's OpenBLAS and its 32 MiB buffers) are warm as well.
@@ -533,12 +536,13 @@ def main() -> None:
     child.add_argument("in_features", type=int)
     child.add_argument("device")
     child.add_argument("--spread", action="store_true")
+    child.add_argument("--calibrate", action="store_true", help="calibrate: input_space")
     args = parser.parse_args()
     if args.command == "child":
         import mergekit_wudi
 
         mergekit_wudi.register()
-        print(json.dumps(memory_child(args.method, args.count, args.out_features, args.in_features, args.device, args.spread)))
+        print(json.dumps(memory_child(args.method, args.count, args.out_features, args.in_features, args.device, args.spread, args.calibrate)))
     elif args.command == "tensors":
         tensors_table(args)
     elif args.command == "memory":

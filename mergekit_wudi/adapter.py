@@ -97,6 +97,7 @@ class SolverMergeMethod(GroupMergeMethod):
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
         key = {
             "lambda": parameters["lambda"],
+            "calibrate": parameters["calibrate"],
             "input_major": parameters["input_major"],
             "weight": [parameters["weight"][entry.id] for entry in entries],
         }
@@ -117,7 +118,7 @@ class SolverMergeMethod(GroupMergeMethod):
         base_c, task_vectors = _task_vectors(group, parameters["weight"], transpose)
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
         try:
-            merged = self.solver_cls(config).solve(task_vectors, **per_model)  # (out, in)
+            merged = self.solver_cls(config, calibration=parameters["calibrate"]).solve(task_vectors, **per_model)  # (out, in)
         except torch.linalg.LinAlgError as error:
             models = ", ".join(str(entry.id) for entry in entries)
             raise FloatingPointError(

@@ -53,6 +53,8 @@ class TensorReport:
     scale: float  # the config's lambda for this tensor
     objective_task_arithmetic: float
     objective_solved: float
+    calibration: float = 1.0  # the calibrate rule's scale c (1 with calibrate: none); the merge adds lambda * c * t_m
+    binding: str = ""  # input_space: the task (t_j) whose own input space bound c, or "norm"
 
     @property
     def count(self) -> int:
@@ -209,9 +211,10 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
     del tensors, base_tensor
     if not records:  # the adapter sent it to the fallback after all
         return None
-    task_vectors, merged = records.pop()
+    task_vectors, merged, calibration = records.pop()
     non_base = [model for model in task.model_order if model != base_model]
     scale = float(task.parameters["lambda"])
+    binding = "" if calibration is None else ("norm" if calibration.binding == "norm" else f"t_{calibration.task + 1}")
     return TensorReport(
         name=name,
         shape=tuple(task_vectors.shape[1:]),
@@ -219,6 +222,8 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
         norms=tuple(float(torch.linalg.vector_norm(t)) for t in task_vectors),
         effective_ranks=tuple(effective_rank(t) if ranks else math.nan for t in task_vectors),
         scale=scale,
+        calibration=1.0 if calibration is None else calibration.scale,
+        binding=binding,
         objective_task_arithmetic=wudi_objective(task_vectors, scale * task_vectors.sum(dim=0)),
         objective_solved=wudi_objective(task_vectors, scale * merged),
     )
@@ -231,7 +236,7 @@ def _recording_solver(solver_cls: type, records: list) -> type:
         def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
             merged = super().solve(task_vectors, **per_model)
             # A copy: the adapter writes W0 + lambda * t_m into the solver's output in place.
-            records.append((task_vectors, merged.clone()))
+            records.append((task_vectors, merged.clone(), self.last_calibration))
             return merged
 
     RecordingSolver.__qualname__ = f"Recording{solver_cls.__qualname__}"
@@ -285,6 +290,8 @@ CSV_COLUMNS = (
     "norm",
     "effective_rank",
     "lambda",
+    "calibration",
+    "calibration_binding",
     "objective_task_arithmetic",
     "objective_solved",
     "ratio",
@@ -308,6 +315,8 @@ def write_csv(reports: Sequence[TensorReport], path: Path) -> None:
                         repr(norm),
                         repr(rank),
                         repr(report.scale),
+                        repr(report.calibration),
+                        report.binding,
                         repr(report.objective_task_arithmetic),
                         repr(report.objective_solved),
                         repr(report.ratio),
@@ -321,7 +330,7 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
         "",
         f"Config: `{config_path}`. Objective: the WUDI interference loss "
         "L(t) = sum_i ||(t - t_i) t_i^T||_F^2 / ||t_i||_F^2 (arXiv:2503.08099, Eq. 21), at the vectors added "
-        "to W0: task arithmetic's t = lambda sum_i t_i and the solved t = lambda t_m; t_i = weight_i (W_i - W0). "
+        "to W0: task arithmetic's t = lambda sum_i t_i and the solved t = lambda c t_m (c: the `calibrate` rule's scale, 1 without one); t_i = weight_i (W_i - W0). "
         "Effective rank: exp of the entropy of the normalised singular values (Roy & Vetterli 2007).",
         "",
     ]
@@ -335,14 +344,15 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
             f"{len(reports)} tensors; summed L: task arithmetic {total_ta:.6g}, solved {total_solved:.6g} "
             f"(ratio {ratio:.4g}).",
             "",
-            "| tensor | shape | N | \\|\\|t_i\\|\\| | effective rank | L task arithmetic | L solved | ratio |",
-            "|---|---|---|---|---|---|---|---|",
+            "| tensor | shape | N | \\|\\|t_i\\|\\| | effective rank | calibrate c (bound by) | L task arithmetic | L solved | ratio |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in reports:
             norms = ", ".join(f"{v:.4g}" for v in r.norms)
             ranks = ", ".join(f"{v:.3g}" for v in r.effective_ranks)
             lines.append(
                 f"| `{r.name}` | {r.shape[0]}x{r.shape[1]} | {r.count} | {norms} | {ranks} | "
+                f"{r.calibration:.4g}{f' ({r.binding})' if r.binding else ''} | "
                 f"{r.objective_task_arithmetic:.6g} | {r.objective_solved:.6g} | {r.ratio:.4g} |"
             )
         lines += ["", "Models: " + "; ".join(f"t_{i + 1} = `{m}`" for i, m in enumerate(reports[0].models))]

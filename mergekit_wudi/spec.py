@@ -30,6 +30,8 @@ from typing_extensions import Annotated
 from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.fallback import DEFAULT_FALLBACK, check_fallback
 from mergekit_wudi.names import SYNONYMS, spelling_variants, suggest
+from mergekit_wudi.solvers.calibrate import CALIBRATIONS
+from mergekit_wudi.solvers.checks import check_choice
 
 _SCOPE_ORDER = (ParameterScope.SHARED, ParameterScope.NON_BASE, ParameterScope.INPUT)
 PASSTHROUGH_DESCRIPTION = "passed to the fallback method"
@@ -106,6 +108,9 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
     shared = ParameterScope.SHARED
     yield declare("weight", float, ParameterScope.NON_BASE, 1.0, "scales this model's task vector")
     yield declare("lambda", float, shared, 1.0, "scales the merged task vector")
+    yield declare("calibrate", str, shared, method.solver_cls.calibration,
+                  "merge strength rule before lambda: 'none', or 'input_space' (no task gets more than its own update "
+                  "in its own input space)", check=functools.partial(check_choice(*CALIBRATIONS), "calibrate"))
     yield declare("fallback", str, shared, DEFAULT_FALLBACK, "merge method for tensors that are not solved, or 'base'",
                   check=check_fallback)
     yield declare("solve", bool, shared, True, "false sends the tensor to the fallback")

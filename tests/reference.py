@@ -122,3 +122,18 @@ def doge(task_vectors: torch.Tensor, densities: Sequence[float], eta=0.07, lr=1e
         mask = torch.ones_like(t) if kth == 0 else (t.abs() >= magnitudes[kth - 1]).to(t.dtype)
         merged += c * mask * (t + delta)
     return merged
+
+
+def input_space_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor) -> float:
+    """calibrate: input_space, from its definition with a float64 SVD: c = min(1 / max_i rho_i,
+    ||sum t_i|| / ||M||), rho_i = ||M V_i|| / ||t_i V_i||, V_i the top max(1, rank_i // N) right
+    singular vectors of t_i."""
+    tasks = [t.double() for t in tasks]
+    merged = merged.double()
+    rhos = []
+    for t in tasks:
+        _, s, vh = torch.linalg.svd(t, full_matrices=False)
+        rank = int((s > max(t.shape) * torch.finfo(torch.float32).eps * s[0]).sum())
+        v = vh[: max(1, rank // len(tasks))].T
+        rhos.append(float((merged @ v).norm() / (t @ v).norm()))
+    return min(1 / max(rhos), float(sum(tasks).norm() / merged.norm()))

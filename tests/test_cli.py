@@ -50,7 +50,7 @@ def test_run_help_has_every_mergekit_yaml_option():
 def test_methods_json_lists_own_parameters_with_defaults():
     described = {item["name"]: item for item in json.loads(mergekit_wudi_cli("methods", "--format", "json").output)}
     assert list(described) == list(METHODS)
-    common = {"weight": 1.0, "lambda": 1.0, "fallback": "task_arithmetic", "solve": True, "input_major": None}
+    common = {"weight": 1.0, "lambda": 1.0, "calibrate": "none", "fallback": "task_arithmetic", "solve": True, "input_major": None}
     # Defaults from methods.md and the solver configs, independent of the spec.
     expected = {
         "wudi": {**common, "steps": WudiConfig().steps, "lr": WudiConfig().lr},
@@ -78,7 +78,7 @@ def test_methods_json_lists_own_parameters_with_defaults():
     assert pretty["iso_c"] == ("Iso-C", "https://arxiv.org/abs/2502.04959")
     assert pretty["iso_cts"] == ("Iso-CTS", "https://arxiv.org/abs/2502.04959")
     types = {p["name"]: p["type"] for p in described["wudi"]["parameters"]}
-    assert types == {"weight": "float", "lambda": "float", "fallback": "str", "solve": "bool",
+    assert types == {"weight": "float", "lambda": "float", "calibrate": "str", "fallback": "str", "solve": "bool",
                      "input_major": "bool or null", "steps": "int", "lr": "float"}
 
 

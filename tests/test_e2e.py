@@ -13,7 +13,7 @@ import models
 import pytest
 import torch
 from models import is_llama_linear, load_model, make_family, save_model, write_config
-from reference import doge, wudi_adam, wudi_closed_form
+from reference import doge, input_space_scale, wudi_adam, wudi_closed_form
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from reference_ace import ace_heterogeneity, ace_reference
 from runner import mergekit_yaml
@@ -114,6 +114,34 @@ def test_spectral_methods(family, task_arithmetic, tmp_path, method, parameters,
     merged = run_method(family, tmp_path, method, parameters)
     check_linear(merged, family, reference, tolerance=1e-5)
     check_rest_is_task_arithmetic(merged, task_arithmetic)
+
+
+@pytest.mark.parametrize("method, reference, tolerance",
+                         [("iso_c", lambda tv: iso_c(tv, eps=EPS32), 1e-5), ("wudi_cfs", lambda tv: wudi_closed_form(tv, 0.1), 1e-4)],
+                         ids=["iso_c", "wudi_cfs"])  # the tolerances of their own tests above
+def test_calibrate_input_space_scales_each_tensor_by_its_rule(family, task_arithmetic, tmp_path, method, reference, tolerance):
+    # c per tensor from its definition (a float64 SVD of each task vector), times the
+    # method's float64 reference: W0 + lambda c t_m; everything else is the fallback's.
+    merged = run_method(family, tmp_path, method, {"calibrate": "input_space"})
+    scales = []
+
+    def calibrated(tv):
+        solved = reference(tv)
+        scales.append(input_space_scale(list(tv), solved))
+        return scales[-1] * solved
+
+    check_linear(merged, family, calibrated, tolerance=tolerance)
+    check_rest_is_task_arithmetic(merged, task_arithmetic)
+    assert max(abs(c - 1) for c in scales) > 0.05  # the rule changed these merges
+
+
+def test_a_bad_calibrate_value_fails_before_writing(family, tmp_path):
+    base, *models = family
+    config = write_config(tmp_path / "bad.yml", "iso_c", base, models, {"calibrate": "auto"})
+    result = mergekit_yaml(config, tmp_path / "out", check=False)
+    assert result.returncode != 0
+    assert "calibrate must be one of none, input_space" in result.stderr
+    assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,20 @@ COUNT = 4
 # and wudi_cfs grows as in/out; at in = 4 out wudi_cfs goes past the bound: CHANGELOG).
 # Below about 4 MiB a tensor, fixed buffers (MKL's, LAPACK's) take a tensor or more.
 # spread: per-model weights 1, 0.25, 4, 1, which switch ace's refinement on.
-CASES = [((1024, 1024), False), ((2048, 512), False), ((768, 2048), False), ((1024, 1024), True)]
+# calibrate: input_space after the solve (float64 Grams of each task vector's smaller side).
+CASES = [((1024, 1024), False, False), ((2048, 512), False, False), ((768, 2048), False, False),
+         ((1024, 1024), True, False), ((1024, 1024), False, True), ((768, 2048), False, True)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape, spread", CASES, ids=["square", "tall", "wide", "square-spread"])
+@pytest.mark.parametrize("shape, spread, calibrate", CASES,
+                         ids=["square", "tall", "wide", "square-spread", "square-calibrated", "wide-calibrated"])
 @pytest.mark.parametrize("method", METHODS)
-def test_peak_memory_is_within_the_bound(method, shape, spread):
+def test_peak_memory_is_within_the_bound(method, shape, spread, calibrate):
     environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16), OMP_WAIT_POLICY="PASSIVE")
     command = [sys.executable, str(BENCHMARK), "child", method, str(COUNT), *map(str, shape), "cpu"]
     command += ["--spread"] if spread else []
+    command += ["--calibrate"] if calibrate else []
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
     extra = json.loads(completed.stdout.strip().splitlines()[-1])["extra"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import LLAMA_CONFIG, is_llama_linear, load_model, make_family, write_config
-from reference import doge, usable, wudi_adam, wudi_closed_form, wudi_loss
+from reference import doge, input_space_scale, usable, wudi_adam, wudi_closed_form, wudi_loss
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from runner import mergekit_wudi_cli
 
@@ -68,6 +68,22 @@ def test_report_matches_float64_reference(family, cfs_report):
             assert float(row["objective_task_arithmetic"]) == pytest.approx(ta, rel=1e-4)
             assert float(row["objective_solved"]) == pytest.approx(solved, rel=2e-2, abs=1e-4 * ta)
             assert float(row["ratio"]) == pytest.approx(float(row["objective_solved"]) / ta, rel=1e-4)
+
+
+def test_report_shows_the_calibrated_scale_of_every_tensor(family, tmp_path):
+    base, *models = family
+    weights = [{"weight": w} for w in (1.0, 0.5, 2.0)]
+    config = write_config(tmp_path / "iso.yml", "iso_c", base, models, {"calibrate": "input_space"}, weights)
+    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "report", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "report" / "report.csv")
+    assert rows
+    for name in dict.fromkeys(row["name"] for row in rows):
+        row = next(r for r in rows if r["name"] == name)
+        tv = task_vectors(family, name, [1.0, 0.5, 2.0])
+        assert float(row["calibration"]) == pytest.approx(input_space_scale(list(tv), iso_c(tv, eps=EPS32)), rel=1e-5)
+        assert row["calibration_binding"] in ("t_1", "t_2", "t_3", "norm")
+    assert "calibrate c (bound by)" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_report_markdown_and_plots(cfs_report):

@@ -7,11 +7,13 @@ the empty case. A subclass writes only `_solve(prepared, **per_model)`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar, Optional, Tuple
 
 import torch
 
-from mergekit_wudi.solvers.checks import per_model_values
+from mergekit_wudi.solvers.calibrate import CALIBRATIONS, Calibration, calibrate
+from mergekit_wudi.solvers.checks import check_choice, per_model_values
 from mergekit_wudi.solvers.numerics import SOLVE_EXTRA_TENSORS, TaskVectors, prepare_task_vectors, solve_threads
 
 __all__ = ["SOLVE_EXTRA_TENSORS", "Solver"]
@@ -23,7 +25,9 @@ class Solver:
     A method is declared in its class statement: `name` (the YAML merge_method),
     `pretty_name`, `paper` (a URL), `config` (a frozen dataclass of `config_field`s), and
     `one_thread` (True: the whole solve runs on one CPU thread, so results do not depend
-    on the thread count; False: only tensors under ONE_THREAD_ELEMENTS do).
+    on the thread count; False: only tensors under ONE_THREAD_ELEMENTS do), and
+    `calibration`, the method's default merge strength rule (calibrate.py: "none" or
+    "input_space"; the YAML's `calibrate` overrides it).
 
     Input: any float dtype on any device; solved in float32 (float64 if given float64);
     returns (out, in) in that compute dtype on the input device. Zero or non-finite task
@@ -35,20 +39,24 @@ class Solver:
     paper: ClassVar[str] = ""
     config_cls: ClassVar[type]
     one_thread: ClassVar[bool] = False
+    calibration: ClassVar[str] = "none"
 
     def __init_subclass__(cls, *, name: Optional[str] = None, pretty_name: Optional[str] = None,
                           paper: Optional[str] = None, config: Optional[type] = None, one_thread: Optional[bool] = None,
-                          **kwargs: Any):
+                          calibration: Optional[str] = None, **kwargs: Any):
         """`class XSolver(Solver, name=..., pretty_name=..., paper=..., config=XConfig)`; what a
         subclass does not give, it inherits."""
         super().__init_subclass__(**kwargs)
-        given = {"name": name, "pretty_name": pretty_name, "paper": paper, "config_cls": config, "one_thread": one_thread}
+        given = {"name": name, "pretty_name": pretty_name, "paper": paper, "config_cls": config, "one_thread": one_thread,
+                 "calibration": None if calibration is None else check_choice(*CALIBRATIONS)("calibration", calibration)}
         for attribute, value in given.items():
             if value is not None:
                 setattr(cls, attribute, value)
 
-    def __init__(self, config: Optional[Any] = None):
+    def __init__(self, config: Optional[Any] = None, calibration: Optional[str] = None):
         self.config = config or self.config_cls()
+        self.rule = self.calibration if calibration is None else check_choice(*CALIBRATIONS)("calibrate", calibration)
+        self.last_calibration: Optional[Calibration] = None  # what the last solve chose (the report shows it)
 
     def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
         """task_vectors (N, out, in) -> t_m (out, in); per_model: one value per task vector
@@ -60,7 +68,13 @@ class Solver:
             if prepared.count == 0:
                 return prepared.vectors.new_zeros(task_vectors.shape[1:])
             kept = {name: tuple(given[i] for i in prepared.indices) for name, given in values.items()}
-            return self._solve(prepared, **kept)
+            merged = self._solve(prepared, **kept)
+            if self.rule == "input_space":
+                chosen = calibrate(prepared.vectors, merged)  # its task: an index among the kept ones
+                self.last_calibration = dataclasses.replace(chosen, task=prepared.indices[chosen.task] if chosen.task >= 0 else -1)
+                shares_input = merged.untyped_storage().data_ptr() == prepared.vectors.untyped_storage().data_ptr()
+                merged = merged * self.last_calibration.scale if shares_input else merged.mul_(self.last_calibration.scale)
+            return merged
 
     def _solve(self, prepared: TaskVectors, **per_model: Tuple[Any, ...]) -> torch.Tensor:
         raise NotImplementedError

@@ -59,8 +59,9 @@ class WudiSolver(
     returned as is (a stationary point). docs/methods.md has the details.
     """
 
-    def __init__(self, config: Optional[WudiConfig] = None, *, chunk_elements: int = CHUNK_ELEMENTS):
-        super().__init__(config)
+    def __init__(self, config: Optional[WudiConfig] = None, calibration: Optional[str] = None, *,
+                 chunk_elements: int = CHUNK_ELEMENTS):
+        super().__init__(config, calibration)
         self.chunk_elements = chunk_elements
 
     @staticmethod

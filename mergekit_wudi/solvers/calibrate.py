@@ -1,0 +1,89 @@
+"""A data-free merge strength: scale a merged task vector so that no task receives more than
+its own update inside its own input space (issue 23; docs/methods.md, "calibrate").
+
+    rank_i = #{sigma_j(t_i) > rank_cutoff(max(out, in), float32, sigma_1(t_i))}
+    k_i    = max(1, floor(rank_i / N))                 (the fair share, as doge and tsv size it)
+    V_i    = the top k_i right singular vectors of t_i  (its input, row, space)
+    rho_i  = ||M V_i||_F / ||t_i V_i||_F               (what the merge gives task i there)
+    c      = min(1 / max_i rho_i,  ||sum_i t_i||_F / ||M||_F)
+
+and the merge becomes c M. The second term keeps the result no larger than task arithmetic's
+sum. c is one scalar per tensor: it never changes a method's direction or spectrum. N = 1
+gives c = 1 for any method that returns t_1; it is homogeneous (c(a M) a M = c(M) M) and
+does not depend on a strength the method used inside. Pure torch (scipy's LAPACK through
+numerics), float64 accumulation, one CPU thread: bits do not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mergekit_wudi.solvers.numerics import (
+    gram64,
+    kept,
+    one_cpu_thread,
+    rank_cutoff,
+    row_blocks,
+    symmetric_eigh,
+    symmetric_eigvals_,
+)
+
+CALIBRATIONS = ("none", "input_space")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What calibrate() chose for one tensor: the scale c, the largest rho_i and the task
+    (index among the task vectors given) it belongs to; binding is "task" or "norm"."""
+
+    scale: float
+    rho: float
+    task: int
+    binding: str
+
+
+def calibrate(vectors: torch.Tensor, merged: torch.Tensor) -> Calibration:
+    """c for the merge `merged` (out, in) of the task vectors `vectors` (N, out, in), none zero."""
+    with one_cpu_thread(merged.device):
+        merged_norm = float(torch.linalg.vector_norm(merged, dtype=torch.float64))
+        if merged_norm == 0.0 or vectors.shape[0] == 0:
+            return Calibration(1.0, 0.0, -1, "none")
+        rhos = [own_space_ratio(task, merged, vectors.shape[0]) for task in vectors]
+        total = math.sqrt(max(0.0, sum(_dot(a, b) for a in vectors for b in vectors)))  # ||sum_i t_i||_F
+    task = max(range(len(rhos)), key=rhos.__getitem__)
+    by_task = 1.0 / rhos[task] if rhos[task] > 0 else math.inf
+    by_norm = total / merged_norm
+    if by_task <= by_norm:
+        return Calibration(by_task, rhos[task], task, "task")
+    return Calibration(by_norm, rhos[task], task, "norm")
+
+
+def own_space_ratio(task: torch.Tensor, merged: torch.Tensor, count: int) -> float:
+    """rho = ||M V||_F / ||t V||_F, V the top max(1, floor(rank / count)) right singular vectors of t."""
+    out_features, in_features = task.shape
+    rows = task if in_features <= out_features else task.mT  # its Gram is the smaller one
+    values = symmetric_eigvals_(gram64(rows)).flip(0).clamp_(min=0).sqrt_()  # descending sigma
+    rank = kept(values, values.numel(), rank_cutoff(max(out_features, in_features), torch.float32, values[0]))
+    if rank == 0:
+        return 0.0
+    k = max(1, rank // count)
+    squares, vectors = symmetric_eigh(gram64(rows), top=k, lean=True)  # ascending sigma^2, (smaller, k)
+    own = float(squares.clamp(min=0).sum())
+    if in_features > out_features:  # vectors are left singular vectors u_j: v_j = t^T u_j / sigma_j
+        right = vectors.new_zeros(in_features, k)
+        for block in row_blocks(out_features):
+            right.addmm_(task[block].double().mT, vectors[block])
+        right.div_(squares.clamp(min=torch.finfo(torch.float64).tiny).sqrt())
+        vectors = right
+    delivered = 0.0
+    for block in row_blocks(out_features):
+        delivered += float((merged[block].double() @ vectors).pow(2).sum())
+    return math.sqrt(delivered / own) if own > 0 else 0.0
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """<a, b>_F in float64, a row block at a time."""
+    return sum(float(torch.sum(a[block].double() * b[block].double())) for block in row_blocks(a.shape[0]))

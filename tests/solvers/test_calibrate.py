@@ -1,0 +1,86 @@
+"""calibrate: input_space (solvers/calibrate.py) against its definition computed with a float64
+SVD (tests/reference.py), its limit cases, and through every solver."""
+
+import pytest
+import torch
+from reference import input_space_scale
+from registry import METHODS
+from tensors import full_rank_task_vectors, low_rank_task_vectors, solve_at_one_and_two_threads
+
+from mergekit_wudi.solvers import SOLVERS, IsoCSolver, TsvSolver, WudiCfsSolver
+from mergekit_wudi.solvers.calibrate import calibrate
+
+SHAPES = [(48, 80), (80, 48), (64, 64)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["wide", "tall", "square"])
+@pytest.mark.parametrize("kind", ["full", "low"])
+@pytest.mark.parametrize("solver_cls", [WudiCfsSolver, IsoCSolver, TsvSolver], ids=lambda c: c.name)
+def test_scale_matches_the_definition(generator, shape, kind, solver_cls):
+    if kind == "full":
+        tv = full_rank_task_vectors(generator, 4, *shape, dtype=torch.float32)
+    else:
+        tv = low_rank_task_vectors(generator, 4, *shape, rank=8, scale=1e-2, dtype=torch.float32)
+    merged = solver_cls().solve(tv)
+    chosen = calibrate(tv, merged)
+    assert chosen.scale == pytest.approx(input_space_scale(list(tv), merged), rel=1e-6)
+    calibrated = solver_cls(calibration="input_space").solve(tv)
+    torch.testing.assert_close(calibrated, merged * chosen.scale, rtol=1e-6, atol=0)
+
+
+def test_limit_cases(generator):
+    t = full_rank_task_vectors(generator, 1, 40, 60, dtype=torch.float32)
+    assert calibrate(t, t[0]).scale == pytest.approx(1.0, abs=1e-9)  # N = 1, the task itself
+    copies = t.repeat(4, 1, 1)
+    assert calibrate(copies, copies.sum(0)).scale == pytest.approx(0.25, abs=1e-9)  # four copies summed: one copy
+    # disjoint input spaces: the sum gives every task exactly its own update
+    basis = torch.linalg.qr(torch.randn(60, 60, generator=generator, dtype=torch.float64))[0]
+    disjoint = torch.stack([torch.randn(40, 8, generator=generator, dtype=torch.float64) @ basis[:, 8 * i : 8 * i + 8].T for i in range(4)])
+    assert calibrate(disjoint, disjoint.sum(0)).scale == pytest.approx(1.0, abs=1e-9)
+    # homogeneous: c(a M) a M = c(M) M
+    merged = WudiCfsSolver().solve(disjoint * 1.0)
+    assert calibrate(disjoint, 3 * merged).scale * 3 == pytest.approx(calibrate(disjoint, merged).scale, rel=1e-12)
+    # nothing to scale
+    assert calibrate(disjoint, torch.zeros(40, 60, dtype=torch.float64)).scale == 1.0
+
+
+def test_the_norm_term_binds_a_merge_larger_than_the_sum(generator):
+    tv = full_rank_task_vectors(generator, 2, 30, 50)
+    basis = torch.linalg.qr(torch.randn(50, 50, generator=generator, dtype=torch.float64))[0]
+    outside = torch.randn(30, 50, generator=generator, dtype=torch.float64) @ basis[:, -5:] @ basis[:, -5:].T
+    chosen = calibrate(tv, tv.sum(0) * 1e-3 + outside * 1e3)  # almost all of it outside the tasks' spaces
+    assert chosen.binding == "norm"
+    assert chosen.scale == pytest.approx(float(tv.sum(0).norm() / (tv.sum(0) * 1e-3 + outside * 1e3).norm()), rel=1e-9)
+
+
+def test_zero_task_vectors_are_skipped_and_reported_by_their_index(generator):
+    tv = low_rank_task_vectors(generator, 3, 40, 60, rank=4, scale=1e-2, dtype=torch.float32)
+    with_zero = torch.cat([torch.zeros(1, 40, 60), tv])
+    solver = WudiCfsSolver(calibration="input_space")
+    result = solver.solve(with_zero)
+    torch.testing.assert_close(result, WudiCfsSolver(calibration="input_space").solve(tv), rtol=0, atol=0)
+    assert solver.last_calibration.task >= 1  # an index into the four given, never the zero one
+
+
+@pytest.mark.parametrize("solver_cls", SOLVERS, ids=lambda c: c.name)
+def test_every_method_takes_it_and_stays_thread_count_independent(generator, solver_cls):
+    tv = low_rank_task_vectors(generator, 3, 40, 72, rank=6, scale=1e-2, dtype=torch.float32)
+    quick = {"steps": 5} if "steps" in solver_cls.config_cls.__dataclass_fields__ else {}
+    solver = solver_cls(solver_cls.config_cls(**quick), calibration="input_space")
+    one, two = solve_at_one_and_two_threads(solver.solve, tv)
+    assert torch.equal(one, two)
+    assert solver.last_calibration is not None and solver.last_calibration.scale > 0
+    assert solver_cls.name in METHODS
+
+
+def test_a_bad_rule_is_refused():
+    with pytest.raises(ValueError, match="calibrate must be one of none, input_space"):
+        WudiCfsSolver(calibration="auto")
+
+
+def test_the_callers_task_vectors_are_never_scaled(generator):
+    # wudi_cfs returns t_1 itself for N = 1: scaling it in place would change the caller's tensor
+    tv = full_rank_task_vectors(generator, 1, 40, 60, dtype=torch.float32) * 3
+    before = tv.clone()
+    WudiCfsSolver(calibration="input_space").solve(tv)
+    assert torch.equal(tv, before)
