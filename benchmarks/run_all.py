@@ -10,9 +10,11 @@ Time on 2 shared CPU cores (scoring on 1 torch thread), estimated from measured 
 times (merge + validation scoring, from this pipeline's --quick runs: SmolLM2 task_arithmetic
 8 s, ties 12-55 s, wudi_cfs 20-26 s per merge, 9 s per 200 greedy prompts; MiniLM 12-34 s per
 merge, 3-8 s scoring; the other methods from the previous tables' merge times, which ran about
-2x slower); bench/estimate.py redoes it from any results.json. Per expert set 7 merges per
-method of ours and for task_arithmetic, 13 per density built-in (108 with 7 methods of ours),
-4 expert sets and 2 replicate merges per method (full_seed1):
+2x slower); bench/estimate.py redoes it from any results.json. Per expert set 8 merges per
+method of ours (its other `calibrate` rule as well), 7 for task_arithmetic, 13 per density
+built-in (115 with 7 methods of ours), 4 expert sets and 2 replicate merges per method
+(full_seed1); the figures below are for the 108-merge plan before the `calibrate` rows,
+which add about 6%:
 
 - MiniLM: about 4.6 h (wudi 1.3 h, doge 0.6 h), plus 20 experts in about 25 min;
 - SmolLM2: about 15 h with merge times as measured now, 24 h with the previous tables'

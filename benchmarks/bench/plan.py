@@ -39,14 +39,25 @@ def methods(quick: bool = False) -> tuple:
     return tuple(m for m in every if m in QUICK_METHODS) if quick else every
 
 
+def other_calibrations(method: str) -> list:
+    """A method of ours: the `calibrate` rules other than its default (issue 23)."""
+    from mergekit_wudi.solvers import SOLVERS
+    from mergekit_wudi.solvers.calibrate import CALIBRATIONS
+
+    default = next((s.calibration for s in SOLVERS if s.name == method), None)
+    return [] if default is None else [c for c in CALIBRATIONS if c != default]
+
+
 def stage_one(method: str, quick: bool = False) -> list:
     """The configurations tried at lambda 1 before the lambda grid: the defaults ({}), then for
-    a built-in with a density every (density, normalize) pair; normalize for task_arithmetic
-    with equal weights is lambda / N, which the grid covers."""
+    a built-in with a density every (density, normalize) pair (normalize for task_arithmetic
+    with equal weights is lambda / N, which the grid covers), for a method of ours its other
+    `calibrate` rule."""
     densities = BUILTINS.get(method, ())
     if quick:
         densities = densities[1:2]
-    return [{}] + [{"density": d, "normalize": n} for d in densities for n in (NORMALIZE[:1] if quick else NORMALIZE)]
+    calibrations = [] if quick else [{"calibrate": c} for c in other_calibrations(method)]
+    return [{}] + [{"density": d, "normalize": n} for d in densities for n in (NORMALIZE[:1] if quick else NORMALIZE)] + calibrations
 
 
 def stage_two(best: dict, quick: bool = False) -> list:
