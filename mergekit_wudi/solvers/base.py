@@ -26,8 +26,8 @@ class Solver:
     `pretty_name`, `paper` (a URL), `config` (a frozen dataclass of `config_field`s), and
     `one_thread` (True: the whole solve runs on one CPU thread, so results do not depend
     on the thread count; False: only tensors under ONE_THREAD_ELEMENTS do), and
-    `calibration`, the method's default merge strength rule (calibrate.py: "none" or
-    "input_space"; the YAML's `calibrate` overrides it).
+    `calibration`, the YAML default of `calibrate` for the method (calibrate.py: "none" or
+    "input_space"). A solver built directly applies the rule it is given, "none" unless told.
 
     Input: any float dtype on any device; solved in float32 (float64 if given float64);
     returns (out, in) in that compute dtype on the input device. Zero or non-finite task
@@ -53,9 +53,9 @@ class Solver:
             if value is not None:
                 setattr(cls, attribute, value)
 
-    def __init__(self, config: Optional[Any] = None, calibration: Optional[str] = None):
+    def __init__(self, config: Optional[Any] = None, calibration: str = "none"):
         self.config = config or self.config_cls()
-        self.rule = self.calibration if calibration is None else check_choice(*CALIBRATIONS)("calibrate", calibration)
+        self.rule = check_choice(*CALIBRATIONS)("calibrate", calibration)
         self.last_calibration: Optional[Calibration] = None  # what the last solve chose (the report shows it)
 
     def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:

@@ -59,7 +59,7 @@ class WudiSolver(
     returned as is (a stationary point). docs/methods.md has the details.
     """
 
-    def __init__(self, config: Optional[WudiConfig] = None, calibration: Optional[str] = None, *,
+    def __init__(self, config: Optional[WudiConfig] = None, calibration: str = "none", *,
                  chunk_elements: int = CHUNK_ELEMENTS):
         super().__init__(config, calibration)
         self.chunk_elements = chunk_elements
