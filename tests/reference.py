@@ -137,3 +137,15 @@ def input_space_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor) -> fl
         v = vh[: max(1, rank // len(tasks))].T
         rhos.append(float((merged @ v).norm() / (t @ v).norm()))
     return min(1 / max(rhos), float(sum(tasks).norm() / merged.norm()))
+
+
+def calibrated(reference):
+    """reference, scaled by calibrate: input_space (the YAML default of iso_c and iso_cts);
+    zero task vectors take no part, as in the solvers."""
+
+    def merge(task_vectors: torch.Tensor) -> torch.Tensor:
+        merged = reference(task_vectors)
+        tasks = [t for t in task_vectors.double() if t.norm() > 0]
+        return input_space_scale(tasks, merged) * merged if tasks and merged.norm() > 0 else merged
+
+    return merge

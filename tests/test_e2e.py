@@ -13,7 +13,7 @@ import models
 import pytest
 import torch
 from models import is_llama_linear, load_model, make_family, save_model, write_config
-from reference import doge, input_space_scale, wudi_adam, wudi_closed_form
+from reference import calibrated, doge, input_space_scale, wudi_adam, wudi_closed_form
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from reference_ace import ace_heterogeneity, ace_reference
 from runner import mergekit_yaml
@@ -102,14 +102,21 @@ def test_doge(family, task_arithmetic, tmp_path):
 # (EPS32: the stored fine-tunes are rank 2 plus their float32 rounding, which both drop).
 # Largest relative error of a linear tensor, solvers on these inputs: 7.0e-7 (tsv),
 # 6.1e-7 (iso_c, iso_cts); 1e-5 leaves room for another BLAS.
+# At their YAML defaults iso_c and iso_cts also apply calibrate: input_space (the references
+# scaled by its float64 definition); with calibrate: none they are the papers' math.
 SPECTRAL = [
     ("tsv", {}, lambda tv: tsv_merge(tv, eps=EPS32)),
-    ("iso_c", {}, lambda tv: iso_c(tv, eps=EPS32)),
-    ("iso_cts", {}, lambda tv: iso_cts(tv, eps=EPS32)),
+    ("iso_c", {}, calibrated(lambda tv: iso_c(tv, eps=EPS32))),
+    ("iso_cts", {}, calibrated(lambda tv: iso_cts(tv, eps=EPS32))),
+]
+PAPERS = [
+    ("iso_c", {"calibrate": "none"}, lambda tv: iso_c(tv, eps=EPS32)),
+    ("iso_cts", {"calibrate": "none"}, lambda tv: iso_cts(tv, eps=EPS32)),
 ]
 
 
-@pytest.mark.parametrize("method, parameters, reference", SPECTRAL, ids=[m for m, _, _ in SPECTRAL])
+@pytest.mark.parametrize("method, parameters, reference", SPECTRAL + PAPERS,
+                         ids=[m for m, _, _ in SPECTRAL] + [f"{m}-calibrate-none" for m, _, _ in PAPERS])
 def test_spectral_methods(family, task_arithmetic, tmp_path, method, parameters, reference):
     merged = run_method(family, tmp_path, method, parameters)
     check_linear(merged, family, reference, tolerance=1e-5)
@@ -122,7 +129,8 @@ def test_spectral_methods(family, task_arithmetic, tmp_path, method, parameters,
 def test_calibrate_input_space_scales_each_tensor_by_its_rule(family, task_arithmetic, tmp_path, method, reference, tolerance):
     # c per tensor from its definition (a float64 SVD of each task vector), times the
     # method's float64 reference: W0 + lambda c t_m; everything else is the fallback's.
-    merged = run_method(family, tmp_path, method, {"calibrate": "input_space"})
+    # iso_c at its YAML defaults (input_space is its default), wudi_cfs asked for it.
+    merged = run_method(family, tmp_path, method, {} if method == "iso_c" else {"calibrate": "input_space"})
     scales = []
 
     def calibrated(tv):
@@ -173,7 +181,7 @@ def test_iso_cts_task_specific_directions_on_full_rank_task_vectors(full_rank_fa
     # (docs/methods-2025.md); full-rank ones with common_space_fraction 0.5 give k = 31
     # common directions and 11 per task (64-wide), well conditioned (largest relative
     # error of the solver on these inputs: 5.0e-6).
-    merged = run_method(full_rank_family, tmp_path, "iso_cts", {"common_space_fraction": 0.5})
+    merged = run_method(full_rank_family, tmp_path, "iso_cts", {"common_space_fraction": 0.5, "calibrate": "none"})
     check_linear(merged, full_rank_family, lambda tv: iso_cts(tv, 0.5, EPS32), tolerance=1e-4)
     _, tv = task_vectors(full_rank_family, "model.layers.0.self_attn.q_proj.weight")
     assert (iso_cts(tv, 0.5, EPS32) - iso_c(tv, EPS32)).norm() > 0.05 * iso_c(tv, EPS32).norm()  # not Iso-C

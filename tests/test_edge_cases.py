@@ -9,7 +9,7 @@ import pytest
 import torch
 from mergekit.merge_methods import registry
 from models import fine_tune, is_llama_linear, llama_state_dict, load_model, make_family, save_model, write_config
-from reference import usable, wudi_adam, wudi_closed_form, wudi_ridge, wudi_ridge_loss
+from reference import calibrated, usable, wudi_adam, wudi_closed_form, wudi_ridge, wudi_ridge_loss
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from reference_ace import ace_reference
 from registry import METHODS
@@ -91,7 +91,7 @@ def test_zero_task_vector_takes_no_part(family, tmp_path, method):
     # float32 merge's cutoff: the stored t_1 is rank 2 plus its float32 rounding).
     # ace with N = 1 is its closed form, not t_1 (the code's switch is off for one task).
     single = {"wudi": lambda tv: tv[0], "wudi_cfs": lambda tv: tv[0], "tsv": lambda tv: tsv_merge(tv, EPS32),
-              "iso_c": lambda tv: iso_c(tv, EPS32), "iso_cts": lambda tv: iso_cts(tv, eps=EPS32),
+              "iso_c": calibrated(lambda tv: iso_c(tv, EPS32)), "iso_cts": calibrated(lambda tv: iso_cts(tv, eps=EPS32)),
               "ace": lambda tv: ace_reference(list(tv))}
     base = load_model(family["base"])
     for name, tensor in alone.items():

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from models import LLAMA_CONFIG, is_llama_linear, load_model, make_family, write_config
-from reference import doge, input_space_scale, usable, wudi_adam, wudi_closed_form, wudi_loss
+from reference import calibrated, doge, input_space_scale, usable, wudi_adam, wudi_closed_form, wudi_loss
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from runner import mergekit_wudi_cli
 
@@ -140,10 +140,10 @@ def test_report_doge_per_model_density(family, tmp_path):
 
 @pytest.mark.parametrize(
     "method, reference",
-    [("tsv", lambda tv: tsv_merge(tv, EPS32)), ("iso_c", lambda tv: iso_c(tv, EPS32)),
-     ("iso_cts", lambda tv: iso_cts(tv, eps=EPS32))],
+    [("tsv", lambda tv: tsv_merge(tv, EPS32)), ("iso_c", calibrated(lambda tv: iso_c(tv, EPS32))),
+     ("iso_cts", calibrated(lambda tv: iso_cts(tv, eps=EPS32)))],
     ids=["tsv", "iso_c", "iso_cts"],
-)
+)  # at their YAML defaults: iso_c and iso_cts calibrate
 def test_report_spectral_methods(family, tmp_path, method, reference):
     # tsv, iso_c and iso_cts minimise no loss; the report gives the WUDI loss of their
     # result, here against their float64 references (with the float32 merge's cutoff).

@@ -25,15 +25,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class IsoCConfig:
-    """None: the paper's alpha is the adapter's `lambda` (the official code tunes it on
-    validation data; here the user sets it)."""
+    """None: the paper's alpha is the adapter's `lambda` times `calibrate`'s c (the official
+    code tunes alpha on validation data; the YAML default `calibrate: input_space` picks
+    it per tensor from the task vectors, docs/methods.md)."""
 
     def __post_init__(self):
         check_config(self)
 
 
 class IsoCSolver(
-    Solver, name="iso_c", pretty_name="Iso-C", paper="https://arxiv.org/abs/2502.04959", config=IsoCConfig, one_thread=True
+    Solver, name="iso_c", pretty_name="Iso-C", paper="https://arxiv.org/abs/2502.04959", config=IsoCConfig, one_thread=True,
+    calibration="input_space",
 ):
     """Iso-C per tensor: the flattened spectrum of the sum,
 
@@ -65,7 +67,8 @@ class IsoCtsConfig:
 
 
 class IsoCtsSolver(
-    Solver, name="iso_cts", pretty_name="Iso-CTS", paper="https://arxiv.org/abs/2502.04959", config=IsoCtsConfig, one_thread=True
+    Solver, name="iso_cts", pretty_name="Iso-CTS", paper="https://arxiv.org/abs/2502.04959", config=IsoCtsConfig, one_thread=True,
+    calibration="input_space",
 ):
     """Iso-CTS per tensor, r = min(out, in), f = common_space_fraction:
 
