@@ -285,3 +285,17 @@ def test_doge_with_one_real_and_one_all_zero_task_vector(family, tmp_path):
             single = (ft1[name].float() - base[name].float()).unsqueeze(0)
             expected = base[name].float() + DogeSolver(DogeConfig(steps=50)).solve(single)
             torch.testing.assert_close(tensor, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_iso_warns_once_when_lora_and_full_fine_tunes_are_merged_together(family, full_rank_family, tmp_path):
+    # ft1 of the rank-2 family and ft1 of the full-rank one (same base, seed 0): ranks 2
+    # and 64 of 64 in every linear weight, LoRA-like and fully fine-tuned together.
+    base, low, *_ = family
+    _, full, *_ = full_rank_family
+    assert torch.equal(load_model(base)["model.norm.weight"], load_model(full_rank_family[0])["model.norm.weight"])
+    config = write_config(tmp_path / "mixed.yml", "iso_c", base, [low, full])
+    result = mergekit_yaml(config, tmp_path / "out")
+    assert result.stderr.count("iso_c: the task vectors mix low and full rank") == 1
+    assert "prefer wudi_cfs or doge" in result.stderr
+    same_rank = mergekit_yaml(write_config(tmp_path / "low.yml", "iso_c", base, family[1:]), tmp_path / "out2")
+    assert "mix low and full rank" not in same_rank.stderr

@@ -74,7 +74,11 @@ class Solver:
                 self.last_calibration = dataclasses.replace(chosen, task=prepared.indices[chosen.task] if chosen.task >= 0 else -1)
                 shares_input = merged.untyped_storage().data_ptr() == prepared.vectors.untyped_storage().data_ptr()
                 merged = merged * self.last_calibration.scale if shares_input else merged.mul_(self.last_calibration.scale)
+                self._calibrated(self.last_calibration, tuple(merged.shape))
             return merged
+
+    def _calibrated(self, calibration: Calibration, shape: Tuple[int, int]) -> None:
+        """Called after a calibrated solve (a subclass may warn about what the ranks show)."""
 
     def _solve(self, prepared: TaskVectors, **per_model: Tuple[Any, ...]) -> torch.Tensor:
         raise NotImplementedError

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Tuple
 
 import torch
 
@@ -43,6 +44,7 @@ class Calibration:
     rho: float
     task: int
     binding: str
+    ranks: Tuple[int, ...] = ()  # each task vector's numerical rank
 
 
 def calibrate(vectors: torch.Tensor, merged: torch.Tensor) -> Calibration:
@@ -51,24 +53,24 @@ def calibrate(vectors: torch.Tensor, merged: torch.Tensor) -> Calibration:
         merged_norm = float(torch.linalg.vector_norm(merged, dtype=torch.float64))
         if merged_norm == 0.0 or vectors.shape[0] == 0:
             return Calibration(1.0, 0.0, -1, "none")
-        rhos = [own_space_ratio(task, merged, vectors.shape[0]) for task in vectors]
+        rhos, ranks = zip(*(own_space_ratio(task, merged, vectors.shape[0]) for task in vectors))
         total = math.sqrt(max(0.0, sum(_dot(a, b) for a in vectors for b in vectors)))  # ||sum_i t_i||_F
     task = max(range(len(rhos)), key=rhos.__getitem__)
     by_task = 1.0 / rhos[task] if rhos[task] > 0 else math.inf
     by_norm = total / merged_norm
     if by_task <= by_norm:
-        return Calibration(by_task, rhos[task], task, "task")
-    return Calibration(by_norm, rhos[task], task, "norm")
+        return Calibration(by_task, rhos[task], task, "task", ranks)
+    return Calibration(by_norm, rhos[task], task, "norm", ranks)
 
 
-def own_space_ratio(task: torch.Tensor, merged: torch.Tensor, count: int) -> float:
-    """rho = ||M V||_F / ||t V||_F, V the top max(1, floor(rank / count)) right singular vectors of t."""
+def own_space_ratio(task: torch.Tensor, merged: torch.Tensor, count: int) -> Tuple[float, int]:
+    """(rho = ||M V||_F / ||t V||_F, V the top max(1, floor(rank / count)) right singular vectors of t; rank)."""
     out_features, in_features = task.shape
     rows = task if in_features <= out_features else task.mT  # its Gram is the smaller one
     values = symmetric_eigvals_(gram64(rows)).flip(0).clamp_(min=0).sqrt_()  # descending sigma
     rank = kept(values, values.numel(), rank_cutoff(max(out_features, in_features), torch.float32, values[0]))
     if rank == 0:
-        return 0.0
+        return 0.0, 0
     k = max(1, rank // count)
     squares, vectors = symmetric_eigh(gram64(rows), top=k, lean=True)  # ascending sigma^2, (smaller, k)
     own = float(squares.clamp(min=0).sum())
@@ -81,7 +83,7 @@ def own_space_ratio(task: torch.Tensor, merged: torch.Tensor, count: int) -> flo
     delivered = 0.0
     for block in row_blocks(out_features):
         delivered += float((merged[block].double() @ vectors).pow(2).sum())
-    return math.sqrt(delivered / own) if own > 0 else 0.0
+    return (math.sqrt(delivered / own) if own > 0 else 0.0), rank
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
