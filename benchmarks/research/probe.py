@@ -6,8 +6,8 @@ or with --test also the test split and a paired bootstrap 95% interval against t
 
 Each argument is METHOD:JSON-PARAMETERS (empty: the defaults). Merges run through the real
 `mergekit-yaml` (bench.runner.Runner.evaluate: the same YAML, scoring and per-example
-records as benchmarks/run_all.py); DIR/results.json keeps them, and a rerun reuses those
-made by the same code (--resume's rule). For development decisions between full runs (the
+records as benchmarks/run_all.py); DIR/results-SET-PID.json keeps this run's, and a rerun
+reuses those in DIR/results.json (the last run's) made by the same code (--resume's rule). For development decisions between full runs (the
 defaults of issue 23 were chosen with it, on validation); not a substitute for the plan.
 Two probes at once need two --out folders (each merge clears its folder's LoRA cache).
 """
@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,6 +53,7 @@ def main() -> None:
         method, _, text = config.partition(":")
         record, _ = runner.evaluate(args.set, method, json.loads(text) if text else {}, splits=splits)
         records.append(record)
+        shutil.copy(runner.out / "results.json", runner.out / f"results-{args.set}-{os.getpid()}.json")
         line = f"{args.benchmark} {args.set} {method} {record['parameters']} validation {100 * _validation(record):.1f}"
         if args.test:
             test = record["correct"]["test"]
