@@ -56,6 +56,10 @@ class Runner:
     def __init__(self, bench, out: Path, quick: bool = False, resume: bool = False, sets=None, methods=None):
         self.bench, self.out, self.quick = bench, out, quick
         self.only_sets, self.only_methods = sets, methods  # a partial plan (None: the whole plan)
+        for asked, known, what in ((sets, [*plan.EXPERT_SETS, *plan.REPLICATES], "expert set"), (methods, plan.methods(), "method")):
+            unknown = sorted(set(asked or ()) - set(known))
+            if unknown:
+                raise ValueError(f"unknown {what} {', '.join(unknown)}: the plan has {', '.join(known)}")
         self.work = out / "merges"
         self.started = time.perf_counter()
         previous = out / "results.json"

@@ -199,3 +199,10 @@ def test_a_partial_plan_runs_only_the_sets_and_methods_asked_and_says_so(tmp_pat
     assert {(e["set"], e["method"]) for e in data["evaluations"]} == {("lora", "task_arithmetic"), ("lora", "wudi_cfs")}
     assert data["best_builtin"]["lora"]["method"] == "task_arithmetic"
     assert "**Partial plan** (expert sets lora; methods task_arithmetic, wudi_cfs)" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_a_misspelt_set_or_method_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown expert set lroa: the plan has full"):
+        runner.Runner(FakeBench(tmp_path), tmp_path / "out", sets=["lroa"])
+    with pytest.raises(ValueError, match="unknown method wudi_cf"):
+        runner.Runner(FakeBench(tmp_path), tmp_path / "out", methods=["wudi_cf"])
