@@ -24,12 +24,11 @@ import torch
 
 from mergekit_wudi.solvers.numerics import (
     gram64,
-    kept,
+    gram_singular_values,
+    numerical_rank,
     one_cpu_thread,
-    rank_cutoff,
     row_blocks,
     symmetric_eigh,
-    symmetric_eigvals_,
 )
 
 CALIBRATIONS = ("none", "input_space")
@@ -66,12 +65,12 @@ def calibrate(vectors: torch.Tensor, merged: torch.Tensor) -> Calibration:
 def own_space_ratio(task: torch.Tensor, merged: torch.Tensor, count: int) -> Tuple[float, int]:
     """(rho = ||M V||_F / ||t V||_F, V the top max(1, floor(rank / count)) right singular vectors of t; rank)."""
     out_features, in_features = task.shape
-    rows = task if in_features <= out_features else task.mT  # its Gram is the smaller one
-    values = symmetric_eigvals_(gram64(rows)).flip(0).clamp_(min=0).sqrt_()  # descending sigma
-    rank = kept(values, values.numel(), rank_cutoff(max(out_features, in_features), torch.float32, values[0]))
+    rank = numerical_rank(gram_singular_values(task), max(out_features, in_features))
     if rank == 0:
         return 0.0, 0
     k = max(1, rank // count)
+    # The Gram again, not a copy kept from the rank count: two at once would pass the memory bound.
+    rows = task if in_features <= out_features else task.mT  # its Gram is the smaller one
     squares, vectors = symmetric_eigh(gram64(rows), top=k, lean=True)  # ascending sigma^2, (smaller, k)
     own = float(squares.clamp(min=0).sum())
     if in_features > out_features:  # vectors are left singular vectors u_j: v_j = t^T u_j / sigma_j

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Sequence, Tuple
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -24,33 +24,29 @@ def check_non_negative_int(name: str, value: Any) -> int:
     return value
 
 
-def _number(name: str, value: Any, accepted: bool, requirement: str) -> float:
-    """value as a float where it is a number (not a bool) and `accepted`, else the one-line error."""
+def _number(name: str, value: Any, accepted: Callable[[Any], bool], requirement: str) -> float:
+    """value as a float where it is a number (not a bool) that `accepted` takes, else the one-line error."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if not accepted:
+    if not accepted(value):
         raise ValueError(f"{name} must be {requirement}, got {value!r}")
     return float(value)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_positive(name: str, value: Any) -> float:
-    return _number(name, value, _is_number(value) and math.isfinite(value) and value > 0, "a finite number > 0")
+    return _number(name, value, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 def check_non_negative(name: str, value: Any) -> float:
-    return _number(name, value, _is_number(value) and math.isfinite(value) and value >= 0, "a finite number >= 0")
+    return _number(name, value, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def check_fraction(name: str, value: Any) -> float:
-    return _number(name, value, _is_number(value) and 0 < value <= 1, "in (0, 1]")
+    return _number(name, value, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def check_unit_interval(name: str, value: Any) -> float:
-    return _number(name, value, _is_number(value) and 0 <= value <= 1, "in [0, 1]")
+    return _number(name, value, lambda v: 0 <= v <= 1, "in [0, 1]")
 
 
 def check_bool(name: str, value: Any) -> bool:

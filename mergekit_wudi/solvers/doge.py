@@ -20,14 +20,14 @@ from mergekit_wudi.solvers.checks import (
 from mergekit_wudi.solvers.numerics import (
     TaskVectors,
     adam_optimizer,
-    gram64,
+    gram_singular_values,
     kept,
+    numerical_rank,
     one_cpu_thread,
     rank_cutoff,
     release,
     row_blocks,
     symmetric_eigh,
-    symmetric_eigvals_,
 )
 
 
@@ -178,8 +178,7 @@ def task_subspace(task: torch.Tensor, count: int) -> Tuple[torch.Tensor, int]:
 
     rank: singular values above rank_cutoff(max(out, in), float32, sigma_1). Under
     GRAM_MIN_ELEMENTS both come from the one SVD; from there on the rank comes from the
-    eigenvalues of the smaller Gram matrix in float64 (the float32 one cannot resolve the
-    cutoff: its rounding, eps32 * sigma_1^2, is above cutoff^2), then the vectors as
+    singular values of numerics.gram_singular_values, then the vectors as
     top_left_singular_vectors computes them.
     """
     out_features, in_features = task.shape
@@ -187,12 +186,9 @@ def task_subspace(task: torch.Tensor, count: int) -> Tuple[torch.Tensor, int]:
     with one_cpu_thread(task.device):
         if task.numel() < GRAM_MIN_ELEMENTS:
             left, values, _ = torch.linalg.svd(task, full_matrices=False)
-            rank = kept(values, values.numel(), rank_cutoff(size, torch.float32, values[0]))
+            rank = numerical_rank(values, size)
             return left[:, : rank // count], rank
-        gram = gram64(task.mT if out_features <= in_features else task)  # (smaller, smaller)
-        values = symmetric_eigvals_(gram).flip(0).clamp_(min=0).sqrt_()  # descending sigma
-        del gram
-        rank = kept(values, values.numel(), rank_cutoff(size, torch.float32, values[0]))
+        rank = numerical_rank(gram_singular_values(task), size)
     k = rank // count
     return (top_left_singular_vectors(task, k) if k else task.new_zeros(out_features, 0)), rank
 

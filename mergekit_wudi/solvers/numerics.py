@@ -166,6 +166,21 @@ def gram64(rows: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def numerical_rank(values: torch.Tensor, size: int) -> int:
+    """How many singular values (descending) exceed rank_cutoff(size, float32, the largest):
+    float32's eps whatever the compute dtype, so a float64 solve counts what a float32 one does."""
+    return kept(values, values.numel(), rank_cutoff(size, torch.float32, values[0])) if values.numel() else 0
+
+
+def gram_singular_values(matrix: torch.Tensor) -> torch.Tensor:
+    """Every singular value of `matrix`, descending, from the eigenvalues of its smaller Gram
+    matrix accumulated in float64 (the float32 Gram's rounding, eps32 sigma_1^2, is above the
+    rank cutoff's square): one Gram of the smaller side, overwritten by dsyevr."""
+    out_features, in_features = matrix.shape
+    gram = gram64(matrix.mT if out_features <= in_features else matrix)  # (smaller, smaller)
+    return symmetric_eigvals_(gram).flip(0).clamp_(min=0).sqrt_()
+
+
 def symmetric_eigh(
     matrix: torch.Tensor, top: Optional[int] = None, *, in_place: bool = False, lean: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
