@@ -1,0 +1,201 @@
+"""A cost model of a merge (issue 25): fitted to measured solves, checked, projected to 8B and 70B.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/scale/cost.py measure FILE [--quick]
+    python benchmarks/scale/cost.py project FILE --e2e RUN.json [--e2e RUN2.json ...]
+
+`measure` times each closed-form solver of ours (N = 4 float32 task vectors, the best of two
+solves) at the linear shapes of Llama-3.2-1B and of Llama-3.1-8B, and torch.mm's rate on this
+machine, into FILE. `project` fits, per method, a solve time per tensor
+
+    time = a * N*out*in*min(out, in)  +  b * min(out, in)^3          (non-negative least squares)
+
+on the 1B shapes only, says how well it predicts the 8B shapes it has not seen, and how well
+io + the sum over a model's tensors predicts each measured end-to-end row of run.py (--e2e:
+its JSON), where io is task_arithmetic's wall time per byte of checkpoint, measured in the same
+run, and the built-ins' own work (ties, dare_ties, della, karcher) is a cost per parameter fitted
+to their row. Then it projects Llama-3.1-8B and -70B (base + 4, bf16) on:
+  - 2 CPU cores: as measured;
+  - 16 CPU cores, as the code is now: tsv, iso_c and iso_cts run their whole solve on one thread
+    (bits independent of the thread count), so they do not speed up; wudi_cfs and ace keep their
+    products threaded (a scales by 16 / the threads measured), their factorisations one-threaded;
+  - 16 CPU cores, with the products in fixed-order blocks on every thread (issue 25, item 5): a
+    scales by 16 for every method, b stays one-threaded;
+  - one H100-class GPU: a at the GPU's FP32 rate against this machine's measured torch.mm rate
+    (the spec sheet's 67 TFLOP/s FP32, non-tensor-core, as no GPU was measured), b at 10x this CPU's
+    one-thread rate (a guess for cuSOLVER's syevd at these sizes: say so where it is used);
+io scales with the checkpoint bytes at the measured rate in every case (the disk does not change).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+METHODS = ("wudi_cfs", "tsv", "iso_c", "iso_cts", "ace")
+COUNT = 4
+MODELS = {  # hidden, intermediate, layers, heads, kv heads, vocabulary, tied
+    "Llama-3.2-1B": (2048, 8192, 16, 32, 8, 128256, True),
+    "Llama-3.1-8B": (4096, 14336, 32, 32, 8, 128256, False),
+    "Llama-3.1-70B": (8192, 28672, 80, 64, 8, 128256, False),
+}
+GPU_FP32 = 67e12  # H100 SXM, FP32 without tensor cores (spec sheet)
+GPU_FACTORISATION_SPEEDUP = 10.0  # assumed; replaced by gpu_check.py's measurement when one is run
+
+
+def linear_shapes(model: str) -> list:
+    hidden, inter, layers, heads, kv, _, _ = MODELS[model]
+    kv_rows = kv * hidden // heads
+    per_layer = [(hidden, hidden), (kv_rows, hidden), (kv_rows, hidden), (hidden, hidden),
+                 (inter, hidden), (inter, hidden), (hidden, inter)]
+    return per_layer * layers
+
+
+def parameters(model: str) -> int:
+    hidden, _, layers, _, _, vocab, tied = MODELS[model]
+    return sum(o * i for o, i in linear_shapes(model)) + vocab * hidden * (1 if tied else 2) + (2 * layers + 1) * hidden
+
+
+def features(shape: tuple) -> tuple:
+    out, inp = shape
+    small = min(out, inp)
+    return COUNT * out * inp * small, small**3
+
+
+def measure(path: Path, quick: bool) -> None:
+    from mergekit_wudi.solvers import SOLVERS
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    fit_shapes = sorted(set(linear_shapes("Llama-3.2-1B")))
+    check_shapes = sorted(set(linear_shapes("Llama-3.1-8B")))
+    if quick:
+        fit_shapes, check_shapes = [(256, 256), (64, 256), (1024, 256), (256, 1024)], [(512, 512), (2048, 512)]
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    mm = min(_timed(lambda: torch.mm(a, b)) for _ in range(3))
+    result = {"threads": torch.get_num_threads(), "mm_flops": 2 * 2048**3 / mm, "solves": [],
+              "fit_shapes": fit_shapes, "check_shapes": check_shapes}
+    for shape in fit_shapes + check_shapes:
+        generator = torch.Generator().manual_seed(0)
+        vectors = torch.randn(COUNT, *shape, generator=generator) * 1e-3
+        for method in METHODS:
+            solver = next(cls for cls in SOLVERS if cls.name == method)()
+            seconds = min(_timed(lambda: solver.solve(vectors)) for _ in range(2))
+            result["solves"].append({"method": method, "shape": list(shape), "seconds": seconds})
+            print(f"{method} {shape}: {seconds:.2f} s", flush=True)
+    path.write_text(json.dumps(result, indent=1))
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def fit(solves: list, method: str, shapes: set) -> tuple:
+    """(a, b) >= 0 minimising the relative squared error over the given shapes."""
+    rows = [s for s in solves if s["method"] == method and tuple(s["shape"]) in shapes]
+    x = torch.tensor([features(tuple(s["shape"])) for s in rows], dtype=torch.float64)
+    y = torch.tensor([s["seconds"] for s in rows], dtype=torch.float64)
+    weighted = x / y[:, None]  # relative error: each row scaled by its own time
+    best = None
+    for columns in ((0, 1), (0,), (1,)):  # non-negative least squares on two unknowns: try the faces
+        coef = torch.linalg.lstsq(weighted[:, columns], torch.ones(len(rows), 1, dtype=torch.float64)).solution[:, 0]
+        if (coef < 0).any():
+            continue
+        full = torch.zeros(2, dtype=torch.float64)
+        full[list(columns)] = coef
+        error = float(((weighted @ full) - 1).pow(2).sum())
+        if best is None or error < best[0]:
+            best = (error, full)
+    return tuple(float(v) for v in best[1])
+
+
+def predict(coef: tuple, shapes: list) -> float:
+    return sum(coef[0] * f[0] + coef[1] * f[1] for f in map(features, shapes))
+
+
+def project(path: Path, e2e_paths: list) -> None:
+    data = json.loads(path.read_text())
+    solves = data["solves"]
+    one_b = set(map(tuple, data["fit_shapes"]))
+    eight_b = set(map(tuple, data["check_shapes"]))
+    coefs = {m: fit(solves, m, one_b) for m in METHODS}
+    print("## Fit on the 1B shapes; error on the 8B shapes (not used in the fit)\n")
+    print("| method | a (s per N*out*in*min) | b (s per min^3) | 8B shapes: predicted / measured |")
+    print("|---|---|---|---|")
+    for method, coef in coefs.items():
+        ratios = [predict(coef, [tuple(s["shape"])]) / s["seconds"] for s in solves
+                  if s["method"] == method and tuple(s["shape"]) in eight_b - one_b]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "not measured"
+        print(f"| {method} | {coef[0]:.3g} | {coef[1]:.3g} | {spread} |")
+    io_rate, builtin_rate = None, {}
+    print("\n## The model against measured end-to-end rows (run.py)\n")
+    print("| run | method | measured wall | predicted | predicted / measured |")
+    print("|---|---|---|---|---|")
+    for e2e_path in e2e_paths:
+        run = json.loads(Path(e2e_path).read_text())
+        rows = {r["method"]: r for r in run["rows"]}
+        io = rows["task_arithmetic"]["wall_s"]
+        io_rate = io / run["model_bytes"]
+        shapes = [s for s in linear_shapes("Llama-3.2-1B")][: 7 * run["layers"]]
+        params = run["model_bytes"] / 2
+        for method, row in rows.items():
+            if method in coefs:
+                predicted = io + predict(coefs[method], shapes)
+            elif method in ("task_arithmetic",) or row.get("subset"):
+                continue
+            else:
+                builtin_rate[method] = (row["wall_s"] - io) / params
+                continue
+            print(f"| {run['kind']}, {run['layers']} layers | {method} | {row['wall_s']:.0f} s | {predicted:.0f} s "
+                  f"| {predicted / row['wall_s']:.2f} |")
+    if io_rate is None:
+        return
+    threads = data["threads"]
+    gpu_a = data["mm_flops"] / GPU_FP32
+    print(f"\n## Projection (base + 4 fine-tunes, bf16): hours; io {io_rate * 1e9:.1f} s per GB of checkpoint\n")
+    print("| model | method | 2 cores | 16 cores, as now | 16 cores, blocked products | H100 (spec-sheet rate) |")
+    print("|---|---|---|---|---|---|")
+    for model in MODELS:
+        shapes = linear_shapes(model)
+        io = io_rate * 2 * parameters(model)
+        work = {m: (sum(coefs[m][0] * features(s)[0] for s in shapes), sum(coefs[m][1] * features(s)[1] for s in shapes))
+                for m in METHODS}
+        for method in [*builtin_rate, *METHODS]:
+            if method in builtin_rate:
+                solve = builtin_rate[method] * parameters(model)
+                cells = [io + solve, io + solve * threads / 16, io + solve * threads / 16, None]
+            else:
+                gemm, factor = work[method]
+                now = gemm if method in ("tsv", "iso_c", "iso_cts") else gemm * threads / 16
+                cells = [io + gemm + factor, io + now + factor, io + gemm / 16 * (1 if method in ("tsv", "iso_c", "iso_cts") else threads) + factor,
+                         io + gemm * gpu_a + factor / GPU_FACTORISATION_SPEEDUP]
+            text = " | ".join("-" if c is None else f"{c / 3600:.2f}" for c in cells)
+            print(f"| {model} | {method} | {text} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    m = commands.add_parser("measure")
+    m.add_argument("file", type=Path)
+    m.add_argument("--quick", action="store_true", help="four small shapes (a smoke test)")
+    p = commands.add_parser("project")
+    p.add_argument("file", type=Path)
+    p.add_argument("--e2e", type=Path, nargs="+", default=[])
+    args = parser.parse_args()
+    if args.command == "measure":
+        measure(args.file, args.quick)
+    else:
+        project(args.file, args.e2e)
+
+
+if __name__ == "__main__":
+    main()
