@@ -154,8 +154,8 @@ def config(layers: int, dims: dict = LLAMA_1B) -> dict:
 class Family:
     """Tensors of one family, each a pure function of (name, model index)."""
 
-    def __init__(self, layers: int, kind: str, fine_tunes: int, prof: dict):
-        self.layers, self.kind, self.fine_tunes, self.prof = layers, kind, fine_tunes, prof
+    def __init__(self, layers: int, kind: str, prof: dict):
+        self.layers, self.kind, self.prof = layers, kind, prof
         self._bases: Dict[tuple, torch.Tensor] = {}
 
     def kind_of(self, model: int) -> str:
@@ -221,11 +221,11 @@ class Family:
         return self._bases[key][torch.randperm(rows, generator=generator)] * signs
 
 
-def generate(root: Path, layers: int, kind: str, fine_tunes: int) -> list:
+def generate(root: Path, layers: int, kind: str, fine_tunes: int, dims: dict = LLAMA_1B) -> list:
     """Write base and fine-tunes under root (skips a model whose index exists); their folders."""
     from safetensors.torch import save_file
 
-    family = Family(layers, kind, fine_tunes, json.loads(PROFILE.read_text()))
+    family = Family(layers, kind, json.loads(PROFILE.read_text()))
     folders = []
     for model in range(fine_tunes + 1):
         folder = root / ("base" if model == 0 else f"ft{model}-{family.kind_of(model)}")
@@ -233,9 +233,9 @@ def generate(root: Path, layers: int, kind: str, fine_tunes: int) -> list:
         if (folder / "model.safetensors.index.json").exists():
             continue
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(config(layers)))
+        (folder / "config.json").write_text(json.dumps(config(layers, dims)))
         weight_map, shard, size, count, total = {}, {}, 0, 0, 0
-        items = list(shapes(layers))
+        items = list(shapes(layers, dims))
 
         def flush():
             nonlocal shard, size, count
