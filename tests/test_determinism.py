@@ -122,6 +122,44 @@ def test_doge_gram_route_is_bit_identical_across_thread_counts(threads, monkeypa
 
 
 @needs_cores
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_panel_products_use_every_thread_and_keep_the_bits(threads, method):
+    # At 1024 x 1024 the Gram and block products of the one-thread solvers are split into
+    # fixed column panels run side by side on the caller's threads (numerics.for_each_panel).
+    from mergekit_wudi.solvers import SOLVERS, numerics
+
+    assert len(numerics.panels(1024, 1024 * 1024)) == numerics.PANELS
+    solver = next(cls for cls in SOLVERS if cls.name == method)()
+    task_vectors = full_rank_task_vectors(torch.Generator().manual_seed(0), 3, 1024, 1024, scale=1e-2, dtype=torch.float32)
+    results = []
+    for number in (1, 3):
+        threads(number)
+        numerics._POOLS.clear()
+        results.append(solver.solve(task_vectors))
+        assert sorted(numerics._POOLS) == ([] if number == 1 else [3])  # 3 panels at a time, or none
+    assert torch.equal(*results)
+
+
+def test_the_first_eigensolve_of_a_process_runs_on_one_thread_like_the_others():
+    # threadpoolctl limits only libraries already loaded: scipy's OpenBLAS, imported inside
+    # the limit, ran the first eigensolve of every merge on every core (other bits).
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, torch\n"
+        "from mergekit_wudi.solvers.numerics import symmetric_eigh\n"
+        "a = torch.randn(768, 768, generator=torch.Generator().manual_seed(0), dtype=torch.float64)\n"
+        "for _ in range(2):\n"
+        "    w, v = symmetric_eigh(a @ a.T, lean=True)\n"
+        "    print(hashlib.sha256(v.numpy().tobytes()).hexdigest())\n"
+    )
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "", "OMP_NUM_THREADS": ""}
+    first, second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env).stdout.split()
+    assert first == second
+
+
+@needs_cores
 def test_threaded_lapack_opt_out_runs_the_factorisations_on_every_thread(threads, monkeypatch):
     from mergekit_wudi.solvers import THREADED_LAPACK_ENV, one_cpu_thread
 

@@ -21,6 +21,7 @@ from mergekit_wudi.solvers.numerics import (
     gram64,
     kept,
     one_cpu_thread,
+    panel_matmul,
     rank_cutoff,
     row_blocks,
     symmetric_eigh,
@@ -106,7 +107,9 @@ def _triplets(matrix, rows, vectors, scale):
     left = rows.new_empty(rows.shape[0], vectors.shape[1])  # A V, then U
     squares = vectors.new_zeros(vectors.shape[1])
     for block in row_blocks(rows.shape[0]):
-        product = rows[block].double() @ vectors  # (b, l)
+        part = rows[block].double()
+        product = panel_matmul(part, vectors, vectors.new_empty(part.shape[0], vectors.shape[1]))  # (b, l)
+        del part
         squares += product.square().sum(dim=0)
         left[block] = product
     del product
@@ -148,8 +151,9 @@ def polar_(matrix: torch.Tensor, spare: int) -> torch.Tensor:
     keep = values > cutoff(matrix, float(values.max()))
     # Z diag(d^-1/2) on the kept columns, zero elsewhere, so that A Z' Z'^T = A Z diag(1/d) Z^T
     vectors.mul_(torch.where(keep, values, 1.0).rsqrt_().mul_(keep))
-    for block in row_blocks(rows.shape[0]):
-        rows[block] = (rows[block].double() @ vectors) @ vectors.mT  # in float64, block by block
+    for block in row_blocks(rows.shape[0]):  # in float64, block by block
+        part = rows[block].double()
+        rows[block] = panel_matmul(panel_matmul(part, vectors, torch.empty_like(part)), vectors.mT, part)
     return values[keep].to(matrix.dtype)
 
 

@@ -7,9 +7,11 @@ Pure torch: nothing here imports mergekit, click or logging configuration.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
@@ -106,11 +108,47 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
         return
     with _THREADS_LOCK:
         saved = torch.get_num_threads()
+        outer = getattr(_LOCAL, "workers", None)
+        _LOCAL.workers = outer or saved  # the caller's thread count, for for_each_panel (the outermost one)
         torch.set_num_threads(1)
         try:
             yield
         finally:
             torch.set_num_threads(saved)
+            _LOCAL.workers = outer
+
+
+# Products of at least this many elements (rows x n of the larger operand) are split into
+# PANELS column panels, each a one-thread GEMM, run side by side on the caller's threads;
+# smaller ones are one GEMM, as before. The split depends on the shape only, so the bits do
+# not depend on the thread count, while every core works (issue 25).
+PANEL_MIN_ELEMENTS = 1 << 20
+PANELS = 16
+_LOCAL = threading.local()
+_POOLS: dict = {}
+
+
+def panels(columns: int, elements: int) -> List[slice]:
+    """The fixed column panels of a product whose larger operand has `elements` elements."""
+    if elements < PANEL_MIN_ELEMENTS or columns < PANELS:
+        return [slice(0, columns)]
+    return list(row_chunks(columns, 1, -(-columns // PANELS)))
+
+
+def for_each_panel(slices: Sequence[slice], job) -> None:
+    """job(s) for every slice: in turn, or, inside one_cpu_thread on the CPU, side by side on
+    as many threads as the caller had (each job then runs on one thread). The jobs must
+    write disjoint outputs; the result does not depend on how many run at once."""
+    workers = min(getattr(_LOCAL, "workers", None) or 1, len(slices))
+    if workers <= 1:
+        for columns in slices:
+            job(columns)
+        return
+    pool = _POOLS.get(workers)
+    if pool is None:  # its threads run torch on one thread each (torch's count is per thread for OpenMP)
+        pool = _POOLS[workers] = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+    for _ in pool.map(job, slices):
+        pass
 
 
 # Tensors under this many elements are solved on one thread from start to end
@@ -158,12 +196,32 @@ def row_blocks(count: int, blocks: int = 16) -> Iterator[slice]:
 
 
 def gram64(rows: torch.Tensor) -> torch.Tensor:
-    """A^T A (n, n) in float64, for A (rows, n), accumulated over row blocks of A."""
-    gram = rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+    """A^T A (n, n) in float64, for A (rows, n), accumulated over row blocks of A; each
+    block's product by fixed row panels of the Gram matrix (for_each_panel)."""
+    size = rows.shape[1]
+    gram = rows.new_zeros(size, size, dtype=torch.float64)
+    slices = panels(size, rows.numel())
     for block in row_blocks(rows.shape[0]):
         part = rows[block].double()
-        gram.addmm_(part.mT, part)
+        for_each_panel(slices, functools.partial(_gram_panel, gram, part))
     return gram
+
+
+def _gram_panel(gram: torch.Tensor, part: torch.Tensor, panel: slice) -> None:
+    gram[panel].addmm_(part[:, panel].mT, part)
+
+
+def panel_matmul(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = left @ right, by fixed column panels of `right` (for_each_panel)."""
+    slices = panels(right.shape[1], max(left.numel(), right.numel(), out.numel()))
+    if len(slices) == 1:
+        return torch.mm(left, right, out=out)
+
+    def job(columns: slice) -> None:
+        out[:, columns] = left @ right[:, columns]
+
+    for_each_panel(slices, job)
+    return out
 
 
 def numerical_rank(values: torch.Tensor, size: int) -> int:
@@ -232,15 +290,16 @@ def symmetric_eigvals_(matrix: torch.Tensor) -> torch.Tensor:
 def _scipy_eigh(matrix: torch.Tensor, top: int, in_place: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """On one OpenBLAS thread: scipy's LAPACK otherwise takes every core, its bits then
     depend on the machine's core count, and on a loaded machine it runs 10-40x slower."""
+    from scipy.linalg import lapack  # a dependency of mergekit; imported on first use
     from threadpoolctl import threadpool_limits
 
+    # scipy's OpenBLAS must be loaded before the limit is set: threadpoolctl limits only the
+    # libraries loaded when it is entered (imported inside, the first call ran on every core).
     with threadpool_limits(limits=1, user_api="blas"):
-        return _scipy_eigh_unlimited(matrix, top, in_place)
+        return _scipy_eigh_unlimited(lapack, matrix, top, in_place)
 
 
-def _scipy_eigh_unlimited(matrix: torch.Tensor, top: int, in_place: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    from scipy.linalg import lapack  # a dependency of mergekit; imported on first use
-
+def _scipy_eigh_unlimited(lapack, matrix: torch.Tensor, top: int, in_place: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     size = matrix.shape[0]
     array = matrix.numpy().T  # the same symmetric matrix, in LAPACK's column-major order
     if in_place:
