@@ -3,8 +3,8 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/scale/cost.py measure FILE [--quick]
     python benchmarks/scale/cost.py project FILE --e2e RUN.json [--e2e RUN2.json ...]
 
-`measure` times each closed-form solver of ours (N = 4 float32 task vectors, the best of two
-solves) at the linear shapes of Llama-3.2-1B and of Llama-3.1-8B, and torch.mm's rate on this
+`measure` times each closed-form solver of ours (N = 4 float32 task vectors; the best of two
+solves on the shapes fitted, one on those checked) at the linear shapes of Llama-3.2-1B and of Llama-3.1-8B, and torch.mm's rate on this
 machine, into FILE. `project` fits, per method, a solve time per tensor
 
     time = a * N*out*in*min(out, in)  +  b * min(out, in)^3          (non-negative least squares)
@@ -86,7 +86,7 @@ def measure(path: Path, quick: bool) -> None:
         vectors = torch.randn(COUNT, *shape, generator=generator) * 1e-3
         for method in METHODS:
             solver = next(cls for cls in SOLVERS if cls.name == method)()
-            seconds = min(_timed(lambda: solver.solve(vectors)) for _ in range(2))
+            seconds = min(_timed(lambda: solver.solve(vectors)) for _ in range(2 if shape in fit_shapes else 1))
             result["solves"].append({"method": method, "shape": list(shape), "seconds": seconds})
             print(f"{method} {shape}: {seconds:.2f} s", flush=True)
     path.write_text(json.dumps(result, indent=1))
