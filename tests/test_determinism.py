@@ -123,12 +123,15 @@ def test_doge_gram_route_is_bit_identical_across_thread_counts(threads, monkeypa
 
 @needs_cores
 @pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
-def test_panel_products_use_every_thread_and_keep_the_bits(threads, method):
-    # At 1024 x 1024 the Gram and block products of the one-thread solvers are split into
-    # fixed column panels run side by side on the caller's threads (numerics.for_each_panel).
+def test_panel_products_use_every_thread_and_keep_the_bits(threads, monkeypatch, method):
+    # From 2048 x 2048 the Gram and block products of the one-thread solvers are split into
+    # fixed column panels run side by side on the caller's threads (numerics.for_each_panel);
+    # here from 1024 x 1024, to keep the test short.
     from mergekit_wudi.solvers import SOLVERS, numerics
 
-    assert len(numerics.panels(1024, 1024 * 1024)) == numerics.PANELS
+    assert len(numerics.panels(2048, 2048 * 2048)) == numerics.PANELS
+    assert len(numerics.panels(1024, 1024 * 1024)) == 1
+    monkeypatch.setattr(numerics, "PANEL_MIN_ELEMENTS", 1024 * 1024)
     solver = next(cls for cls in SOLVERS if cls.name == method)()
     task_vectors = full_rank_task_vectors(torch.Generator().manual_seed(0), 3, 1024, 1024, scale=1e-2, dtype=torch.float32)
     results = []

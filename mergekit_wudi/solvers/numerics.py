@@ -121,8 +121,10 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
 # Products of at least this many elements (rows x n of the larger operand) are split into
 # PANELS column panels, each a one-thread GEMM, run side by side on the caller's threads;
 # smaller ones are one GEMM, as before. The split depends on the shape only, so the bits do
-# not depend on the thread count, while every core works (issue 25).
-PANEL_MIN_ELEMENTS = 1 << 20
+# not depend on the thread count, while every core works (issue 25). Below 2^22 elements
+# (2048 x 2048) the extra threads' own MKL buffers, a few MB each, would be a visible share
+# of the tensor: at 1024 x 1024 they took doge 0.06-0.16 tensors past its memory bound.
+PANEL_MIN_ELEMENTS = 1 << 22
 PANELS = 16
 _LOCAL = threading.local()
 _POOLS: dict = {}
