@@ -102,6 +102,8 @@ def main() -> None:
         seconds, rss = merge(recipe(method, base, models), work)
         rows.append({"method": method, "wall_s": seconds, "peak_rss": rss, "subset": method in SUBSET})
         print(f"  {method}: {seconds:.1f} s, {rss / 2**30:.2f} GiB", flush=True)
+        if args.json:  # after every row: an interrupted run keeps what it measured
+            args.json.write_text(json.dumps({"layers": args.layers, "kind": args.kind, "model_bytes": size, "rows": rows}, indent=1))
     io = rows[0]["wall_s"]
     ties = rows[1]["wall_s"]
     print("\n| method | wall | / ties | / task_arithmetic | solve (wall - io) | peak RSS | / task_arithmetic |")
