@@ -41,8 +41,8 @@ def config_text(method: str, parameters: dict, members: Sequence[Tuple[str, Path
     return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
 
-def run_mergekit(config: Path, out: Path, work: Path) -> Dict[str, float]:
-    """`mergekit-yaml config out`: {"wall_s", "peak_rss_mib"} of that process; RuntimeError with its log if it fails."""
+def run_mergekit(config: Path, out: Path, work: Path, *options: str) -> Dict[str, float]:
+    """`mergekit-yaml config out [options]`: {"wall_s", "peak_rss_mib"} of that process; RuntimeError with its log if it fails."""
     command = [
         shutil.which("mergekit-yaml") or "mergekit-yaml",
         str(config),
@@ -50,6 +50,7 @@ def run_mergekit(config: Path, out: Path, work: Path) -> Dict[str, float]:
         "--no-copy-tokenizer",
         "--random-seed", "0",  # dare_ties and della draw their masks from torch's global generator
         "--lora-merge-cache", str(work / "lora-cache"),
+        *options,
     ]
     log, rss = out.with_suffix(".log"), out.with_suffix(".maxrss")
     with open(log, "w") as stream:

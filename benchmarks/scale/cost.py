@@ -1,9 +1,9 @@
 """A cost model of a merge (issue 25): fitted to measured solves, checked, projected to 8B and 70B.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/scale/cost.py measure FILE [--quick]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/scale/cost.py measure FILE [--quick] [--max-elements 16777216]
     python benchmarks/scale/cost.py project FILE --e2e RUN.json [--e2e RUN2.json ...]
 
-`measure` times each closed-form solver of ours (N = 4 float32 task vectors; the best of two
+`measure` times each closed-form solver of ours at its defaults, calibration included (N = 4 float32 task vectors; the best of two
 solves on the shapes fitted, one on those checked) at the linear shapes of Llama-3.2-1B and of Llama-3.1-8B, and torch.mm's rate on this
 machine, into FILE. `project` fits, per method, a solve time per tensor
 
@@ -69,12 +69,12 @@ def features(shape: tuple) -> tuple:
     return COUNT * out * inp * small, small**3
 
 
-def measure(path: Path, quick: bool) -> None:
+def measure(path: Path, quick: bool, max_elements: int) -> None:
     from mergekit_wudi.solvers import SOLVERS
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     fit_shapes = sorted(set(linear_shapes("Llama-3.2-1B")))
-    check_shapes = sorted(set(linear_shapes("Llama-3.1-8B")))
+    check_shapes = sorted(s for s in set(linear_shapes("Llama-3.1-8B")) if s[0] * s[1] <= max_elements)
     if quick:
         fit_shapes, check_shapes = [(256, 256), (64, 256), (1024, 256), (256, 1024)], [(512, 512), (2048, 512)]
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
@@ -85,7 +85,8 @@ def measure(path: Path, quick: bool) -> None:
         generator = torch.Generator().manual_seed(0)
         vectors = torch.randn(COUNT, *shape, generator=generator) * 1e-3
         for method in METHODS:
-            solver = next(cls for cls in SOLVERS if cls.name == method)()
+            cls = next(cls for cls in SOLVERS if cls.name == method)
+            solver = cls(calibration=cls.calibration)  # the YAML default (iso_c, iso_cts: input_space)
             seconds = min(_timed(lambda: solver.solve(vectors)) for _ in range(2 if shape in fit_shapes else 1))
             result["solves"].append({"method": method, "shape": list(shape), "seconds": seconds})
             print(f"{method} {shape}: {seconds:.2f} s", flush=True)
@@ -187,12 +188,13 @@ def main() -> None:
     m = commands.add_parser("measure")
     m.add_argument("file", type=Path)
     m.add_argument("--quick", action="store_true", help="four small shapes (a smoke test)")
+    m.add_argument("--max-elements", type=int, default=1 << 62, help="check only the 8B shapes up to this size")
     p = commands.add_parser("project")
     p.add_argument("file", type=Path)
     p.add_argument("--e2e", type=Path, nargs="+", default=[])
     args = parser.parse_args()
     if args.command == "measure":
-        measure(args.file, args.quick)
+        measure(args.file, args.quick, args.max_elements)
     else:
         project(args.file, args.e2e)
 

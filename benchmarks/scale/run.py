@@ -6,8 +6,8 @@
 Generates the family under ROOT/<kind>-<layers> once (benchmarks/scale/family.py: Llama-3.2-1B
 shapes, bf16, 1 GB shards, base + 4 fine-tunes, about 12.4 GB at 16 layers), then merges it with
 `mergekit-yaml --lazy-unpickle --out-shard-size 1B` once per method, in a fresh process each, and
-prints wall time and peak RSS (the process's ru_maxrss: its tensors and the safetensors pages it
-mapped) with their ratios to ties and to task_arithmetic, all measured in this run.
+prints wall time and peak RSS (bench.mergekit_run: mergekit's own ru_maxrss, its tensors and the
+safetensors pages it mapped) with their ratios to ties and to task_arithmetic, all measured in this run.
 
 Reading/writing against solving: task_arithmetic's wall time is the cost of reading N + 1
 checkpoints and writing one (its arithmetic is one add per element); a method's solve time is
@@ -29,13 +29,13 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
+from bench.mergekit_run import run_mergekit  # noqa: E402
 from family import LLAMA_1B, generate  # noqa: E402
 
 BUILTINS = {"task_arithmetic": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5},
@@ -59,22 +59,16 @@ def recipe(method: str, base: Path, models: list) -> dict:
 
 
 def merge(config: dict, work: Path) -> tuple:
-    """(wall s, peak RSS bytes) of one mergekit-yaml process; its output is removed."""
+    """(wall s, peak RSS bytes) of one mergekit-yaml process (bench.mergekit_run); its output is removed."""
     path, out = work / "config.yml", work / "out"
     path.write_text(json.dumps(config))
-    command = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(path), str(out), "--lazy-unpickle",
-               "--out-shard-size", "1B", "--no-copy-tokenizer"]
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
-    shards = len(list(out.glob("*.safetensors"))) if out.exists() else 0
-    shutil.rmtree(out, ignore_errors=True)
-    if os.waitstatus_to_exitcode(status) != 0 or shards == 0:
-        raise RuntimeError(f"mergekit-yaml failed for {config['merge_method']}:\n{stderr[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024
+    try:
+        measured = run_mergekit(path, out, work, "--lazy-unpickle", "--out-shard-size", "1B")
+        if not list(out.glob("*.safetensors")):
+            raise RuntimeError(f"mergekit-yaml wrote no shard for {config['merge_method']}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return measured["wall_s"], measured["peak_rss_mib"] * 2**20
 
 
 def main() -> None:
