@@ -7,7 +7,10 @@
 solves on the shapes fitted, one on those checked) at the linear shapes of Llama-3.2-1B and of Llama-3.1-8B, and torch.mm's rate on this
 machine, into FILE. `project` fits, per method, a solve time per tensor
 
-    time = a * N*out*in*min(out, in)  +  b * min(out, in)^3          (non-negative least squares)
+    time = a * N*out*in*k  +  b * k^3          (non-negative least squares)
+
+with k = in for the closed forms that solve in the input space (wudi_cfs, ace) and
+k = min(out, in) for the spectral solvers,
 
 on the 1B shapes only, says how well it predicts the 8B shapes it has not seen, and how well
 io + the sum over a model's tensors predicts each measured end-to-end row of run.py (--e2e:
@@ -15,11 +18,11 @@ its JSON), where io is task_arithmetic's wall time per byte of checkpoint, measu
 run, and the built-ins' own work (ties, dare_ties, della, karcher) is a cost per parameter fitted
 to their row. Then it projects Llama-3.1-8B and -70B (base + 4, bf16) on:
   - 2 CPU cores: as measured;
-  - 16 CPU cores, as the code is now: tsv, iso_c and iso_cts run their whole solve on one thread
-    (bits independent of the thread count), so they do not speed up; wudi_cfs and ace keep their
-    products threaded (a scales by 16 / the threads measured), their factorisations one-threaded;
-  - 16 CPU cores, with the products in fixed-order blocks on every thread (issue 25, item 5): a
-    scales by 16 for every method, b stays one-threaded;
+  - 16 CPU cores: the product term a over 16 / the threads measured (every method's products
+    use every thread; tsv, iso_c and iso_cts through fixed panels, numerics.for_each_panel),
+    the factorisation term b unchanged (LAPACK on one thread, for thread-independent bits).
+    The split between a and b is the fit's: where it puts everything into b (tsv), the
+    16-core figure is an upper bound;
   - one H100-class GPU: a at the GPU's FP32 rate against this machine's measured torch.mm rate
     (the spec sheet's 67 TFLOP/s FP32, non-tensor-core, as no GPU was measured), b at 10x this CPU's
     one-thread rate (a guess for cuSOLVER's syevd at these sizes: say so where it is used);
@@ -63,10 +66,15 @@ def parameters(model: str) -> int:
     return sum(o * i for o, i in linear_shapes(model)) + vocab * hidden * (1 if tied else 2) + (2 * layers + 1) * hidden
 
 
-def features(shape: tuple) -> tuple:
+INPUT_SPACE = ("wudi_cfs", "ace")  # solve in the (in, in) space whatever the shape; the others in the smaller one
+
+
+def features(shape: tuple, method: str = "") -> tuple:
+    """(products, factorisation) sizes: N out in k and k^3, k = in for the input-space closed
+    forms, min(out, in) for the spectral solvers."""
     out, inp = shape
-    small = min(out, inp)
-    return COUNT * out * inp * small, small**3
+    side = inp if method in INPUT_SPACE else min(out, inp)
+    return COUNT * out * inp * side, side**3
 
 
 def measure(path: Path, quick: bool, max_elements: int) -> None:
@@ -102,7 +110,7 @@ def _timed(function) -> float:
 def fit(solves: list, method: str, shapes: set) -> tuple:
     """(a, b) >= 0 minimising the relative squared error over the given shapes."""
     rows = [s for s in solves if s["method"] == method and tuple(s["shape"]) in shapes]
-    x = torch.tensor([features(tuple(s["shape"])) for s in rows], dtype=torch.float64)
+    x = torch.tensor([features(tuple(s["shape"]), method) for s in rows], dtype=torch.float64)
     y = torch.tensor([s["seconds"] for s in rows], dtype=torch.float64)
     weighted = x / y[:, None]  # relative error: each row scaled by its own time
     best = None
@@ -118,8 +126,8 @@ def fit(solves: list, method: str, shapes: set) -> tuple:
     return tuple(float(v) for v in best[1])
 
 
-def predict(coef: tuple, shapes: list) -> float:
-    return sum(coef[0] * f[0] + coef[1] * f[1] for f in map(features, shapes))
+def predict(coef: tuple, shapes: list, method: str) -> float:
+    return sum(coef[0] * f[0] + coef[1] * f[1] for f in (features(s, method) for s in shapes))
 
 
 def project(path: Path, e2e_paths: list) -> None:
@@ -129,10 +137,10 @@ def project(path: Path, e2e_paths: list) -> None:
     eight_b = set(map(tuple, data["check_shapes"]))
     coefs = {m: fit(solves, m, one_b) for m in METHODS}
     print("## Fit on the 1B shapes; error on the 8B shapes (not used in the fit)\n")
-    print("| method | a (s per N*out*in*min) | b (s per min^3) | 8B shapes: predicted / measured |")
+    print("| method | a (s per N*out*in*k) | b (s per k^3) | 8B shapes: predicted / measured |")
     print("|---|---|---|---|")
     for method, coef in coefs.items():
-        ratios = [predict(coef, [tuple(s["shape"])]) / s["seconds"] for s in solves
+        ratios = [predict(coef, [tuple(s["shape"])], method) / s["seconds"] for s in solves
                   if s["method"] == method and tuple(s["shape"]) in eight_b - one_b]
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "not measured"
         print(f"| {method} | {coef[0]:.3g} | {coef[1]:.3g} | {spread} |")
@@ -149,7 +157,7 @@ def project(path: Path, e2e_paths: list) -> None:
         params = run["model_bytes"] / 2
         for method, row in rows.items():
             if method in coefs:
-                predicted = io + predict(coefs[method], shapes)
+                predicted = io + predict(coefs[method], shapes, method)
             elif method in ("task_arithmetic",) or row.get("subset"):
                 continue
             else:
@@ -162,22 +170,19 @@ def project(path: Path, e2e_paths: list) -> None:
     threads = data["threads"]
     gpu_a = data["mm_flops"] / GPU_FP32
     print(f"\n## Projection (base + 4 fine-tunes, bf16): hours; io {io_rate * 1e9:.1f} s per GB of checkpoint\n")
-    print("| model | method | 2 cores | 16 cores, as now | 16 cores, blocked products | H100 (spec-sheet rate) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | method | 2 cores | 16 cores | H100 (spec-sheet rate) |")
+    print("|---|---|---|---|---|")
     for model in MODELS:
         shapes = linear_shapes(model)
         io = io_rate * 2 * parameters(model)
-        work = {m: (sum(coefs[m][0] * features(s)[0] for s in shapes), sum(coefs[m][1] * features(s)[1] for s in shapes))
-                for m in METHODS}
         for method in [*builtin_rate, *METHODS]:
             if method in builtin_rate:
                 solve = builtin_rate[method] * parameters(model)
-                cells = [io + solve, io + solve * threads / 16, io + solve * threads / 16, None]
+                cells = [io + solve, io + solve * threads / 16, None]
             else:
-                gemm, factor = work[method]
-                now = gemm if method in ("tsv", "iso_c", "iso_cts") else gemm * threads / 16
-                cells = [io + gemm + factor, io + now + factor, io + gemm / 16 * (1 if method in ("tsv", "iso_c", "iso_cts") else threads) + factor,
-                         io + gemm * gpu_a + factor / GPU_FACTORISATION_SPEEDUP]
+                gemm = sum(coefs[method][0] * features(s, method)[0] for s in shapes)
+                factor = sum(coefs[method][1] * features(s, method)[1] for s in shapes)
+                cells = [io + gemm + factor, io + gemm * threads / 16 + factor, io + gemm * gpu_a + factor / GPU_FACTORISATION_SPEEDUP]
             text = " | ".join("-" if c is None else f"{c / 3600:.2f}" for c in cells)
             print(f"| {model} | {method} | {text} |")
 

@@ -61,7 +61,10 @@ def test_a_tiny_family_merges_through_mergekit_yaml(tmp_path: Path):
 def test_cost_fit_recovers_a_known_law():
     a, b = 3e-12, 5e-10
     shapes = [(512, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]
-    solves = [{"method": "tsv", "shape": list(s), "seconds": a * cost.features(s)[0] + b * cost.features(s)[1]} for s in shapes]
+    solves = [{"method": "tsv", "shape": list(s), "seconds": a * cost.features(s, "tsv")[0] + b * cost.features(s, "tsv")[1]}
+              for s in shapes]
     fitted = cost.fit(solves, "tsv", set(shapes))
     assert fitted == pytest.approx((a, b), rel=1e-6)
+    assert cost.features((2048, 8192), "wudi_cfs") == (4 * 2048 * 8192 * 8192, 8192**3)  # the input space
+    assert cost.features((2048, 8192), "tsv") == (4 * 2048 * 8192 * 2048, 2048**3)
     assert cost.parameters("Llama-3.2-1B") == pytest.approx(1.236e9, rel=0.01)
