@@ -146,9 +146,10 @@ def for_each_panel(slices: Sequence[slice], job) -> None:
         for columns in slices:
             job(columns)
         return
-    pool = _POOLS.get(workers)
+    key = (os.getpid(), workers)  # a forked child has none of its parent's pool threads
+    pool = _POOLS.get(key)
     if pool is None:  # its threads run torch on one thread each (torch's count is per thread for OpenMP)
-        pool = _POOLS[workers] = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+        pool = _POOLS[key] = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
     for _ in pool.map(job, slices):
         pass
 
