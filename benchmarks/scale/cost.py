@@ -37,39 +37,45 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import torch  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from family import LLAMA_1B, MODULES, shapes  # noqa: E402
+
 METHODS = ("wudi_cfs", "tsv", "iso_c", "iso_cts", "ace")
 COUNT = 4
-MODELS = {  # hidden, intermediate, layers, heads, kv heads, vocabulary, tied
-    "Llama-3.2-1B": (2048, 8192, 16, 32, 8, 128256, True),
-    "Llama-3.1-8B": (4096, 14336, 32, 32, 8, 128256, False),
-    "Llama-3.1-70B": (8192, 28672, 80, 64, 8, 128256, False),
+MODELS = {  # family.shapes' sizes; "tied": the output head is the embedding (no lm_head)
+    "Llama-3.2-1B": {**LLAMA_1B, "tied": True},
+    "Llama-3.1-8B": {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv_heads": 8, "vocab": 128256, "tied": False},
+    "Llama-3.1-70B": {"hidden": 8192, "intermediate": 28672, "layers": 80, "heads": 64, "kv_heads": 8, "vocab": 128256, "tied": False},
 }
 GPU_FP32 = 67e12  # H100 SXM, FP32 without tensor cores (spec sheet)
 GPU_FACTORISATION_SPEEDUP = 10.0  # assumed; replaced by gpu_check.py's measurement when one is run
 
 
-def linear_shapes(model: str) -> list:
-    hidden, inter, layers, heads, kv, _, _ = MODELS[model]
-    kv_rows = kv * hidden // heads
-    per_layer = [(hidden, hidden), (kv_rows, hidden), (kv_rows, hidden), (hidden, hidden),
-                 (inter, hidden), (inter, hidden), (hidden, inter)]
-    return per_layer * layers
+def linear_shapes(model: str, layers: Optional[int] = None) -> list:
+    """The shapes of the model's linear tensors (its first `layers` layers), as family.shapes lists them."""
+    dims = MODELS[model]
+    return [shape for name, shape in shapes(dims["layers"] if layers is None else layers, dims) if name.split(".")[-2] in MODULES]
 
 
 def parameters(model: str) -> int:
-    hidden, _, layers, _, _, vocab, tied = MODELS[model]
-    return sum(o * i for o, i in linear_shapes(model)) + vocab * hidden * (1 if tied else 2) + (2 * layers + 1) * hidden
+    dims = MODELS[model]
+    every = sum(math.prod(shape) for _, shape in shapes(dims["layers"], dims))
+    return every + (0 if dims["tied"] else dims["vocab"] * dims["hidden"])  # the untied lm_head
 
 
 INPUT_SPACE = ("wudi_cfs", "ace")  # solve in the (in, in) space whatever the shape; the others in the smaller one
 
 
-def features(shape: tuple, method: str = "") -> tuple:
+def features(shape: tuple, method: str) -> tuple:
     """(products, factorisation) sizes: N out in k and k^3, k = in for the input-space closed
     forms, min(out, in) for the spectral solvers."""
     out, inp = shape
@@ -126,8 +132,14 @@ def fit(solves: list, method: str, shapes: set) -> tuple:
     return tuple(float(v) for v in best[1])
 
 
-def predict(coef: tuple, shapes: list, method: str) -> float:
-    return sum(coef[0] * f[0] + coef[1] * f[1] for f in (features(s, method) for s in shapes))
+def terms(coef: tuple, tensors: list, method: str) -> tuple:
+    """(product seconds, factorisation seconds) of a method over the given tensor shapes."""
+    sizes = [features(shape, method) for shape in tensors]
+    return coef[0] * sum(f[0] for f in sizes), coef[1] * sum(f[1] for f in sizes)
+
+
+def predict(coef: tuple, tensors: list, method: str) -> float:
+    return sum(terms(coef, tensors, method))
 
 
 def project(path: Path, e2e_paths: list) -> None:
@@ -153,16 +165,14 @@ def project(path: Path, e2e_paths: list) -> None:
         rows = {r["method"]: r for r in run["rows"]}
         io = rows["task_arithmetic"]["wall_s"]
         io_rate = io / run["model_bytes"]
-        shapes = [s for s in linear_shapes("Llama-3.2-1B")][: 7 * run["layers"]]
-        params = run["model_bytes"] / 2
+        tensors = linear_shapes("Llama-3.2-1B", run["layers"])
         for method, row in rows.items():
-            if method in coefs:
-                predicted = io + predict(coefs[method], shapes, method)
-            elif method in ("task_arithmetic",) or row.get("subset"):
+            if method == "task_arithmetic" or row.get("subset"):
                 continue
-            else:
-                builtin_rate[method] = (row["wall_s"] - io) / params
+            if method not in coefs:  # a built-in: its work per parameter
+                builtin_rate[method] = (row["wall_s"] - io) / (run["model_bytes"] / 2)
                 continue
+            predicted = io + predict(coefs[method], tensors, method)
             print(f"| {run['kind']}, {run['layers']} layers | {method} | {row['wall_s']:.0f} s | {predicted:.0f} s "
                   f"| {predicted / row['wall_s']:.2f} |")
     if io_rate is None:
@@ -173,15 +183,14 @@ def project(path: Path, e2e_paths: list) -> None:
     print("| model | method | 2 cores | 16 cores | H100 (spec-sheet rate) |")
     print("|---|---|---|---|---|")
     for model in MODELS:
-        shapes = linear_shapes(model)
+        tensors = linear_shapes(model)
         io = io_rate * 2 * parameters(model)
         for method in [*builtin_rate, *METHODS]:
             if method in builtin_rate:
                 solve = builtin_rate[method] * parameters(model)
                 cells = [io + solve, io + solve * threads / 16, None]
             else:
-                gemm = sum(coefs[method][0] * features(s, method)[0] for s in shapes)
-                factor = sum(coefs[method][1] * features(s, method)[1] for s in shapes)
+                gemm, factor = terms(coefs[method], tensors, method)
                 cells = [io + gemm + factor, io + gemm * threads / 16 + factor, io + gemm * gpu_a + factor / GPU_FACTORISATION_SPEEDUP]
             text = " | ".join("-" if c is None else f"{c / 3600:.2f}" for c in cells)
             print(f"| {model} | {method} | {text} |")

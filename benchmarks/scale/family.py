@@ -50,8 +50,13 @@ SHARD_BYTES = 10**9
 LLAMA_1B = {"hidden": 2048, "intermediate": 8192, "layers": 16, "heads": 32, "kv_heads": 8, "vocab": 128256}
 
 
+def midpoints(count: int) -> torch.Tensor:
+    """The relative index (j + 0.5) / count of count points, float64."""
+    return (torch.arange(count, dtype=torch.float64) + 0.5) / count
+
+
 def grid() -> torch.Tensor:
-    return (torch.arange(GRID, dtype=torch.float64) + 0.5) / GRID
+    return midpoints(GRID)
 
 
 # --- profile: from the SmolLM2 experts ---------------------------------------------------------
@@ -113,16 +118,16 @@ def _summary(pairs, kind: str) -> dict:
             values = values[:8]
             logs.append(torch.log10(values / values[0]))
         else:  # the first HEAD values by index, then the relative grid
-            index = (torch.arange(values.numel(), dtype=torch.float64) + 0.5) / values.numel()
             relative = torch.log10(values / values[0])
-            logs.append(torch.cat([relative[:HEAD], torch.from_numpy(_interp(grid().numpy(), index.numpy(), relative.numpy()))]))
+            logs.append(torch.cat([relative[:HEAD], _interp(grid(), midpoints(values.numel()), relative)]))
     return {"relnorm": sum(relnorms) / len(relnorms), "log_spectrum": [round(float(x), 4) for x in torch.stack(logs).mean(0)]}
 
 
-def _interp(x, xp, fp):
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """numpy.interp on float64 tensors (torch has no 1-D linear interpolation)."""
     import numpy as np
 
-    return np.interp(x, xp, fp)
+    return torch.from_numpy(np.interp(x.numpy(), xp.numpy(), fp.numpy()))
 
 
 # --- generate: the 1B family --------------------------------------------------------------------
@@ -189,16 +194,12 @@ class Family:
     def _task_vector(self, module: str, layer: int, shape: tuple, kind: str, base_norm, generator) -> torch.Tensor:
         entry = self.prof[kind][module][layer * DEPTH_BINS // self.layers]
         small = min(shape)
+        logs = torch.tensor(entry["log_spectrum"], dtype=torch.float64)
         if kind == "lora":
-            logs = torch.tensor(entry["log_spectrum"], dtype=torch.float64)
-            points = (torch.arange(LORA_RANK, dtype=torch.float64) + 0.5) / LORA_RANK
-            xp = (torch.arange(logs.numel(), dtype=torch.float64) + 0.5) / logs.numel()
-            values = 10 ** torch.from_numpy(_interp(points.numpy(), xp.numpy(), logs.numpy()))
+            values = 10 ** _interp(midpoints(LORA_RANK), midpoints(logs.numel()), logs)
             rank, tail = LORA_RANK, 0.0
         else:
-            logs = torch.tensor(entry["log_spectrum"], dtype=torch.float64)
-            points = (torch.arange(small, dtype=torch.float64) + 0.5) / small
-            every = torch.from_numpy(_interp(points.numpy(), grid().numpy(), logs[HEAD:].numpy()))
+            every = _interp(midpoints(small), grid(), logs[HEAD:])
             every[:HEAD] = logs[:HEAD]
             every = 10 ** torch.cummin(every, 0).values  # non-increasing
             rank = min(small, MAIN_RANK)
@@ -272,7 +273,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     if args.command == "profile":
-        PROFILE.write_text(json.dumps(profile(), indent=1) + "\n")
+        PROFILE.write_text(json.dumps(profile(), separators=(",", ":")) + "\n")  # as committed
         print(f"wrote {PROFILE}")
     else:
         generate(args.root, args.layers, args.kind, args.fine_tunes)

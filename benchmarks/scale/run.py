@@ -32,6 +32,8 @@ import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import torch  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
@@ -83,21 +85,23 @@ def main() -> None:
     family = args.root / f"{args.kind}-{args.layers}"
     base, *models = generate(family, args.layers, args.kind, 4)
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
-    import torch
-
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; family: Llama-3.2-1B shapes, {args.layers} layers, {args.kind} fine-tunes, "
           f"bf16, {size / 1e9:.2f} GB a model, base + {len(models)}", flush=True)
     methods = ["task_arithmetic", "ties"] + [m for m in args.methods if m not in ("task_arithmetic", "ties")]
     rows = []
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps({"layers": args.layers, "kind": args.kind, "model_bytes": size, "rows": rows}, indent=1))
+
     work = args.root / "work"
     work.mkdir(parents=True, exist_ok=True)
     for method in methods:
         seconds, rss = merge(recipe(method, base, models), work)
         rows.append({"method": method, "wall_s": seconds, "peak_rss": rss, "subset": method in SUBSET})
         print(f"  {method}: {seconds:.1f} s, {rss / 2**30:.2f} GiB", flush=True)
-        if args.json:  # after every row: an interrupted run keeps what it measured
-            args.json.write_text(json.dumps({"layers": args.layers, "kind": args.kind, "model_bytes": size, "rows": rows}, indent=1))
+        save()  # after every row: an interrupted run keeps what it measured
     io = rows[0]["wall_s"]
     ties = rows[1]["wall_s"]
     print("\n| method | wall | / ties | / task_arithmetic | solve (wall - io) | peak RSS | / task_arithmetic |")
@@ -112,8 +116,7 @@ def main() -> None:
         row["projected_wall_s"] = wall
         print(f"| {row['method']} | {wall:.0f} s{note} | {wall / ties:.2f}x | {wall / io:.2f}x | {max(0.0, wall - io):.0f} s "
               f"| {row['peak_rss'] / 2**30:.2f} GiB | {row['peak_rss'] / rows[0]['peak_rss']:.2f}x |", flush=True)
-    if args.json:
-        args.json.write_text(json.dumps({"layers": args.layers, "kind": args.kind, "model_bytes": size, "rows": rows}, indent=1))
+    save()  # with the projected walls
     if args.clean:
         shutil.rmtree(family)
 
