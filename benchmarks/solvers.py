@@ -63,6 +63,7 @@ from mergekit_wudi.solvers import (  # noqa: E402
     WudiConfig,
     WudiSolver,
 )
+from mergekit_wudi.solvers.wudi_cfs import solve_cost  # noqa: E402
 
 LINEAR_NAME = "model.layers.0.mlp.up_proj.weight"  # what the adapter solves
 MEMORY_STEPS = 3  # Adam steps in the memory cases (the peak does not depend on it)
@@ -317,9 +318,9 @@ def tensor_row(out_features: int, in_features: int, count: int, device: str, com
     reference_step = times["reference"] / reference_steps
     wudi_vs_mm = times["mm"] / wudi_step
 
-    # wudi_cfs: whole solve; its GEMM flops (per task: Gram + D; then the triangular solves)
+    # wudi_cfs: whole solve; its flops on the route it takes (Grams, factorisation, solves)
     cfs = times["cfs"]
-    cfs_flops = count * 4 * out_features * in_features**2 + in_features**3 / 3 + 2 * out_features * in_features**2
+    cfs_flops = 2 * min(solve_cost(count, out_features, in_features))
     cfs_vs_mm = (cfs_flops / cfs) / (2 * out_features * in_features**2 / times["square_mm"])
 
     task_arithmetic = times["task_arithmetic"]
@@ -354,6 +355,8 @@ def tensors_table(args) -> None:
         cases = [(512, 512, 3, True), (512, 1408, 2, False)]
     elif args.target:
         cases = [(1024, 1024, 3, True)]
+    elif args.llama_1b:  # every linear shape of Llama-3.2-1B, base + 4 (issue 25)
+        cases = [(o, i, 4, False) for o, i in [(512, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]]
     else:
         cases = [(1024, 1024, 3, True)]
         cases += [(o, i, n, False) for o, i in [(1024, 1024), (2816, 1024), (1024, 2816)] for n in (2, 4, 8)]
@@ -514,6 +517,7 @@ def main() -> None:
     tensors.add_argument("--large", action="store_true", help="add 4096x4096 with N = 8")
     tensors.add_argument("--quick", action="store_true", help="two small cases (a smoke test)")
     tensors.add_argument("--target", action="store_true", help="only the target row: 1024x1024, N = 3")
+    tensors.add_argument("--llama-1b", action="store_true", help="the Llama-3.2-1B shapes, N = 4")
     memory = commands.add_parser("memory", help="peak memory of one large solve")
     memory.add_argument("--size", type=int, default=8192)
     memory.add_argument("--count", type=int, default=8)

@@ -143,6 +143,30 @@ def test_panel_products_use_every_thread_and_keep_the_bits(threads, monkeypatch,
     assert torch.equal(*results)
 
 
+@needs_cores
+@pytest.mark.parametrize("method, shape", [("wudi_cfs", (256, 1024)), ("wudi_cfs", (1024, 1024)), ("ace", (1024, 1024))],
+                         ids=["wudi_cfs-stacked", "wudi_cfs-square", "ace"])
+def test_panelled_grams_and_blocked_cholesky_keep_the_bits(threads, monkeypatch, method, shape):
+    # The symmetric products (numerics.symmetric_product_) and, from CHOLESKY_BLOCKED_SIZE,
+    # the factorisation (numerics.cholesky_) run as one-thread pieces side by side; here
+    # with both thresholds lowered. (256, 1024) with N = 3 takes wudi_cfs's stacked route.
+    from mergekit_wudi.solvers import SOLVERS, numerics, wudi_cfs
+
+    monkeypatch.setattr(numerics, "PANEL_MIN_ELEMENTS", 256 * 1024)
+    monkeypatch.setattr(numerics, "CHOLESKY_BLOCKED_SIZE", 512)
+    monkeypatch.setattr(numerics, "CHOLESKY_BLOCK", 128)
+    assert wudi_cfs.output_space(3, *shape) == (shape[0] < shape[1])
+    solver = next(cls for cls in SOLVERS if cls.name == method)()
+    task_vectors = full_rank_task_vectors(torch.Generator().manual_seed(0), 3, *shape, scale=1e-2, dtype=torch.float32)
+    results = []
+    for number in (1, 3):
+        threads(number)
+        numerics._POOLS.clear()
+        results.append(solver.solve(task_vectors))
+        assert [workers for _, workers in numerics._POOLS] == ([] if number == 1 else [3])
+    assert torch.equal(*results)
+
+
 def test_the_first_eigensolve_of_a_process_runs_on_one_thread_like_the_others():
     # threadpoolctl limits only libraries already loaded: scipy's OpenBLAS, imported inside
     # the limit, ran the first eigensolve of every merge on every core (other bits).

@@ -18,7 +18,7 @@ from mergekit_wudi.solvers.checks import (
     check_unit_interval,
     config_field,
 )
-from mergekit_wudi.solvers.numerics import TaskVectors, one_cpu_thread, rank_cutoff, row_blocks
+from mergekit_wudi.solvers.numerics import TaskVectors, cholesky_, one_cpu_thread, rank_cutoff, row_blocks
 
 HETEROGENEITY = 0.3  # the code's switch: gamma > 0.3 turns on normalisation and refinement
 GUARD = 1e-12  # the code's guards on logs, traces and divisions
@@ -160,11 +160,9 @@ def _solve_closed_form(rhs: torch.Tensor, covariance: torch.Tensor, ridge: float
     if prior_row is None:
         covariance.mul_(1.0 + scale)
     covariance.diagonal().add_(ridge)
-    factor = covariance.mT  # symmetric: its row-major storage is LAPACK's column-major one
-    with one_cpu_thread(factor.device):
-        _, info = torch.linalg.cholesky_ex(factor, out=(factor, torch.empty((), dtype=torch.int32)))
-    if int(info) != 0:
-        raise torch.linalg.LinAlgError(f"ACE: the ridged covariance is not positive definite (info={int(info)})")
+    factor, info = cholesky_(covariance)  # S = L L^T in place
+    if info != 0:
+        raise torch.linalg.LinAlgError(f"ACE: the ridged covariance is not positive definite (info={info})")
     torch.linalg.solve_triangular(factor.mT, rhs, upper=True, left=False, out=rhs)  # X = B S^-1
     torch.linalg.solve_triangular(factor, rhs, upper=False, left=False, out=rhs)
     if prior_row is None:
@@ -173,4 +171,5 @@ def _solve_closed_form(rhs: torch.Tensor, covariance: torch.Tensor, ridge: float
     torch.linalg.solve_triangular(factor.mT, rows, upper=True, left=False, out=rows)  # y^T, q^T (S symmetric)
     torch.linalg.solve_triangular(factor, rows, upper=False, left=False, out=rows)
     denominator = 1.0 + float(prior_row @ rows[0])
-    rhs.addr_(rhs.sum(dim=1), rows[1], alpha=-1.0 / denominator)  # X - (X 1) q^T / (1 + p^T y)
+    with one_cpu_thread(rhs.device):  # addr_ rounds differently with another thread count
+        rhs.addr_(rhs.sum(dim=1), rows[1], alpha=-1.0 / denominator)  # X - (X 1) q^T / (1 + p^T y)

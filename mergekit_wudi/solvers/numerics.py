@@ -141,8 +141,8 @@ def for_each_panel(slices: Sequence[slice], job) -> None:
     """job(s) for every slice: in turn, or, inside one_cpu_thread on the CPU, side by side on
     as many threads as the caller had (each job then runs on one thread). The jobs must
     write disjoint outputs; the result does not depend on how many run at once."""
-    workers = min(getattr(_LOCAL, "workers", None) or 1, len(slices))
-    if workers <= 1:
+    workers = getattr(_LOCAL, "workers", None) or 1
+    if workers <= 1 or len(slices) <= 1:
         for columns in slices:
             job(columns)
         return
@@ -364,7 +364,8 @@ def gram_terms(
     WUDI D); with_d=False returns (C, None). D's Gram term w_i t_i (t_i^T t_i) is
     evaluated through each task's (in, in) Gram where in <= out, else as
     w_i (t_i t_i^T) t_i, with an (out, out) intermediate: fewer flops where in > 2 out,
-    and no (in, in) temporary beside C where in > out.
+    and no (in, in) temporary beside C where in > out. The symmetric products are
+    computed on and above the diagonal only, then mirrored (symmetric_product_).
     """
     count, out_features, in_features = vectors.shape
     gram = vectors.new_zeros(in_features, in_features)  # (in, in)
@@ -372,7 +373,7 @@ def gram_terms(
     if in_features <= out_features:
         task_gram = torch.empty_like(gram)
         for task, weight in zip(vectors, weights):
-            torch.mm(task.T, task, out=task_gram)  # (in, in)
+            symmetric_product_(task_gram, task)  # (in, in)
             gram.add_(task_gram, alpha=weight)
             if with_d:
                 d_term.addmm_(task, task_gram, alpha=weight)
@@ -382,11 +383,97 @@ def gram_terms(
     else:
         overlap = vectors.new_empty(out_features, out_features) if with_d else None
         for task, weight in zip(vectors, weights):
-            gram.addmm_(task.T, task, alpha=weight)
+            symmetric_product_(gram, task, alpha=weight, accumulate=True, mirror=False)
             if with_d:
-                torch.mm(task, task.T, out=overlap)  # (out, out)
+                symmetric_product_(overlap, task.mT)  # (out, out)
                 d_term.addmm_(overlap, task, alpha=weight)
                 if ridge > 0:
                     d_term.add_(task, alpha=weight * ridge)
         del overlap
+        _mirror_upper_(gram, panels(in_features, out_features * in_features))
     return gram, d_term
+
+
+def symmetric_product_(
+    target: torch.Tensor, rows: torch.Tensor, *, alpha: float = 1.0, accumulate: bool = False, mirror: bool = True
+) -> torch.Tensor:
+    """target (n, n) = alpha A^T A (+ target where accumulate), A = rows (m, n).
+
+    Below PANEL_MIN_ELEMENTS one GEMM. Above, only the panels' blocks on and above the
+    diagonal, each a one-thread GEMM side by side (for_each_panel: bits independent of the
+    thread count), about half the multiply-adds; the rest is then mirrored unless not
+    `mirror` (the caller mirrors once, after accumulating)."""
+    size = rows.shape[1]
+    slices = panels(size, rows.numel())
+    beta = 1.0 if accumulate else 0.0
+    if len(slices) == 1:
+        return target.addmm_(rows.mT, rows, beta=beta, alpha=alpha)
+
+    def job(panel: slice) -> None:
+        target[panel, panel.start :].addmm_(rows[:, panel].mT, rows[:, panel.start :], beta=beta, alpha=alpha)
+
+    with one_cpu_thread(rows.device):
+        for_each_panel(slices, job)
+    if mirror:
+        _mirror_upper_(target, slices)
+    return target
+
+
+def _mirror_upper_(target: torch.Tensor, slices: Sequence[slice]) -> None:
+    """Copy the blocks right of each panel's diagonal block into their transposed places."""
+    if len(slices) > 1:
+        for panel in slices:
+            target[panel.stop :, panel] = target[panel, panel.stop :].mT
+
+
+# Symmetric matrices of at least this order are factored by blocks (cholesky_): every
+# core works, with the same bits at any thread count. Smaller ones: LAPACK on one thread.
+CHOLESKY_BLOCKED_SIZE = 4096
+CHOLESKY_BLOCK = 512
+
+
+def cholesky_(matrix: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """Factor a symmetric positive definite `matrix` = L L^T in place, reading only its
+    upper triangle; returns (L, info): L = matrix.mT, lower triangular in its lower
+    triangle (its row-major storage is LAPACK's column-major one), info 0 on success, else
+    LAPACK's: the order of the first leading minor found not positive definite.
+
+    Below CHOLESKY_BLOCKED_SIZE, LAPACK's potrf on one thread. From it, by blocks of
+    CHOLESKY_BLOCK rows of U = L^T (right-looking): the diagonal block by potrf on one
+    thread, the blocks right of it by triangular solves, and the trailing upper triangle's
+    update U12^T U12 by symmetric_product_'s panels: one-thread operations of fixed shapes
+    side by side (for_each_panel), so the bits depend on the shape only."""
+    factor = matrix.mT
+    size = matrix.shape[0]
+    if size < CHOLESKY_BLOCKED_SIZE or matrix.device.type != "cpu":
+        with one_cpu_thread(matrix.device):
+            _, info = torch.linalg.cholesky_ex(factor, out=(factor, torch.empty((), dtype=torch.int32)))
+        return factor, int(info)
+    with one_cpu_thread(matrix.device):
+        for start in range(0, size, CHOLESKY_BLOCK):
+            stop = min(size, start + CHOLESKY_BLOCK)
+            block = matrix[start:stop, start:stop].mT.contiguous()  # its lower triangle: U11^T's
+            _, info = torch.linalg.cholesky_ex(block, out=(block, torch.empty((), dtype=torch.int32)))
+            if int(info) != 0:
+                return factor, start + int(info)
+            matrix[start:stop, start:stop] = block.mT  # U11, upper
+            if stop < size:
+                _cholesky_update(matrix, block, start, stop)
+    return factor, 0
+
+
+def _cholesky_update(matrix: torch.Tensor, lower: torch.Tensor, start: int, stop: int) -> None:
+    """One block step of cholesky_: U12 = U11^-T A12 over column panels, then the trailing
+    upper triangle A22 -= U12^T U12, each row panel from its diagonal on."""
+    right = matrix[start:stop, stop:]  # A12 -> U12
+    slices = list(row_chunks(matrix.shape[0] - stop, 1, CHOLESKY_BLOCK))
+
+    def solve(columns: slice) -> None:
+        right[:, columns] = torch.linalg.solve_triangular(lower, right[:, columns], upper=False)
+
+    def update(rows: slice) -> None:
+        target = matrix[stop + rows.start : stop + rows.stop, stop + rows.start :]
+        target.addmm_(right[:, rows].mT, right[:, rows.start :], alpha=-1.0)
+
+    for_each_panel(slices, solve)
+    for_each_panel(slices, update)

@@ -3,14 +3,16 @@
 import pytest
 import torch
 
-from mergekit_wudi.solvers import compute_dtype
+from mergekit_wudi.solvers import compute_dtype, numerics
 from mergekit_wudi.solvers.numerics import (
+    cholesky_,
     gram_terms,
     prepare_task_vectors,
     rank_cutoff,
     row_blocks,
     row_chunks,
     symmetric_eigh,
+    symmetric_product_,
 )
 
 
@@ -27,6 +29,51 @@ def test_gram_terms_match_their_definition(generator, shape, ridge):
     torch.testing.assert_close(d_term, expected_d, rtol=1e-12, atol=0)
     only_gram, none = gram_terms(vectors, weights, with_d=False)
     assert none is None and torch.equal(only_gram, gram)
+
+
+@pytest.mark.parametrize("shape", [(3, 70, 50), (3, 50, 70)], ids=["tall", "wide"])
+def test_gram_terms_by_panels_match_their_definition(generator, monkeypatch, shape):
+    # From PANEL_MIN_ELEMENTS the symmetric products are computed on and above the diagonal, then mirrored.
+    monkeypatch.setattr(numerics, "PANEL_MIN_ELEMENTS", 1000)
+    vectors = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    weights = [0.5 + index for index in range(shape[0])]
+    gram, d_term = gram_terms(vectors, weights, ridge=0.3)
+    expected_gram = sum(w * t.T @ t for w, t in zip(weights, vectors))
+    expected_d = sum(w * t @ (t.T @ t + 0.3 * torch.eye(shape[2], dtype=torch.float64)) for w, t in zip(weights, vectors))
+    torch.testing.assert_close(gram, expected_gram, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d_term, expected_d, rtol=1e-12, atol=1e-12)
+
+
+def test_symmetric_product_writes_the_upper_triangle_and_mirrors_it(generator, monkeypatch):
+    monkeypatch.setattr(numerics, "PANEL_MIN_ELEMENTS", 1000)
+    rows = torch.randn(40, 48, generator=generator, dtype=torch.float64)
+    expected = 0.5 * rows.T @ rows
+    assert len(numerics.panels(48, rows.numel())) == numerics.PANELS
+    target = torch.full((48, 48), float("nan"), dtype=torch.float64)
+    torch.testing.assert_close(symmetric_product_(target, rows, alpha=0.5), expected, rtol=1e-12, atol=1e-12)
+    half = torch.full((48, 48), float("nan"), dtype=torch.float64)
+    symmetric_product_(half, rows, alpha=0.5, mirror=False)
+    upper = torch.ones(48, 48, dtype=torch.bool).triu()
+    torch.testing.assert_close(half[upper], expected[upper], rtol=1e-12, atol=1e-12)
+    assert half.isnan().any()  # below the diagonal blocks: never written
+    symmetric_product_(target, rows, accumulate=True)  # + 1.0 A^T A
+    torch.testing.assert_close(target, 3 * expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [50, 130])
+def test_cholesky_reads_the_upper_triangle_and_reports_the_failing_minor(generator, monkeypatch, size):
+    # Below CHOLESKY_BLOCKED_SIZE LAPACK; from it (here 64) by blocks of CHOLESKY_BLOCK (here 16).
+    monkeypatch.setattr(numerics, "CHOLESKY_BLOCKED_SIZE", 64)
+    monkeypatch.setattr(numerics, "CHOLESKY_BLOCK", 16)
+    rows = torch.randn(size + 5, size, generator=generator, dtype=torch.float64)
+    matrix = rows.T @ rows
+    work = torch.where(torch.ones(size, size, dtype=torch.bool).triu(), matrix, float("nan"))
+    factor, info = cholesky_(work)
+    assert info == 0
+    torch.testing.assert_close(factor.tril(), torch.linalg.cholesky(matrix), rtol=1e-10, atol=1e-10)
+    broken = matrix.clone()
+    broken[37, 37] = -1.0  # the 38th leading minor is the first not positive definite
+    assert cholesky_(broken)[1] == 38
 
 
 def test_prepare_drops_zero_and_non_finite_task_vectors(generator):

@@ -83,3 +83,29 @@ def test_cholesky_failure_falls_back_to_the_eigendecomposition(generator, monkey
     ours = WudiCfsSolver(WudiCfsConfig(omega=0.1)).solve(tv)
     expected = wudi_closed_form(tv, 0.1)
     torch.testing.assert_close(ours, expected, rtol=1e-8, atol=1e-14 * expected.abs().max().item())
+
+
+def test_the_stacked_output_space_is_taken_where_it_is_cheaper():
+    from mergekit_wudi.solvers.wudi_cfs import output_space, solve_cost
+
+    assert output_space(4, 2048, 8192)  # Llama-3.2-1B down_proj, base + 4: 0.70x the multiply-adds
+    assert output_space(2, 4096, 14336) and output_space(4, 4096, 14336)  # Llama-3.1-8B down_proj
+    assert not output_space(4, 2048, 2048) and not output_space(4, 8192, 2048)  # square, up_proj
+    assert not output_space(8, 2048, 8192)  # n out = 2 in
+    in_space, out_space = solve_cost(2, 10, 40)
+    assert out_space < in_space
+
+
+@pytest.mark.parametrize("omega", [0.0, 0.1])
+@pytest.mark.parametrize("count", [2, 3])
+def test_both_spaces_give_the_same_solution(generator, monkeypatch, omega, count):
+    # The push-through identity T (T^T T + r A I)^-1 = (T T^T + r A I)^-1 T, and its pseudo-inverse form.
+    from mergekit_wudi.solvers import wudi_cfs
+
+    tv = low_rank_task_vectors(generator, count, 10, 40)
+    assert wudi_cfs.output_space(count, 10, 40)
+    stacked = WudiCfsSolver(WudiCfsConfig(omega=omega)).solve(tv)
+    monkeypatch.setattr(wudi_cfs, "output_space", lambda *shape: False)
+    in_space = WudiCfsSolver(WudiCfsConfig(omega=omega)).solve(tv)
+    torch.testing.assert_close(stacked, in_space, rtol=1e-9, atol=1e-12 * in_space.abs().max().item())
+    torch.testing.assert_close(stacked, wudi_closed_form(tv, omega), rtol=1e-8, atol=1e-12 * in_space.abs().max().item())
