@@ -20,7 +20,8 @@ to their row. Then it projects Llama-3.1-8B and -70B (base + 4, bf16) on:
   - 2 CPU cores: as measured;
   - 16 CPU cores: the product term a over 16 / the threads measured (every method's products
     use every thread; tsv, iso_c and iso_cts through fixed panels, numerics.for_each_panel),
-    the factorisation term b unchanged (LAPACK on one thread, for thread-independent bits).
+    the factorisation term b unchanged (LAPACK on one thread, for thread-independent bits)
+    except for wudi_cfs and ace, whose Cholesky runs by blocks on every thread (numerics.cholesky_).
     The split between a and b is the fit's: where it puts everything into b (tsv), the
     16-core figure is an upper bound;
   - one H100-class GPU: a at the GPU's FP32 rate against this machine's measured torch.mm rate
@@ -49,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from family import LLAMA_1B, MODULES, shapes  # noqa: E402
 
+from mergekit_wudi.solvers.wudi_cfs import output_space  # noqa: E402
+
 METHODS = ("wudi_cfs", "tsv", "iso_c", "iso_cts", "ace")
 COUNT = 4
 MODELS = {  # family.shapes' sizes; "tied": the output head is the embedding (no lm_head)
@@ -72,14 +75,18 @@ def parameters(model: str) -> int:
     return every + (0 if dims["tied"] else dims["vocab"] * dims["hidden"])  # the untied lm_head
 
 
-INPUT_SPACE = ("wudi_cfs", "ace")  # solve in the (in, in) space whatever the shape; the others in the smaller one
+CLOSED_FORMS = ("wudi_cfs", "ace")  # a Cholesky solve, blocked on every thread from order 4096; the others in the smaller space
 
 
 def features(shape: tuple, method: str) -> tuple:
-    """(products, factorisation) sizes: N out in k and k^3, k = in for the input-space closed
-    forms, min(out, in) for the spectral solvers."""
+    """(products, factorisation) sizes: N out in k and k^3, k the order of the system solved:
+    in for ace; in or N out for wudi_cfs, whichever route it takes (wudi_cfs.output_space);
+    min(out, in) for the spectral solvers."""
     out, inp = shape
-    side = inp if method in INPUT_SPACE else min(out, inp)
+    if method == "wudi_cfs":
+        side = COUNT * out if output_space(COUNT, out, inp) else inp
+    else:
+        side = inp if method in CLOSED_FORMS else min(out, inp)
     return COUNT * out * inp * side, side**3
 
 
@@ -191,7 +198,9 @@ def project(path: Path, e2e_paths: list) -> None:
                 cells = [io + solve, io + solve * threads / 16, None]
             else:
                 gemm, factor = terms(coefs[method], tensors, method)
-                cells = [io + gemm + factor, io + gemm * threads / 16 + factor, io + gemm * gpu_a + factor / GPU_FACTORISATION_SPEEDUP]
+                spread = threads / 16 if method in CLOSED_FORMS else 1.0  # their blocked Cholesky uses every core
+                cells = [io + gemm + factor, io + gemm * threads / 16 + factor * spread,
+                         io + gemm * gpu_a + factor / GPU_FACTORISATION_SPEEDUP]
             text = " | ".join("-" if c is None else f"{c / 3600:.2f}" for c in cells)
             print(f"| {model} | {method} | {text} |")
 

@@ -1,7 +1,7 @@
 """A 1B-class merge end to end through `mergekit-yaml`, every method, in one run (issue 25).
 
     OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python benchmarks/scale/run.py ROOT [--layers 16] [--kind full]
-        [--methods ...] [--json FILE] [--clean]
+        [--methods ...] [--subset ...] [--json FILE] [--clean]
 
 Generates the family under ROOT/<kind>-<layers> once (benchmarks/scale/family.py: Llama-3.2-1B
 shapes, bf16, 1 GB shards, base + 4 fine-tunes, about 12.4 GB at 16 layers), then merges it with
@@ -11,9 +11,10 @@ safetensors pages it mapped) with their ratios to ties and to task_arithmetic, a
 
 Reading/writing against solving: task_arithmetic's wall time is the cost of reading N + 1
 checkpoints and writing one (its arithmetic is one add per element); a method's solve time is
-its wall time minus that. `wudi` and `doge` (Adam, 300 / 400 steps: hours at 1B on 2 cores) solve
-only layer 0's seven linear tensors (`solve` filter; the rest goes to their task_arithmetic
-fallback), and their whole-model time is projected as io + layers x (their wall - io).
+its wall time minus that. `wudi` and `doge` (Adam, 300 / 400 steps: hours at 1B on 2 cores), and any
+method named in --subset, solve only layer 0's seven linear tensors (`solve` filter; the rest
+goes to their task_arithmetic fallback), and their whole-model time is projected as
+io + layers x (their wall - io).
 Disk: the family stays for a rerun (it is generated once) unless --clean; each merge's output is
 deleted as soon as it is measured.
 """
@@ -47,9 +48,9 @@ SUBSET = ("wudi", "doge")  # layer 0 only, projected
 SUBSET_FILTER = "layers.0."
 
 
-def recipe(method: str, base: Path, models: list) -> dict:
+def recipe(method: str, base: Path, models: list, subset: bool = False) -> dict:
     parameters = dict(BUILTINS.get(method, {}))
-    if method in SUBSET:
+    if subset:
         parameters["solve"] = [{"filter": SUBSET_FILTER, "value": True}, {"value": False}]
     config = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
               "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]}
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=LLAMA_1B["layers"])
     parser.add_argument("--kind", choices=("full", "lora", "mixed"), default="full")
     parser.add_argument("--methods", nargs="+", default=[*BUILTINS, *OURS, *SUBSET])
+    parser.add_argument("--subset", nargs="*", default=list(SUBSET),
+                        help=f"methods that solve layer 0 only, projected to every layer (default: {' '.join(SUBSET)})")
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--clean", action="store_true", help="delete the family afterwards")
     args = parser.parse_args()
@@ -98,8 +101,9 @@ def main() -> None:
     work = args.root / "work"
     work.mkdir(parents=True, exist_ok=True)
     for method in methods:
-        seconds, rss = merge(recipe(method, base, models), work)
-        rows.append({"method": method, "wall_s": seconds, "peak_rss": rss, "subset": method in SUBSET})
+        subset = method in args.subset
+        seconds, rss = merge(recipe(method, base, models, subset), work)
+        rows.append({"method": method, "wall_s": seconds, "peak_rss": rss, "subset": subset})
         print(f"  {method}: {seconds:.1f} s, {rss / 2**30:.2f} GiB", flush=True)
         save()  # after every row: an interrupted run keeps what it measured
     io = rows[0]["wall_s"]

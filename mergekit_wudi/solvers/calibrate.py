@@ -23,12 +23,11 @@ from typing import Tuple
 import torch
 
 from mergekit_wudi.solvers.numerics import (
+    SymmetricSpectrum,
     gram64,
-    gram_singular_values,
     numerical_rank,
     one_cpu_thread,
     row_blocks,
-    symmetric_eigh,
 )
 
 CALIBRATIONS = ("none", "input_space")
@@ -65,13 +64,14 @@ def calibrate(vectors: torch.Tensor, merged: torch.Tensor) -> Calibration:
 def own_space_ratio(task: torch.Tensor, merged: torch.Tensor, count: int) -> Tuple[float, int]:
     """(rho = ||M V||_F / ||t V||_F, V the top max(1, floor(rank / count)) right singular vectors of t; rank)."""
     out_features, in_features = task.shape
-    rank = numerical_rank(gram_singular_values(task), max(out_features, in_features))
+    rows = task if in_features <= out_features else task.mT  # its Gram is the smaller one
+    spectrum = SymmetricSpectrum(gram64(rows))  # every sigma^2, then the top k pairs: one reduction
+    rank = numerical_rank(spectrum.values.flip(0).clamp(min=0).sqrt(), max(out_features, in_features))
     if rank == 0:
         return 0.0, 0
     k = max(1, rank // count)
-    # The Gram again, not a copy kept from the rank count: two at once would pass the memory bound.
-    rows = task if in_features <= out_features else task.mT  # its Gram is the smaller one
-    squares, vectors = symmetric_eigh(gram64(rows), top=k, lean=True)  # ascending sigma^2, (smaller, k)
+    squares, vectors = spectrum.top(k)  # sigma^2, (smaller, k)
+    del spectrum  # the reduced Gram
     own = float(squares.clamp(min=0).sum())
     if in_features > out_features:  # vectors are left singular vectors u_j: v_j = t^T u_j / sigma_j
         right = vectors.new_zeros(in_features, k)

@@ -200,18 +200,21 @@ def row_blocks(count: int, blocks: int = 16) -> Iterator[slice]:
 
 def gram64(rows: torch.Tensor) -> torch.Tensor:
     """A^T A (n, n) in float64, for A (rows, n), accumulated over row blocks of A; each
-    block's product by fixed row panels of the Gram matrix (for_each_panel)."""
+    block's product by fixed row panels of the Gram matrix (for_each_panel), each panel
+    from its diagonal block on where there are several (then mirrored): about half the
+    multiply-adds."""
     size = rows.shape[1]
     gram = rows.new_zeros(size, size, dtype=torch.float64)
     slices = panels(size, rows.numel())
     for block in row_blocks(rows.shape[0]):
         part = rows[block].double()
         for_each_panel(slices, functools.partial(_gram_panel, gram, part))
+    _mirror_upper_(gram, slices)
     return gram
 
 
 def _gram_panel(gram: torch.Tensor, part: torch.Tensor, panel: slice) -> None:
-    gram[panel].addmm_(part[:, panel].mT, part)
+    gram[panel, panel.start :].addmm_(part[:, panel].mT, part[:, panel.start :])
 
 
 def panel_matmul(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -317,6 +320,78 @@ def _scipy_eigh_unlimited(lapack, matrix: torch.Tensor, top: int, in_place: bool
     if in_place:  # dsyev: all n pairs, ascending; the top are the last
         return torch.from_numpy(values[size - top :]), torch.from_numpy(vectors[:, size - top :])
     return torch.from_numpy(values[:top]), torch.from_numpy(vectors)  # dsyevr: the `top` asked for, first
+
+
+def _compact_reflectors(reduced):
+    """dsytrd's (lower) Householder vectors as geqrf stores them for an (n-1, n-1) matrix,
+    column-major with leading dimension n - 1, moved within the reduced matrix's storage:
+    the block below its first row, which torch.ormqr would otherwise copy whole."""
+    size = reduced.shape[0]
+    flat = reduced.reshape(-1, order="F")  # a view: the array is column-major
+    for column in range(size - 1):  # each column moves to an earlier place: front to back is safe
+        flat[column * (size - 1) : (column + 1) * (size - 1)] = reduced[1:, column].copy()
+    return flat[: (size - 1) ** 2].reshape(size - 1, size - 1, order="F")
+
+
+class SymmetricSpectrum:
+    """Every eigenvalue of a symmetric matrix, then the eigenvectors of its largest ones, from
+    one tridiagonal reduction, so that the caller can choose how many from the values: for
+    a float64 CPU matrix, LAPACK's own partial-spectrum path of dsyevr split in two (dsytrd
+    over the matrix, which is overwritten; dsterf; then dstebz and dstein for the top ones
+    and the reflectors applied by ormqr), on one thread. Elsewhere one torch.linalg.eigh.
+    Memory beside the matrix: O(n), then the (n, top) eigenvectors."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self.size = matrix.shape[0]
+        self._reduced = None
+        if matrix.device.type == "cpu" and matrix.dtype == torch.float64 and self.size > 1:
+            from scipy.linalg import lapack
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(limits=1, user_api="blas"):
+                (work, _) = lapack.dsytrd_lwork(self.size, lower=1)
+                reflectors, diagonal, off, tau, info = lapack.dsytrd(
+                    matrix.numpy().T, lower=1, lwork=int(work), overwrite_a=1
+                )
+                if info == 0:
+                    values, info = lapack.dsterf(diagonal.copy(), off.copy())
+            self._check(info)
+            self._reduced = (_compact_reflectors(reflectors), diagonal, off, tau)
+            self.values = torch.from_numpy(values)  # ascending
+        else:
+            with one_cpu_thread(matrix.device):
+                self.values, self._vectors = torch.linalg.eigh(matrix)
+
+    def top(self, count: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The `count` largest eigenvalues (count,) and their eigenvectors (n, count), in no
+        particular order."""
+        if self._reduced is None:
+            return self.values[self.size - count :], self._vectors[:, self.size - count :]
+        if count == 0:
+            return self.values.new_empty(0), self.values.new_empty(self.size, 0)
+        from scipy.linalg import lapack
+        from threadpoolctl import threadpool_limits
+
+        reflectors, diagonal, off, tau = self._reduced
+        with threadpool_limits(limits=1, user_api="blas"):
+            found, values, blocks, splits, info = lapack.dstebz(
+                diagonal, off, 3, 0.0, 0.0, self.size - count + 1, self.size, 0.0, b"B"
+            )
+            if info == 0:
+                vectors, info = lapack.dstein(diagonal, off, values[:found], blocks, splits)
+        self._check(info)
+        vectors = torch.from_numpy(vectors)  # (n, count), of the tridiagonal matrix
+        householder, scales = torch.from_numpy(reflectors), torch.from_numpy(tau)
+        with one_cpu_thread(vectors.device):  # Q = H(1) ... H(n-1) acts on rows 2..n
+            for columns in row_chunks(count, 1, 64):
+                vectors[1:, columns] = torch.ormqr(householder, scales, vectors[1:, columns])
+        return torch.from_numpy(values[:found]), vectors
+
+    def _check(self, info: int) -> None:
+        if info != 0:
+            raise torch.linalg.LinAlgError(
+                f"LAPACK symmetric eigensolver failed (info={info}) on a {self.size}x{self.size} matrix"
+            )
 
 
 def solver_row_chunks(rows: int, cols: int, chunk_elements: int, divisor: int = CHUNK_DIVISOR) -> Iterator[slice]:

@@ -55,7 +55,8 @@ def test_a_tiny_family_merges_through_mergekit_yaml(tmp_path: Path):
     for method in ("task_arithmetic", "wudi_cfs"):
         seconds, rss = run.merge(run.recipe(method, base, models), tmp_path)
         assert seconds > 0 and rss > 0
-    assert run.recipe("wudi", base, models)["parameters"]["solve"][0] == {"filter": "layers.0.", "value": True}
+    assert run.recipe("wudi", base, models, subset=True)["parameters"]["solve"][0] == {"filter": "layers.0.", "value": True}
+    assert "parameters" not in run.recipe("tsv", base, models)  # the whole model, at its defaults
 
 
 def test_cost_fit_recovers_a_known_law():

@@ -5,6 +5,7 @@ import torch
 
 from mergekit_wudi.solvers import compute_dtype, numerics
 from mergekit_wudi.solvers.numerics import (
+    SymmetricSpectrum,
     cholesky_,
     gram_terms,
     prepare_task_vectors,
@@ -74,6 +75,24 @@ def test_cholesky_reads_the_upper_triangle_and_reports_the_failing_minor(generat
     broken = matrix.clone()
     broken[37, 37] = -1.0  # the 38th leading minor is the first not positive definite
     assert cholesky_(broken)[1] == 38
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["lapack", "torch"])
+@pytest.mark.parametrize("count", [0, 1, 7, 40])
+def test_symmetric_spectrum_gives_every_value_then_the_top_pairs(generator, dtype, count):
+    rows = torch.randn(50, 40, generator=generator, dtype=torch.float64)
+    rows[:, :5] *= 30  # a spread spectrum; the matrix is overwritten, so a copy goes in
+    matrix = rows.T @ rows
+    expected = torch.linalg.eigvalsh(matrix)
+    spectrum = SymmetricSpectrum(matrix.clone().to(dtype))
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(spectrum.values.double(), expected, rtol=tolerance, atol=tolerance * expected[-1].item())
+    values, vectors = spectrum.top(count)
+    assert values.shape == (count,) and vectors.shape == (40, count)
+    torch.testing.assert_close(values.double().sort().values, expected[40 - count :], rtol=tolerance, atol=tolerance * expected[-1].item())
+    vectors = vectors.double()
+    torch.testing.assert_close(matrix @ vectors, vectors * values.double(), rtol=0, atol=10 * tolerance * expected[-1].item())
+    torch.testing.assert_close(vectors.T @ vectors, torch.eye(count, dtype=torch.float64), rtol=0, atol=10 * tolerance)
 
 
 def test_prepare_drops_zero_and_non_finite_task_vectors(generator):
