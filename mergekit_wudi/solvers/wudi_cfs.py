@@ -108,7 +108,8 @@ def _right_solve(build, factor_first: bool, size: int) -> torch.Tensor:
 
 
 def _normal_equations(vectors: torch.Tensor, inv_norms, ridge: float, rhs: bool = True, whole: bool = True):
-    """M = sum_i a_i (t_i^T t_i + r I) (in, in) and B = sum_i a_i t_i (t_i^T t_i + r I) (out, in)."""
+    """M = sum_i a_i (t_i^T t_i + r I) (in, in) and B = sum_i a_i t_i (t_i^T t_i + r I) (out, in);
+    M whole whatever `whole` (gram_terms mirrors its symmetric products)."""
     matrix, result = gram_terms(vectors, inv_norms, ridge=ridge, with_d=rhs)
     if ridge > 0:
         matrix.diagonal().add_(ridge * sum(inv_norms))
