@@ -18,7 +18,14 @@ from mergekit_wudi.solvers.checks import (
     check_unit_interval,
     config_field,
 )
-from mergekit_wudi.solvers.numerics import TaskVectors, cholesky_, one_cpu_thread, rank_cutoff, row_blocks
+from mergekit_wudi.solvers.numerics import (
+    TaskVectors,
+    cholesky_,
+    one_cpu_thread,
+    rank_cutoff,
+    row_blocks,
+    symmetric_product_,
+)
 
 HETEROGENEITY = 0.3  # the code's switch: gamma > 0.3 turns on normalisation and refinement
 GUARD = 1e-12  # the code's guards on logs, traces and divisions
@@ -85,14 +92,18 @@ class AceSolver(
             centred = torch.sub(task, means[index], out=work)
             update = centred if config.centre_update else task
             if tall:
-                gram = torch.mm(centred.T, centred, out=scratch)  # G_i
+                gram = symmetric_product_(scratch, centred)  # G_i
                 covariance.add_(gram, alpha=weight)
                 merged.addmm_(update, gram, alpha=weight)
                 if row is not None:
                     row.addmv_(gram, means[index], alpha=weight)
             else:
-                covariance.addmm_(centred.T, centred, alpha=weight)
-                merged.addmm_(torch.mm(update, centred.T, out=scratch), centred, alpha=weight)  # a_i (u_i c_i^T) c_i
+                symmetric_product_(covariance, centred, alpha=weight, accumulate=True)
+                if update is centred:  # c_i c_i^T, symmetric
+                    symmetric_product_(scratch, centred.mT)
+                else:
+                    torch.mm(update, centred.T, out=scratch)
+                merged.addmm_(scratch, centred, alpha=weight)  # a_i (u_i c_i^T) c_i
                 if row is not None:
                     row.addmv_(centred.T, centred @ means[index], alpha=weight)
         del scratch, work, centred, update, task

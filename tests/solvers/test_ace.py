@@ -42,6 +42,21 @@ def test_matches_the_official_code(generator, device, shape, options, make):
     assert ours32.dtype == torch.float32 and relative_error(ours32, expected) < 1e-5
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("options", [{}, {"centre_update": False}], ids=["defaults", "centre_update=False"])
+def test_matches_the_official_code_with_panelled_grams_and_blocked_cholesky(generator, monkeypatch, shape, options):
+    # At real sizes the Grams are computed on and above the diagonal in panels and the
+    # covariance is factored by blocks (numerics); here both thresholds are lowered.
+    from mergekit_wudi.solvers import numerics
+
+    monkeypatch.setattr(numerics, "PANEL_MIN_ELEMENTS", 64)
+    monkeypatch.setattr(numerics, "CHOLESKY_BLOCKED_SIZE", 16)
+    monkeypatch.setattr(numerics, "CHOLESKY_BLOCK", 8)
+    tv = spread(generator, shape)
+    expected = ace_reference(list(tv), **options)
+    assert relative_error(AceSolver(AceConfig(**options)).solve(tv), expected) < 1e-10
+
+
 def test_the_corrections_change_the_result(generator):
     tv = spread(generator, (48, 32))
     default = AceSolver().solve(tv)
