@@ -515,9 +515,10 @@ def cholesky_(matrix: torch.Tensor) -> Tuple[torch.Tensor, int]:
 
     Below CHOLESKY_BLOCKED_SIZE, LAPACK's potrf on one thread. From it, by blocks of
     CHOLESKY_BLOCK rows of U = L^T (right-looking): the diagonal block by potrf on one
-    thread, the blocks right of it by triangular solves, and the trailing upper triangle's
-    update U12^T U12 by symmetric_product_'s panels: one-thread operations of fixed shapes
-    side by side (for_each_panel), so the bits depend on the shape only."""
+    thread, the blocks right of it by triangular solves over column panels, and the trailing
+    upper triangle's update U12^T U12 by row panels from their diagonal on (as in
+    symmetric_product_): one-thread operations of fixed shapes side by side
+    (for_each_panel), so the bits depend on the shape only."""
     factor = matrix.mT
     size = matrix.shape[0]
     if size < CHOLESKY_BLOCKED_SIZE or matrix.device.type != "cpu":
