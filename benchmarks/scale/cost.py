@@ -9,8 +9,8 @@ machine, into FILE. `project` fits, per method, a solve time per tensor
 
     time = a * N*out*in*k  +  b * k^3          (non-negative least squares)
 
-with k = in for the closed forms that solve in the input space (wudi_cfs, ace) and
-k = min(out, in) for the spectral solvers,
+with k the order of the system solved: in for ace; in or N out for wudi_cfs, whichever
+route it takes (wudi_cfs.output_space); min(out, in) for the spectral solvers,
 
 on the 1B shapes only, says how well it predicts the 8B shapes it has not seen, and how well
 io + the sum over a model's tensors predicts each measured end-to-end row of run.py (--e2e:

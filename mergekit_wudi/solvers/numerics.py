@@ -7,7 +7,6 @@ Pure torch: nothing here imports mergekit, click or logging configuration.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import threading
@@ -205,16 +204,11 @@ def gram64(rows: torch.Tensor) -> torch.Tensor:
     multiply-adds."""
     size = rows.shape[1]
     gram = rows.new_zeros(size, size, dtype=torch.float64)
-    slices = panels(size, rows.numel())
+    slices = panels(size, rows.numel())  # the whole A's, for every block
     for block in row_blocks(rows.shape[0]):
-        part = rows[block].double()
-        for_each_panel(slices, functools.partial(_gram_panel, gram, part))
+        symmetric_product_(gram, rows[block].double(), accumulate=True, mirror=False, slices=slices)
     _mirror_upper_(gram, slices)
     return gram
-
-
-def _gram_panel(gram: torch.Tensor, part: torch.Tensor, panel: slice) -> None:
-    gram[panel, panel.start :].addmm_(part[:, panel].mT, part[:, panel.start :])
 
 
 def panel_matmul(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -470,16 +464,23 @@ def gram_terms(
 
 
 def symmetric_product_(
-    target: torch.Tensor, rows: torch.Tensor, *, alpha: float = 1.0, accumulate: bool = False, mirror: bool = True
+    target: torch.Tensor,
+    rows: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    accumulate: bool = False,
+    mirror: bool = True,
+    slices: Optional[Sequence[slice]] = None,
 ) -> torch.Tensor:
     """target (n, n) = alpha A^T A (+ target where accumulate), A = rows (m, n).
 
     Below PANEL_MIN_ELEMENTS one GEMM. Above, only the panels' blocks on and above the
     diagonal, each a one-thread GEMM side by side (for_each_panel: bits independent of the
     thread count), about half the multiply-adds; the rest is then mirrored unless not
-    `mirror` (the caller mirrors once, after accumulating)."""
+    `mirror` (the caller mirrors once, after accumulating). `slices`: the row panels,
+    where the caller fixes them (by default panels(n, A's elements))."""
     size = rows.shape[1]
-    slices = panels(size, rows.numel())
+    slices = panels(size, rows.numel()) if slices is None else slices
     beta = 1.0 if accumulate else 0.0
     if len(slices) == 1:
         return target.addmm_(rows.mT, rows, beta=beta, alpha=alpha)
@@ -547,9 +548,5 @@ def _cholesky_update(matrix: torch.Tensor, lower: torch.Tensor, start: int, stop
     def solve(columns: slice) -> None:
         right[:, columns] = torch.linalg.solve_triangular(lower, right[:, columns], upper=False)
 
-    def update(rows: slice) -> None:
-        target = matrix[stop + rows.start : stop + rows.stop, stop + rows.start :]
-        target.addmm_(right[:, rows].mT, right[:, rows.start :], alpha=-1.0)
-
     for_each_panel(slices, solve)
-    for_each_panel(slices, update)
+    symmetric_product_(matrix[stop:, stop:], right, alpha=-1.0, accumulate=True, mirror=False, slices=slices)
