@@ -2,6 +2,7 @@
 
 import functools
 import os
+import threading
 from unittest import mock
 
 import models
@@ -164,6 +165,31 @@ def test_panelled_grams_and_blocked_cholesky_keep_the_bits(threads, monkeypatch,
         numerics._POOLS.clear()
         results.append(solver.solve(task_vectors))
         assert [workers for _, workers in numerics._POOLS] == ([] if number == 1 else [3])
+    assert torch.equal(*results)
+
+
+@needs_cores
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_decompositions_side_by_side_keep_the_bits(threads, monkeypatch, method):
+    # Each task vector's decomposition (tsv's triplets, the calibration of iso_c and
+    # iso_cts) and tsv's two polar factors run side by side, one LAPACK thread each, where
+    # the memory bound allows (numerics.side_by_side); here from 2^18 elements a job.
+    from mergekit_wudi.solvers import SOLVERS, _lapack, numerics
+
+    monkeypatch.setattr(numerics, "PANEL_MIN_ELEMENTS", 1 << 18)
+    callers = []
+    call = _lapack._call
+    monkeypatch.setattr(_lapack, "_call", lambda *args: (callers.append(threading.get_ident()), call(*args))[1])
+    solver = next(cls for cls in SOLVERS if cls.name == method)(calibration="input_space" if method != "tsv" else "none")
+    task_vectors = full_rank_task_vectors(torch.Generator().manual_seed(0), 3, 2048, 512, scale=1e-2, dtype=torch.float32)
+    results, seen = [], []
+    for number in (1, 3):
+        threads(number)
+        numerics._POOLS.clear()
+        callers.clear()
+        results.append(solver.solve(task_vectors))
+        seen.append(set(callers))
+    assert seen[0] == {threading.get_ident()} and len(seen[1] - seen[0]) >= 2  # in the pool's threads
     assert torch.equal(*results)
 
 

@@ -24,6 +24,7 @@ from mergekit_wudi.solvers.numerics import (
     panel_matmul,
     rank_cutoff,
     row_blocks,
+    side_by_side,
     symmetric_eigh,
 )
 
@@ -68,6 +69,15 @@ def top_singular_triplets(
     _, vectors = symmetric_eigh(gram64(rows), top=limit, lean=True)  # V (n, limit), float64
     left, values, right, _ = _triplets(matrix, rows, vectors, scale)
     return (left, values, right) if tall else (right.mT, values, left.mT)
+
+
+def triplet_elements(shape: Tuple[int, int], limit: int) -> int:
+    """An upper bound on what top_singular_triplets holds for an (out, in) matrix, in float32
+    elements, its results included: the float64 Gram matrix and eigenvectors, A V, V^T and
+    the float64 row blocks."""
+    rows, size = max(shape), min(shape)
+    limit = min(limit, size)
+    return 2 * size * size + 3 * size * limit + rows * limit + 2 * (rows // 16 + 1) * (size + limit)
 
 
 def top_singular_triplets_and_complement(
@@ -169,6 +179,14 @@ class SingularStacks:
         self.values = like.new_empty(capacity)
         self.count = 0
 
+    def side_by_side(self, count: int, job, limit: int):
+        """job(i) for i in range(count), in order, several at once where the memory the
+        stacks leave under SOLVE_TENSORS allows (numerics.side_by_side): each job a
+        top_singular_triplets(task vector, limit)."""
+        out_features, in_features = self.left.shape[0], self.right.shape[1]
+        spare = SOLVE_TENSORS * out_features * in_features - self.left.numel() - self.right.numel()
+        return side_by_side(count, job, triplet_elements((out_features, in_features), limit), spare)
+
     def add(self, left: torch.Tensor, values: torch.Tensor, right: torch.Tensor) -> None:
         """Append triplets U (out, j), s (j,), V^T (j, in)."""
         end = self.count + values.shape[0]
@@ -183,6 +201,9 @@ class SingularStacks:
         with the stacks."""
         left, right = self.left[:, : self.count], self.right[: self.count]
         spare = SOLVE_TENSORS * left.shape[0] * right.shape[1] - left.numel() - right.numel()
-        polar_(left, spare)
-        polar_(right, spare)
+        # side by side where both fit with dsyevr (each then has half the spare), else in turn
+        need = max(4 * min(m.shape) ** 2 + 4 * (max(m.shape) // 16 + 1) * min(m.shape) for m in (left, right))
+        share = spare // 2 if 2 * need <= spare else spare
+        for _ in side_by_side(2, lambda index: polar_((left, right)[index], share), need, spare):
+            pass
         return left, right, self.values[: self.count]

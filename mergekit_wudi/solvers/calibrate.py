@@ -23,14 +23,20 @@ from typing import Tuple
 import torch
 
 from mergekit_wudi.solvers.numerics import (
+    SOLVE_EXTRA_TENSORS,
     SymmetricSpectrum,
     gram64,
     numerical_rank,
     one_cpu_thread,
+    panel_matmul,
     row_blocks,
+    side_by_side,
 )
 
 CALIBRATIONS = ("none", "input_space")
+# What the calibration may hold at once beside the task vectors and the merge, in tensors of
+# the (out, in) size: the memory bound's SOLVE_EXTRA_TENSORS less the merge and fixed buffers.
+CALIBRATION_SPARE = SOLVE_EXTRA_TENSORS - 2
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,12 @@ def calibrate(vectors: torch.Tensor, merged: torch.Tensor) -> Calibration:
         merged_norm = float(torch.linalg.vector_norm(merged, dtype=torch.float64))
         if merged_norm == 0.0 or vectors.shape[0] == 0:
             return Calibration(1.0, 0.0, -1, "none")
-        rhos, ranks = zip(*(own_space_ratio(task, merged, vectors.shape[0]) for task in vectors))
-        total = math.sqrt(max(0.0, sum(_dot(a, b) for a in vectors for b in vectors)))  # ||sum_i t_i||_F
+        count = vectors.shape[0]
+        rhos, ranks = zip(*side_by_side(
+            count, lambda index: own_space_ratio(vectors[index], merged, count),
+            _own_space_elements(merged.shape, count), CALIBRATION_SPARE * merged.numel(),
+        ))
+        total = _sum_norm(vectors)  # ||sum_i t_i||_F
     task = max(range(len(rhos)), key=rhos.__getitem__)
     by_task = 1.0 / rhos[task] if rhos[task] > 0 else math.inf
     by_norm = total / merged_norm
@@ -81,10 +91,24 @@ def own_space_ratio(task: torch.Tensor, merged: torch.Tensor, count: int) -> Tup
         vectors = right
     delivered = 0.0
     for block in row_blocks(out_features):
-        delivered += float((merged[block].double() @ vectors).pow(2).sum())
+        part = merged[block].double()
+        delivered += float(panel_matmul(part, vectors, part.new_empty(part.shape[0], k)).square_().sum())
     return (math.sqrt(delivered / own) if own > 0 else 0.0), rank
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """<a, b>_F in float64, a row block at a time."""
-    return sum(float(torch.sum(a[block].double() * b[block].double())) for block in row_blocks(a.shape[0]))
+def _own_space_elements(shape: Tuple[int, int], count: int) -> int:
+    """An upper bound on what own_space_ratio holds, in float32 elements: the float64 Gram of
+    the smaller side, its top eigenvectors, the right singular vectors where they are the
+    larger side, and a float64 row block of a task vector and of the merge."""
+    out_features, in_features = shape
+    smaller, top = min(shape), max(1, min(shape) // max(1, count))
+    right = in_features * top if in_features > out_features else 0
+    return 2 * (smaller * smaller + smaller * top + right) + 4 * out_features * in_features // 16
+
+
+def _sum_norm(vectors: torch.Tensor) -> float:
+    """||sum_i t_i||_F in float64, a row block at a time."""
+    total = 0.0
+    for block in row_blocks(vectors.shape[1]):
+        total += float(vectors[:, block].double().sum(dim=0).square_().sum())
+    return math.sqrt(total)

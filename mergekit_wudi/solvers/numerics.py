@@ -6,15 +6,18 @@ Pure torch: nothing here imports mergekit, click or logging configuration.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from mergekit_wudi.solvers import _lapack
 
 # Peak memory of one solve, in tensors of the (out, in) size in the compute dtype: the N
 # task vectors plus at most this many (the memory bound; tests/test_memory.py measures it).
@@ -102,7 +105,8 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
     (faster on many cores; bits then depend on the thread count). Measurements:
     docs/reliability.md, benchmarks/results/lapack_threads.md.
     """
-    if torch.device(device).type != "cpu" or os.environ.get(THREADED_LAPACK_ENV, "") not in ("", "0"):
+    if (torch.device(device).type != "cpu" or os.environ.get(THREADED_LAPACK_ENV, "") not in ("", "0")
+            or getattr(_LOCAL, "pooled", False)):  # a for_each_panel thread is on one thread already
         yield
         return
     with _THREADS_LOCK:
@@ -145,12 +149,46 @@ def for_each_panel(slices: Sequence[slice], job) -> None:
         for columns in slices:
             job(columns)
         return
+    for _ in _pool(workers).map(job, slices):
+        pass
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
     key = (os.getpid(), workers)  # a forked child has none of its parent's pool threads
     pool = _POOLS.get(key)
     if pool is None:  # its threads run torch on one thread each (torch's count is per thread for OpenMP)
-        pool = _POOLS[key] = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
-    for _ in pool.map(job, slices):
-        pass
+        pool = _POOLS[key] = ThreadPoolExecutor(workers, initializer=_pool_thread)
+    return pool
+
+
+def _pool_thread() -> None:
+    torch.set_num_threads(1)
+    _LOCAL.pooled = True
+
+
+def side_by_side(count: int, job: Callable[[int], Any], per_job: int, spare: int) -> Iterator[Any]:
+    """job(i) for i in range(count), yielded in that order, with as many running at once as
+    the caller's threads (inside one_cpu_thread, as for_each_panel) and `spare` elements of
+    memory allow, each needing `per_job`: the independent decompositions of the task
+    vectors, whose one-thread LAPACK calls (scipy's OpenBLAS, held at one thread here for
+    all of them) release the GIL (_lapack). One at a time under PANEL_MIN_ELEMENTS
+    elements per job, where the extra threads' own buffers would show. Consume it to the
+    end: while it is open, at most the running jobs and one yielded result are held."""
+    workers = min(getattr(_LOCAL, "workers", None) or 1, count, spare // max(1, per_job))
+    if workers <= 1 or per_job < PANEL_MIN_ELEMENTS:
+        for index in range(count):
+            yield job(index)
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        pool, pending = _pool(workers), collections.deque()
+        for index in range(count):
+            pending.append(pool.submit(job, index))
+            if len(pending) == workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 # Tensors under this many elements are solved on one thread from start to end
@@ -305,10 +343,8 @@ def _scipy_eigh_unlimited(lapack, matrix: torch.Tensor, top: int, in_place: bool
     if in_place:
         (work, _) = lapack.dsyev_lwork(size)
         values, vectors, info = lapack.dsyev(array, compute_v=1, lwork=int(work), overwrite_a=1)
-    else:
-        values, vectors, _, _, info = lapack.dsyevr(
-            array, compute_v=1, range="I", il=size - top + 1, iu=size, overwrite_a=1
-        )
+    else:  # without the GIL: independent ones may run side by side (_lapack)
+        values, vectors, info = _lapack.dsyevr_top(array, top)
     if info != 0:
         raise torch.linalg.LinAlgError(f"LAPACK symmetric eigensolver failed (info={info}) on a {size}x{size} matrix")
     if in_place:  # dsyev: all n pairs, ascending; the top are the last
@@ -342,11 +378,9 @@ class SymmetricSpectrum:
             from scipy.linalg import lapack
             from threadpoolctl import threadpool_limits
 
+            reflectors = matrix.numpy().T  # column-major, reduced in place
             with threadpool_limits(limits=1, user_api="blas"):
-                (work, _) = lapack.dsytrd_lwork(self.size, lower=1)
-                reflectors, diagonal, off, tau, info = lapack.dsytrd(
-                    matrix.numpy().T, lower=1, lwork=int(work), overwrite_a=1
-                )
+                diagonal, off, tau, info = _lapack.dsytrd(reflectors)  # without the GIL, as dstebz and dstein
                 if info == 0:
                     values, info = lapack.dsterf(diagonal.copy(), off.copy())
             self._check(info)
@@ -363,23 +397,20 @@ class SymmetricSpectrum:
             return self.values[self.size - count :], self._vectors[:, self.size - count :]
         if count == 0:
             return self.values.new_empty(0), self.values.new_empty(self.size, 0)
-        from scipy.linalg import lapack
         from threadpoolctl import threadpool_limits
 
         reflectors, diagonal, off, tau = self._reduced
         with threadpool_limits(limits=1, user_api="blas"):
-            found, values, blocks, splits, info = lapack.dstebz(
-                diagonal, off, 3, 0.0, 0.0, self.size - count + 1, self.size, 0.0, b"B"
-            )
+            values, blocks, splits, info = _lapack.dstebz_top(diagonal, off, count)
             if info == 0:
-                vectors, info = lapack.dstein(diagonal, off, values[:found], blocks, splits)
+                vectors, info = _lapack.dstein(diagonal, off, values, blocks, splits)
         self._check(info)
         vectors = torch.from_numpy(vectors)  # (n, count), of the tridiagonal matrix
         householder, scales = torch.from_numpy(reflectors), torch.from_numpy(tau)
         with one_cpu_thread(vectors.device):  # Q = H(1) ... H(n-1) acts on rows 2..n
             for columns in row_chunks(count, 1, 64):
                 vectors[1:, columns] = torch.ormqr(householder, scales, vectors[1:, columns])
-        return torch.from_numpy(values[:found]), vectors
+        return torch.from_numpy(values), vectors
 
     def _check(self, info: int) -> None:
         if info != 0:

@@ -49,8 +49,8 @@ class TsvSolver(
             return vectors.new_zeros(out_features, in_features)
 
         stacks = SingularStacks(vectors, count * per_task)  # U_hat (out, Nk), S_hat, V_hat^T
-        for task in vectors:
-            stacks.add(*top_singular_triplets(task, per_task))  # its top j <= k
+        for triplets in stacks.side_by_side(count, lambda index: top_singular_triplets(vectors[index], per_task), per_task):
+            stacks.add(*triplets)  # task by task, its top j <= k
         if stacks.count == 0:  # not reached: a usable task vector keeps its largest component
             return vectors.new_zeros(out_features, in_features)
         logger.debug("TSV: %d of %d components kept (k = %d)", stacks.count, count * per_task, per_task)
