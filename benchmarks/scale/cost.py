@@ -20,8 +20,11 @@ to their row. Then it projects Llama-3.1-8B and -70B (base + 4, bf16) on:
   - 2 CPU cores: as measured;
   - 16 CPU cores: the product term a over 16 / the threads measured (every method's products
     use every thread; tsv, iso_c and iso_cts through fixed panels, numerics.for_each_panel),
-    the factorisation term b unchanged (LAPACK on one thread, for thread-independent bits)
-    except for wudi_cfs and ace, whose Cholesky runs by blocks on every thread (numerics.cholesky_).
+    the factorisation term b: LAPACK on one thread per decomposition, for thread-independent
+    bits, with the independent ones side by side as far as the memory bound allows (`rounds`:
+    numerics.side_by_side): the feature k^3 is scaled by the decompositions left in a row on
+    the threads measured (in the fit) and on 16 (in the projection);
+    wudi_cfs and ace's Cholesky runs by blocks on every thread (numerics.cholesky_): b over 16 / threads.
     The split between a and b is the fit's: where it puts everything into b (tsv), the
     16-core figure is an upper bound;
   - one H100-class GPU: a at the GPU's FP32 rate against this machine's measured torch.mm rate
@@ -50,6 +53,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from family import LLAMA_1B, MODULES, shapes  # noqa: E402
 
+from mergekit_wudi.solvers._spectral import polar_elements, stacks_spare, triplet_elements  # noqa: E402
+from mergekit_wudi.solvers.calibrate import CALIBRATION_SPARE, _own_space_elements  # noqa: E402
+from mergekit_wudi.solvers.iso import IsoCtsConfig, iso_cts_sizes  # noqa: E402
+from mergekit_wudi.solvers.numerics import side_by_side_workers  # noqa: E402
 from mergekit_wudi.solvers.wudi_cfs import output_space  # noqa: E402
 
 METHODS = ("wudi_cfs", "tsv", "iso_c", "iso_cts", "ace")
@@ -78,16 +85,45 @@ def parameters(model: str) -> int:
 CLOSED_FORMS = ("wudi_cfs", "ace")  # a Cholesky solve, blocked on every thread from order 4096; the others in the smaller space
 
 
-def features(shape: tuple, method: str) -> tuple:
+def features(shape: tuple, method: str, threads: int = 1) -> tuple:
     """(products, factorisation) sizes: N out in k and k^3, k the order of the system solved:
     in for ace; in or N out for wudi_cfs, whichever route it takes (wudi_cfs.output_space);
-    min(out, in) for the spectral solvers."""
+    min(out, in) for the spectral solvers, whose k^3 is scaled by the share of their
+    one-thread decompositions left in a row on `threads` threads (rounds)."""
     out, inp = shape
     if method == "wudi_cfs":
         side = COUNT * out if output_space(COUNT, out, inp) else inp
     else:
         side = inp if method in CLOSED_FORMS else min(out, inp)
-    return COUNT * out * inp * side, side**3
+    if method in CLOSED_FORMS:
+        return COUNT * out * inp * side, side**3
+    return COUNT * out * inp * side, side**3 * rounds(method, shape, threads) / rounds(method, shape, 1)
+
+
+def rounds(method: str, shape: tuple, threads: int) -> int:
+    """How many one-thread eigendecompositions a spectral solve of `shape` runs one after
+    another on `threads` threads: numerics.side_by_side's groups (calibration's per-task
+    spectra, tsv's per-task triplets, the two polar factors of tsv and iso_cts), as many at
+    once as the memory bound allows; iso_c's polar factor, iso_cts's common subspace and
+    residuals in turn."""
+    out, inp = shape
+    rank, numel = min(shape), out * inp
+
+    def at_once(count: int, per_job: int, spare: int) -> int:
+        return math.ceil(count / side_by_side_workers(count, per_job, spare, threads))
+
+    calibration = at_once(COUNT, _own_space_elements(shape, COUNT), CALIBRATION_SPARE * numel)
+    if method == "iso_c":
+        return calibration + 1
+    if method == "tsv":
+        capacity = COUNT * (rank // COUNT)
+    else:
+        common, per_task = iso_cts_sizes(rank, COUNT, IsoCtsConfig().common_space_fraction)
+        capacity = common + COUNT * per_task
+    polars = at_once(2, max(polar_elements((out, capacity)), polar_elements((capacity, inp))), stacks_spare(shape, capacity))
+    if method == "tsv":
+        return at_once(COUNT, triplet_elements(shape, rank // COUNT), stacks_spare(shape, capacity)) + polars
+    return calibration + 1 + COUNT + polars
 
 
 def measure(path: Path, quick: bool, max_elements: int) -> None:
@@ -120,10 +156,10 @@ def _timed(function) -> float:
     return time.perf_counter() - start
 
 
-def fit(solves: list, method: str, shapes: set) -> tuple:
-    """(a, b) >= 0 minimising the relative squared error over the given shapes."""
+def fit(solves: list, method: str, shapes: set, threads: int = 1) -> tuple:
+    """(a, b) >= 0 minimising the relative squared error over the given shapes, measured on `threads` threads."""
     rows = [s for s in solves if s["method"] == method and tuple(s["shape"]) in shapes]
-    x = torch.tensor([features(tuple(s["shape"]), method) for s in rows], dtype=torch.float64)
+    x = torch.tensor([features(tuple(s["shape"]), method, threads) for s in rows], dtype=torch.float64)
     y = torch.tensor([s["seconds"] for s in rows], dtype=torch.float64)
     weighted = x / y[:, None]  # relative error: each row scaled by its own time
     best = None
@@ -139,14 +175,15 @@ def fit(solves: list, method: str, shapes: set) -> tuple:
     return tuple(float(v) for v in best[1])
 
 
-def terms(coef: tuple, tensors: list, method: str) -> tuple:
-    """(product seconds, factorisation seconds) of a method over the given tensor shapes."""
-    sizes = [features(shape, method) for shape in tensors]
+def terms(coef: tuple, tensors: list, method: str, threads: int) -> tuple:
+    """(product seconds, factorisation seconds) of a method over the given tensor shapes, on
+    `threads` threads as far as the decompositions go (the products: the caller scales them)."""
+    sizes = [features(shape, method, threads) for shape in tensors]
     return coef[0] * sum(f[0] for f in sizes), coef[1] * sum(f[1] for f in sizes)
 
 
-def predict(coef: tuple, tensors: list, method: str) -> float:
-    return sum(terms(coef, tensors, method))
+def predict(coef: tuple, tensors: list, method: str, threads: int) -> float:
+    return sum(terms(coef, tensors, method, threads))
 
 
 def project(path: Path, e2e_paths: list) -> None:
@@ -154,12 +191,13 @@ def project(path: Path, e2e_paths: list) -> None:
     solves = data["solves"]
     one_b = set(map(tuple, data["fit_shapes"]))
     eight_b = set(map(tuple, data["check_shapes"]))
-    coefs = {m: fit(solves, m, one_b) for m in METHODS}
+    threads = data["threads"]
+    coefs = {m: fit(solves, m, one_b, threads) for m in METHODS}
     print("## Fit on the 1B shapes; error on the 8B shapes (not used in the fit)\n")
     print("| method | a (s per N*out*in*k) | b (s per k^3) | 8B shapes: predicted / measured |")
     print("|---|---|---|---|")
     for method, coef in coefs.items():
-        ratios = [predict(coef, [tuple(s["shape"])], method) / s["seconds"] for s in solves
+        ratios = [predict(coef, [tuple(s["shape"])], method, threads) / s["seconds"] for s in solves
                   if s["method"] == method and tuple(s["shape"]) in eight_b - one_b]
         spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "not measured"
         print(f"| {method} | {coef[0]:.3g} | {coef[1]:.3g} | {spread} |")
@@ -179,12 +217,11 @@ def project(path: Path, e2e_paths: list) -> None:
             if method not in coefs:  # a built-in: its work per parameter
                 builtin_rate[method] = (row["wall_s"] - io) / (run["model_bytes"] / 2)
                 continue
-            predicted = io + predict(coefs[method], tensors, method)
+            predicted = io + predict(coefs[method], tensors, method, threads)
             print(f"| {run['kind']}, {run['layers']} layers | {method} | {row['wall_s']:.0f} s | {predicted:.0f} s "
                   f"| {predicted / row['wall_s']:.2f} |")
     if io_rate is None:
         return
-    threads = data["threads"]
     gpu_a = data["mm_flops"] / GPU_FP32
     print(f"\n## Projection (base + 4 fine-tunes, bf16): hours; io {io_rate * 1e9:.1f} s per GB of checkpoint\n")
     print("| model | method | 2 cores | 16 cores | H100 (spec-sheet rate) |")
@@ -197,9 +234,12 @@ def project(path: Path, e2e_paths: list) -> None:
                 solve = builtin_rate[method] * parameters(model)
                 cells = [io + solve, io + solve * threads / 16, None]
             else:
-                gemm, factor = terms(coefs[method], tensors, method)
-                spread = threads / 16 if method in CLOSED_FORMS else 1.0  # their blocked Cholesky uses every core
-                cells = [io + gemm + factor, io + gemm * threads / 16 + factor * spread,
+                gemm, factor = terms(coefs[method], tensors, method, threads)
+                if method in CLOSED_FORMS:  # their blocked Cholesky uses every core
+                    factor_16 = factor * threads / 16
+                else:  # decompositions side by side where the memory bound allows
+                    factor_16 = terms(coefs[method], tensors, method, 16)[1]
+                cells = [io + gemm + factor, io + gemm * threads / 16 + factor_16,
                          io + gemm * gpu_a + factor / GPU_FACTORISATION_SPEEDUP]
             text = " | ".join("-" if c is None else f"{c / 3600:.2f}" for c in cells)
             print(f"| {model} | {method} | {text} |")

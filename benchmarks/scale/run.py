@@ -11,7 +11,8 @@ safetensors pages it mapped) with their ratios to ties and to task_arithmetic, a
 
 Reading/writing against solving: task_arithmetic's wall time is the cost of reading N + 1
 checkpoints and writing one (its arithmetic is one add per element); a method's solve time is
-its wall time minus that. `wudi` and `doge` (Adam, 300 / 400 steps: hours at 1B on 2 cores), and any
+its wall time minus that, every row reading a page cache warmed by an untimed first
+merge. `wudi` and `doge` (Adam, 300 / 400 steps: hours at 1B on 2 cores), and any
 method named in --subset, solve only layer 0's seven linear tensors (`solve` filter; the rest
 goes to their task_arithmetic fallback), and their whole-model time is projected as
 io + layers x (their wall - io).
@@ -85,6 +86,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--clean", action="store_true", help="delete the family afterwards")
     args = parser.parse_args()
+    if {"task_arithmetic", "ties"} & set(args.subset):
+        parser.error("--subset: task_arithmetic and ties are the reference rows, measured whole")
     family = args.root / f"{args.kind}-{args.layers}"
     base, *models = generate(family, args.layers, args.kind, 4)
     size = sum(f.stat().st_size for f in base.glob("*.safetensors"))
@@ -100,6 +103,9 @@ def main() -> None:
 
     work = args.root / "work"
     work.mkdir(parents=True, exist_ok=True)
+    # untimed: every timed row then reads the checkpoints from a warm page cache (a cold first
+    # task_arithmetic took 40 s against 19 s warm, and io enters every projection 16 times)
+    merge(recipe("task_arithmetic", base, models), work)
     for method in methods:
         subset = method in args.subset
         seconds, rss = merge(recipe(method, base, models, subset), work)

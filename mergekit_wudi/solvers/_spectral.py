@@ -167,6 +167,18 @@ def polar_(matrix: torch.Tensor, spare: int) -> torch.Tensor:
     return values[keep].to(matrix.dtype)
 
 
+def polar_elements(shape: Tuple[int, int]) -> int:
+    """What polar_ holds beside the matrix with dsyevr, in float32 elements: the float64 Gram
+    matrix and eigenvectors and two float64 row blocks."""
+    rows, size = max(shape), min(shape)
+    return 4 * size * size + 4 * (rows // 16 + 1) * size
+
+
+def stacks_spare(shape: Tuple[int, int], capacity: int) -> int:
+    """The float32 elements SOLVE_TENSORS tensors of (out, in) leave beside stacks of `capacity` columns."""
+    return SOLVE_TENSORS * shape[0] * shape[1] - capacity * (shape[0] + shape[1])
+
+
 class SingularStacks:
     """The stacks of TSV and Iso-CTS: U_hat (out, capacity), V_hat^T (capacity, in) and the
     singular values, filled with triplets block by block (`add`), then whitened
@@ -183,9 +195,8 @@ class SingularStacks:
         """job(i) for i in range(count), in order, several at once where the memory the
         stacks leave under SOLVE_TENSORS allows (numerics.side_by_side): each job a
         top_singular_triplets(task vector, limit)."""
-        out_features, in_features = self.left.shape[0], self.right.shape[1]
-        spare = SOLVE_TENSORS * out_features * in_features - self.left.numel() - self.right.numel()
-        return side_by_side(count, job, triplet_elements((out_features, in_features), limit), spare)
+        shape = (self.left.shape[0], self.right.shape[1])
+        return side_by_side(count, job, triplet_elements(shape, limit), stacks_spare(shape, self.left.shape[1]))
 
     def add(self, left: torch.Tensor, values: torch.Tensor, right: torch.Tensor) -> None:
         """Append triplets U (out, j), s (j,), V^T (j, in)."""
@@ -200,9 +211,9 @@ class SingularStacks:
         factors written over them (polar_), within SOLVE_TENSORS tensors of (out, in)
         with the stacks."""
         left, right = self.left[:, : self.count], self.right[: self.count]
-        spare = SOLVE_TENSORS * left.shape[0] * right.shape[1] - left.numel() - right.numel()
+        spare = stacks_spare((left.shape[0], right.shape[1]), self.count)
         # side by side where both fit with dsyevr (each then has half the spare), else in turn
-        need = max(4 * min(m.shape) ** 2 + 4 * (max(m.shape) // 16 + 1) * min(m.shape) for m in (left, right))
+        need = max(polar_elements(left.shape), polar_elements(right.shape))
         share = spare // 2 if 2 * need <= spare else spare
         for _ in side_by_side(2, lambda index: polar_((left, right)[index], share), need, spare):
             pass

@@ -166,6 +166,13 @@ def _pool_thread() -> None:
     _LOCAL.pooled = True
 
 
+def side_by_side_workers(count: int, per_job: int, spare: int, threads: int) -> int:
+    """How many of side_by_side's jobs run at once on `threads` threads (1: in turn)."""
+    if per_job < PANEL_MIN_ELEMENTS:
+        return 1
+    return max(1, min(threads, count, spare // per_job))
+
+
 def side_by_side(count: int, job: Callable[[int], Any], per_job: int, spare: int) -> Iterator[Any]:
     """job(i) for i in range(count), yielded in that order, with as many running at once as
     the caller's threads (inside one_cpu_thread, as for_each_panel) and `spare` elements of
@@ -174,8 +181,8 @@ def side_by_side(count: int, job: Callable[[int], Any], per_job: int, spare: int
     all of them) release the GIL (_lapack). One at a time under PANEL_MIN_ELEMENTS
     elements per job, where the extra threads' own buffers would show. Consume it to the
     end: while it is open, at most the running jobs and one yielded result are held."""
-    workers = min(getattr(_LOCAL, "workers", None) or 1, count, spare // max(1, per_job))
-    if workers <= 1 or per_job < PANEL_MIN_ELEMENTS:
+    workers = side_by_side_workers(count, per_job, spare, getattr(_LOCAL, "workers", None) or 1)
+    if workers <= 1:
         for index in range(count):
             yield job(index)
         return
