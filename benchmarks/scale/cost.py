@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from family import LLAMA_1B, MODULES, shapes  # noqa: E402
 
-from mergekit_wudi.solvers._spectral import polar_elements, stacks_spare, triplet_elements  # noqa: E402
+from mergekit_wudi.solvers._spectral import stacks_spare, triplet_elements  # noqa: E402
 from mergekit_wudi.solvers.calibrate import CALIBRATION_SPARE, _own_space_elements  # noqa: E402
 from mergekit_wudi.solvers.iso import IsoCtsConfig, iso_cts_sizes  # noqa: E402
 from mergekit_wudi.solvers.numerics import side_by_side_workers  # noqa: E402
@@ -103,8 +103,8 @@ def features(shape: tuple, method: str, threads: int = 1) -> tuple:
 def rounds(method: str, shape: tuple, threads: int) -> int:
     """How many one-thread eigendecompositions a spectral solve of `shape` runs one after
     another on `threads` threads: numerics.side_by_side's groups (calibration's per-task
-    spectra, tsv's per-task triplets, the two polar factors of tsv and iso_cts), as many at
-    once as the memory bound allows; iso_c's polar factor, iso_cts's common subspace and
+    spectra, tsv's per-task triplets), as many at once as the memory bound allows; iso_c's
+    polar factor, the two polar factors of tsv and iso_cts, iso_cts's common subspace and
     residuals in turn."""
     out, inp = shape
     rank, numel = min(shape), out * inp
@@ -120,10 +120,9 @@ def rounds(method: str, shape: tuple, threads: int) -> int:
     else:
         common, per_task = iso_cts_sizes(rank, COUNT, IsoCtsConfig().common_space_fraction)
         capacity = common + COUNT * per_task
-    polars = at_once(2, max(polar_elements((out, capacity)), polar_elements((capacity, inp))), stacks_spare(shape, capacity))
     if method == "tsv":
-        return at_once(COUNT, triplet_elements(shape, rank // COUNT), stacks_spare(shape, capacity)) + polars
-    return calibration + 1 + COUNT + polars
+        return at_once(COUNT, triplet_elements(shape, rank // COUNT), stacks_spare(shape, capacity)) + 2
+    return calibration + 1 + COUNT + 2
 
 
 def measure(path: Path, quick: bool, max_elements: int) -> None:
