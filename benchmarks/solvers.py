@@ -32,8 +32,10 @@ written, the resident-set high-water mark is reset (`5 > /proc/self/clear_refs`)
 peak extra memory is VmHWM after the merge minus VmRSS before it, so it counts every
 page the merge touches (torch's tensors, MKL's work buffers, LAPACK workspaces, and
 mergekit's own wrapper around the method). The child runs with MALLOC_MMAP_THRESHOLD_=
-65536, so that freed tensors return to the OS at once and the figure is the live peak,
-not glibc's heap retention. On CUDA: torch.cuda.max_memory_allocated.
+65536 and MKL_DISABLE_FAST_MM=1, so that freed tensors and MKL's freed work buffers
+return to the OS at once and the figure is the live peak, not glibc's heap retention or
+MKL's buffer cache (on an Intel Xeon that cache alone took doge and wudi up to 0.7 tensor
+past N + 6 at 1024x1024, where an AMD EPYC stayed within). On CUDA: torch.cuda.max_memory_allocated.
 Absolute times depend on the machine and its load; the ratios are what to compare.
 """
 
@@ -66,6 +68,8 @@ from mergekit_wudi.solvers import (  # noqa: E402
 from mergekit_wudi.solvers.wudi_cfs import solve_cost  # noqa: E402
 
 LINEAR_NAME = "model.layers.0.mlp.up_proj.weight"  # what the adapter solves
+# The memory children's environment (module docstring): freed buffers go back to the OS at once.
+MEMORY_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(1 << 16), "MKL_DISABLE_FAST_MM": "1"}
 MEMORY_STEPS = 3  # Adam steps in the memory cases (the peak does not depend on it)
 
 
@@ -177,13 +181,17 @@ def memory_child(method: str, count: int, out_features: int, in_features: int, d
         parameters["weight"] = [SPREAD[index % len(SPREAD)] for index in range(count)]
     if calibrate:
         parameters["calibrate"] = "input_space"
-    # Load every library and kernel on a tiny case first, so the measurement starts warm.
-    # Spread weights too, so that a data-dependent path (ace's refinement) and the libraries
-    # it loads (scipy's OpenBLAS and its 32 MiB buffers) are warm as well.
-    tiny = [torch.randn(16, 16, device=device) for _ in range(count + 1)]
-    merge_tensors(tiny, method, base_index=0, name=LINEAR_NAME, parameters=parameters)
+    # Load every library and kernel first, on a tiny case and on one of half the sides (the
+    # same routes, a quarter of the memory), so the measurement starts warm: threaded GEMM
+    # and LAPACK paths, their thread pools and kernels. Spread weights too, so that a
+    # data-dependent path (ace's refinement) and the libraries it loads (scipy's OpenBLAS
+    # and its 32 MiB buffers) are warm as well.
     warm_spread = {**parameters, "weight": [SPREAD[index % len(SPREAD)] * 1e-2 for index in range(count)]}
-    merge_tensors(tiny, method, base_index=0, name=LINEAR_NAME, parameters=warm_spread)
+    for shape in ((16, 16), (max(16, out_features // 2), max(16, in_features // 2))):
+        warm = [torch.randn(*shape, device=device) for _ in range(count + 1)]
+        merge_tensors(warm, method, base_index=0, name=LINEAR_NAME, parameters=parameters)
+        merge_tensors(warm, method, base_index=0, name=LINEAR_NAME, parameters=warm_spread)
+        del warm
     # Inputs written in place, one (out, in) tensor at a time: no temporary above them.
     generator = torch.Generator().manual_seed(0)
     tensors = []
@@ -212,7 +220,7 @@ def measure_memory(method: str, count: int, out_features: int, in_features: int,
     command += ["--spread"] if spread else []
     # Freed tensors go back to the OS at once (glibc's dynamic mmap threshold would keep
     # them in the heap, where the peak then depends on the order of earlier frees).
-    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16))
+    environment = dict(os.environ, **MEMORY_ENVIRONMENT)
     completed = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=environment)
     if completed.returncode != 0:
         raise RuntimeError(f"memory child failed:\n{completed.stderr[-3000:]}")
