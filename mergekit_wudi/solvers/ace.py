@@ -96,7 +96,8 @@ class AceSolver(
                 covariance.add_(gram, alpha=weight)
                 merged.addmm_(update, gram, alpha=weight)
                 if row is not None:
-                    row.addmv_(gram, means[index], alpha=weight)
+                    with one_cpu_thread(row.device):  # addmv_, as addr_, rounds differently with the thread count
+                        row.addmv_(gram, means[index], alpha=weight)
             else:
                 symmetric_product_(covariance, centred, alpha=weight, accumulate=True)
                 if update is centred:  # c_i c_i^T, symmetric
@@ -105,7 +106,8 @@ class AceSolver(
                     torch.mm(update, centred.T, out=scratch)
                 merged.addmm_(scratch, centred, alpha=weight)  # a_i (u_i c_i^T) c_i
                 if row is not None:
-                    row.addmv_(centred.T, centred @ means[index], alpha=weight)
+                    with one_cpu_thread(row.device):  # addmv_, as addr_, rounds differently with the thread count
+                        row.addmv_(centred.T, centred @ means[index], alpha=weight)
         del scratch, work, centred, update, task
         gram = None  # the loop's names held scratch and work alive
         ridge = config.eps * sum(weights)  # sum_i e_i

@@ -34,8 +34,9 @@ _WIDE_CHUNK_DIVISOR = 8
 _TALL_CHUNK_DIVISOR = 2
 # Out-space, where N out <= in (k_proj and v_proj of Llama 3 with up to 4 fine-tunes), half
 # the tensor a chunk too: its GEMMs then run closer to torch.mm's rate (512x2048, N = 4:
-# 86% against 79% with quarters), at 9.1-9.2 tensors of peak memory against the bound of
-# 10 (7.0 with quarters). At N out = 2 in, halves measured 15.5 against the bound of 14.
+# 86% against 79% with quarters), at 8.2 tensors of peak memory against the bound of 10
+# (N = 3: 7.2 of 9; tests/test_memory.py). At N out = 2 in, halves measured 15.5 against
+# the bound of 14.
 _OUT_SPACE_HALVES_OVERLAP = 1
 
 
