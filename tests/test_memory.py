@@ -4,12 +4,15 @@ tensors of the (out, in) size, for every method, on a square, a tall and a wide 
 Each case runs `benchmarks/solvers.py child` in a fresh process: the peak resident memory
 of one adapter merge (mergekit's merge_tensors) above the memory held before it, with
 glibc and MKL returning freed blocks at once (benchmarks/solvers.py, measure_memory).
+The selected cases' children run two at a time (`measured`): each one's figure is its own
+process's, whatever runs beside it.
 """
 
 import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -43,20 +46,42 @@ def peak_tensors(method: str, count: int, shape, *options: str) -> float:
     return tensors
 
 
+OUT_SPACE_SHAPE = (1024, 4096)  # in = 4 out: wudi's out-space route
+
+
+def case_of(item):
+    """(method, count, shape, options) of a selected test of this module, or None."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if item.originalname == "test_peak_memory_is_within_the_bound":
+        options = (("--spread",) if params["spread"] else ()) + (("--calibrate",) if params["calibrate"] else ())
+        return params["method"], COUNT, params["shape"], options
+    if item.originalname == "test_wudi_out_space_chunks_are_within_the_bound":
+        return "wudi", params["count"], OUT_SPACE_SHAPE, ()
+    return None
+
+
+@pytest.fixture(scope="module")
+def measured(request):
+    """Every selected case's child, started two at a time: case -> future of peak_tensors."""
+    cases = [case for item in request.session.items if item.module is sys.modules[__name__]
+             for case in [case_of(item)] if case is not None]
+    with ThreadPoolExecutor(2) as pool:
+        yield {case: pool.submit(peak_tensors, case[0], case[1], case[2], *case[3]) for case in dict.fromkeys(cases)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shape, spread, calibrate", CASES,
                          ids=["square", "tall", "wide", "square-spread", "square-calibrated", "wide-calibrated"])
 @pytest.mark.parametrize("method", METHODS)
-def test_peak_memory_is_within_the_bound(method, shape, spread, calibrate):
-    options = (["--spread"] if spread else []) + (["--calibrate"] if calibrate else [])
-    tensors = peak_tensors(method, COUNT, shape, *options)
+def test_peak_memory_is_within_the_bound(measured, request, method, shape, spread, calibrate):
+    tensors = measured[case_of(request.node)].result()
     assert tensors <= COUNT + SOLVE_EXTRA_TENSORS, f"{method} {shape}: {tensors:.2f} tensors"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("count", [3, 4, 8])
-def test_wudi_out_space_chunks_are_within_the_bound(count):
+def test_wudi_out_space_chunks_are_within_the_bound(measured, request, count):
     # in = 4 out takes wudi's out-space route; up to N out = in its row chunks are halves
     # of the tensor (k_proj and v_proj of Llama 3), beyond that quarters.
-    tensors = peak_tensors("wudi", count, (1024, 4096))
+    tensors = measured[case_of(request.node)].result()
     assert tensors <= count + SOLVE_EXTRA_TENSORS, f"wudi N = {count}: {tensors:.2f} tensors"
