@@ -65,8 +65,11 @@ def measured(request):
     """Every selected case's child, started two at a time: case -> future of peak_tensors."""
     cases = [case for item in request.session.items if item.module is sys.modules[__name__]
              for case in [case_of(item)] if case is not None]
-    with ThreadPoolExecutor(2) as pool:
+    pool = ThreadPoolExecutor(2)
+    try:
         yield {case: pool.submit(peak_tensors, case[0], case[1], case[2], *case[3]) for case in dict.fromkeys(cases)}
+    finally:  # a run stopped early (-x) does not wait for the children not yet started
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @pytest.mark.slow
