@@ -27,7 +27,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
-from solvers import reset_peak_rss, status_bytes  # noqa: E402  (benchmarks/solvers.py)
+from solvers import MEMORY_ENVIRONMENT, reset_peak_rss, status_bytes  # noqa: E402  (benchmarks/solvers.py)
 
 from mergekit_wudi.solvers import DogeSolver, doge  # noqa: E402
 
@@ -69,7 +69,7 @@ def memory_child(route: str, out_features: int, in_features: int) -> float:
 
 
 def measure_memory(route: str, out_features: int, in_features: int) -> float:
-    environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16), MKL_DISABLE_FAST_MM="1")  # frees go back at once
+    environment = dict(os.environ, **MEMORY_ENVIRONMENT)  # frees go back at once
     command = [sys.executable, __file__, "child", route, str(out_features), str(in_features)]
     completed = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
     return json.loads(completed.stdout.strip().splitlines()[-1])

@@ -172,8 +172,8 @@ def test_panelled_grams_and_blocked_cholesky_keep_the_bits(threads, monkeypatch,
 @pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
 def test_decompositions_side_by_side_keep_the_bits(threads, monkeypatch, method):
     # Each task vector's decomposition (tsv's triplets, the calibration of iso_c and
-    # iso_cts) and tsv's two polar factors run side by side, one LAPACK thread each, where
-    # the memory bound allows (numerics.side_by_side); here from 2^18 elements a job.
+    # iso_cts) runs side by side, one LAPACK thread each, where the memory bound allows
+    # (numerics.side_by_side); here from 2^18 elements a job.
     from mergekit_wudi.solvers import SOLVERS, _lapack, numerics
 
     monkeypatch.setattr(numerics, "PANEL_MIN_ELEMENTS", 1 << 18)

@@ -55,7 +55,6 @@ from family import LLAMA_1B, MODULES, shapes  # noqa: E402
 
 from mergekit_wudi.solvers._spectral import stacks_spare, triplet_elements  # noqa: E402
 from mergekit_wudi.solvers.calibrate import CALIBRATION_SPARE, _own_space_elements  # noqa: E402
-from mergekit_wudi.solvers.iso import IsoCtsConfig, iso_cts_sizes  # noqa: E402
 from mergekit_wudi.solvers.numerics import side_by_side_workers  # noqa: E402
 from mergekit_wudi.solvers.wudi_cfs import output_space  # noqa: E402
 
@@ -117,12 +116,8 @@ def rounds(method: str, shape: tuple, threads: int) -> int:
         return calibration + 1
     if method == "tsv":
         capacity = COUNT * (rank // COUNT)
-    else:
-        common, per_task = iso_cts_sizes(rank, COUNT, IsoCtsConfig().common_space_fraction)
-        capacity = common + COUNT * per_task
-    if method == "tsv":
         return at_once(COUNT, triplet_elements(shape, rank // COUNT), stacks_spare(shape, capacity)) + 2
-    return calibration + 1 + COUNT + 2
+    return calibration + 1 + COUNT + 2  # iso_cts
 
 
 def measure(path: Path, quick: bool, max_elements: int) -> None:
