@@ -299,3 +299,5 @@ def test_iso_warns_once_when_lora_and_full_fine_tunes_are_merged_together(family
     assert "prefer wudi_cfs or doge" in result.stderr
     same_rank = mergekit_yaml(write_config(tmp_path / "low.yml", "iso_c", base, family[1:]), tmp_path / "out2")
     assert "mix low and full rank" not in same_rank.stderr
+    # Low-rank task vectors of full models are not adapters the YAML names: no adapter warning.
+    assert "LoRA adapters" not in result.stderr + same_rank.stderr

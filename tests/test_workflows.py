@@ -139,7 +139,10 @@ def test_lora_adapter_through_model_plus_lora(family, tmp_path):
 
     config = write_config(tmp_path / "lora.yml", "wudi_cfs", base, [ft1, f"{base}+{tmp_path / 'adapter'}"])
     check_config_keys(MergeConfiguration.model_validate(json.loads(config.read_text())))
-    mergekit_yaml(config, tmp_path / "out", "--lora-merge-cache", str(tmp_path / "lora-cache"))
+    result = mergekit_yaml(config, tmp_path / "out", "--lora-merge-cache", str(tmp_path / "lora-cache"))
+    # Named as an adapter, it is known to be one: warned once, with 1/N as the lambda to start from.
+    assert result.stderr.count("wudi_cfs: 1 of the 2 fine-tunes are LoRA adapters") == 1
+    assert "lambda 0.5 (1/N) is the safer start" in result.stderr
 
     # The weights mergekit sees for `base+adapter` (peft's merge, cached on disk)...
     (seen_path,) = [p for p in (tmp_path / "lora-cache").iterdir() if p.is_dir()]
@@ -164,6 +167,11 @@ def test_lora_adapter_through_model_plus_lora(family, tmp_path):
         error = (tensor.double() - expected).norm() / (expected - w0).norm()
         assert error < 1e-4, f"{name}: relative error {error:.1e}"
     assert solved_with_lora == 6
+
+    # A lambda the user lowered is not warned about.
+    lowered = write_config(tmp_path / "lowered.yml", "wudi_cfs", base, [ft1, f"{base}+{tmp_path / 'adapter'}"], {"lambda": 0.5})
+    result = mergekit_yaml(lowered, tmp_path / "out2", "--lora-merge-cache", str(tmp_path / "lora-cache"))
+    assert "LoRA adapters" not in result.stderr
 
 
 def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
