@@ -31,7 +31,8 @@ _WARNED_ADAPTERS = set()  # method names already warned in this process
 
 def warn_lora_adapters(method: str, entries, strength: float) -> None:
     """Once per method and process, where the YAML names LoRA adapters (`model: base+adapter`)
-    and lambda is still 1: what the task vectors cannot show about them, and what was measured."""
+    and lambda is still 1: what the task vectors cannot show about them, and what was measured.
+    Only for methods whose strength lambda alone sets (Solver.sums_disjoint)."""
     adapters = [str(entry.id) for entry in entries if getattr(entry.id, "lora", None) is not None]
     if not adapters or strength != 1.0 or method in _WARNED_ADAPTERS:
         return
@@ -103,7 +104,8 @@ class SolverMergeMethod(GroupMergeMethod):
             logger.debug("%s: %s -> fallback %s (%s)", self.method_name, name, parameters["fallback"], reason)
             PROGRESS.skipped(self.method_name, name)
             return merge_by_fallback(self.method_name, group, parameters)
-        warn_lora_adapters(self.method_name, group.non_base, parameters["lambda"])
+        if self.solver_cls.sums_disjoint:
+            warn_lora_adapters(self.method_name, group.non_base, parameters["lambda"])
         with PROGRESS.solving(self.method_name, name):
             cache = SolveCache.from_environment()  # opt-in: MERGEKIT_WUDI_CACHE=DIR
             if cache is None:

@@ -172,6 +172,10 @@ def test_lora_adapter_through_model_plus_lora(family, tmp_path):
     lowered = write_config(tmp_path / "lowered.yml", "wudi_cfs", base, [ft1, f"{base}+{tmp_path / 'adapter'}"], {"lambda": 0.5})
     result = mergekit_yaml(lowered, tmp_path / "out2", "--lora-merge-cache", str(tmp_path / "lora-cache"))
     assert "LoRA adapters" not in result.stderr
+    # Nor a method whose own normalisation sets its strength (Solver.sums_disjoint False).
+    flattened = write_config(tmp_path / "iso.yml", "iso_c", base, [ft1, f"{base}+{tmp_path / 'adapter'}"])
+    result = mergekit_yaml(flattened, tmp_path / "out3", "--lora-merge-cache", str(tmp_path / "lora-cache"))
+    assert "LoRA adapters" not in result.stderr
 
 
 def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):

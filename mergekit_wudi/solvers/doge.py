@@ -47,7 +47,8 @@ class DogeConfig:
 
 
 class DogeSolver(
-    Solver, name="doge", pretty_name="DOGE-TA", paper="https://arxiv.org/abs/2501.01230", config=DogeConfig
+    Solver, name="doge", pretty_name="DOGE-TA", paper="https://arxiv.org/abs/2501.01230", config=DogeConfig,
+    sums_disjoint=False,
 ):
     """DOGE-TA (Sec. 4, Alg. 1), per tensor:
 

@@ -51,7 +51,7 @@ class IsoCConfig:
 
 class IsoCSolver(
     Solver, name="iso_c", pretty_name="Iso-C", paper="https://arxiv.org/abs/2502.04959", config=IsoCConfig, one_thread=True,
-    calibration="input_space",
+    calibration="input_space", sums_disjoint=False,
 ):
     """Iso-C per tensor: the flattened spectrum of the sum,
 
@@ -87,7 +87,7 @@ class IsoCtsConfig:
 
 class IsoCtsSolver(
     Solver, name="iso_cts", pretty_name="Iso-CTS", paper="https://arxiv.org/abs/2502.04959", config=IsoCtsConfig, one_thread=True,
-    calibration="input_space",
+    calibration="input_space", sums_disjoint=False,
 ):
     """Iso-CTS per tensor, r = min(out, in), f = common_space_fraction:
 
