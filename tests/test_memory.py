@@ -5,7 +5,8 @@ Each case runs `benchmarks/solvers.py child` in a fresh process: the peak reside
 of one adapter merge (mergekit's merge_tensors) above the memory held before it, with
 glibc and MKL returning freed blocks at once (benchmarks/solvers.py, measure_memory).
 The selected cases' children run two at a time (`measured`): each one's figure is its own
-process's, whatever runs beside it.
+process's, whatever runs beside it. Under `pytest -n` the file stays on one worker
+(`--dist loadfile`, pyproject.toml), so the fixture starts each case once.
 """
 
 import json
