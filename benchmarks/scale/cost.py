@@ -2,6 +2,7 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/scale/cost.py measure FILE [--quick] [--max-elements 16777216]
     python benchmarks/scale/cost.py project FILE --e2e RUN.json [--e2e RUN2.json ...]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/scale/cost.py floor [--quick]
 
 `measure` times each closed-form solver of ours at its defaults, calibration included (N = 4 float32 task vectors; the best of two
 solves on the shapes fitted, one on those checked) at the linear shapes of Llama-3.2-1B and of Llama-3.1-8B, and torch.mm's rate on this
@@ -31,6 +32,16 @@ to their row. Then it projects Llama-3.1-8B and -70B (base + 4, bf16) on:
     (the spec sheet's 67 TFLOP/s FP32, non-tensor-core, as no GPU was measured), b at 10x this CPU's
     one-thread rate (a guess for cuSOLVER's syevd at these sizes: say so where it is used);
 io scales with the checkpoint bytes at the measured rate in every case (the disk does not change).
+
+`floor` asks whether the spectral methods can ever take ties's time on this machine under the
+project's rules (float64 eigendecompositions, each on one thread for thread-independent bits,
+side by side within the memory bound). Per 1B shape, in one run: ties's merge (mergekit's own,
+`merge_tensors`, bf16 base + 4, density 0.5), each spectral method's merge the same way, and
+the one-thread LAPACK tridiagonal reduction (dsytrd) of order min(out, in), the least any
+eigendecomposition of a Gram matrix of that order costs: a method's floor is that times its
+decompositions in a row (`rounds`), as if its Gram products, eigenvectors and everything else
+were free. Summed over the model's linear tensors, and with the embedding (ties merges it; the
+spectral methods send it to task_arithmetic) measured the same way.
 """
 
 from __future__ import annotations
@@ -239,6 +250,81 @@ def project(path: Path, e2e_paths: list) -> None:
             print(f"| {model} | {method} | {text} |")
 
 
+SPECTRAL = ("iso_c", "tsv", "iso_cts")
+
+
+def tridiagonal_seconds(order: int) -> float:
+    """One-thread LAPACK dsytrd of a float64 symmetric positive definite matrix of this order,
+    the best of two: the first step of every symmetric eigensolver the spectral methods call."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from mergekit_wudi.solvers import _lapack
+
+    factor = np.random.default_rng(0).standard_normal((order, order))
+    gram = factor @ factor.T
+    best = math.inf
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in range(2):
+            matrix = np.asfortranarray(gram)  # a fresh copy: reduced in place
+            best = min(best, _timed(lambda: _lapack.dsytrd(matrix)))
+    return best
+
+
+def merge_seconds(method: str, shape: tuple, repeat: int, name: str) -> float:
+    """mergekit's merge_tensors of bf16 base + COUNT fine-tunes of `shape` with `method` at its
+    defaults (the built-ins: density 0.5), the best of `repeat`."""
+    from mergekit.merge_methods import merge_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(*shape, generator=generator) * 0.02
+    tensors = [base.bfloat16()] + [(base + torch.randn(*shape, generator=generator) * 1e-3).bfloat16() for _ in range(COUNT)]
+    parameters = {"density": 0.5, "weight": 1.0} if method == "ties" else {"weight": 1.0} if method == "task_arithmetic" else {}
+    return min(_timed(lambda: merge_tensors(tensors, method, base_index=0, name=name, parameters=parameters))
+               for _ in range(repeat))
+
+
+def floor(quick: bool) -> dict:
+    """Print the floor tables (module docstring); return the model totals in seconds, embedding left out."""
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    threads = torch.get_num_threads()
+    model = linear_shapes("Llama-3.2-1B")
+    embedding = (MODELS["Llama-3.2-1B"]["vocab"], MODELS["Llama-3.2-1B"]["hidden"])
+    if quick:
+        model, embedding = [(256, 256), (64, 256), (256, 256)], (1024, 64)
+    counts = {shape: model.count(shape) for shape in sorted(set(model))}
+    linear = "model.layers.0.mlp.down_proj.weight"
+    print(f"{threads} threads; per tensor, seconds (base + {COUNT}, bf16, mergekit's merge_tensors)\n")
+    print("| shape | tensors | ties | one-thread dsytrd | " + " | ".join(f"{m}: floor, measured" for m in SPECTRAL) + " |")
+    print("|---|---|---|---|" + "---|" * len(SPECTRAL))
+    totals = {"ties": 0.0, **{f"{m} floor": 0.0 for m in SPECTRAL}, **{m: 0.0 for m in SPECTRAL}}
+    for shape, count in counts.items():
+        ties = merge_seconds("ties", shape, 2, linear)
+        reduction = tridiagonal_seconds(min(shape))
+        cells = []
+        totals["ties"] += count * ties
+        for method in SPECTRAL:
+            least = rounds(method, shape, threads) * reduction
+            measured = merge_seconds(method, shape, 1, linear)
+            totals[f"{method} floor"] += count * least
+            totals[method] += count * measured
+            cells.append(f"{least:.2f} ({least / ties:.1f}x), {measured:.2f} ({measured / ties:.1f}x)")
+        print(f"| {shape[0]}x{shape[1]} | {count} | {ties:.2f} | {reduction:.2f} | " + " | ".join(cells) + " |", flush=True)
+    ties_embedding = merge_seconds("ties", embedding, 1, "model.embed_tokens.weight")
+    arithmetic_embedding = merge_seconds("task_arithmetic", embedding, 1, "model.embed_tokens.weight")
+    ties = totals["ties"] + ties_embedding
+    print(f"\nThe model's linear tensors and embedding ({len(model)} + 1; ties merges the embedding in "
+          f"{ties_embedding:.1f} s, task_arithmetic, the spectral methods' fallback, in {arithmetic_embedding:.1f} s), "
+          f"reading and writing left out:\n")
+    print("| method | floor | / ties | measured | / ties |")
+    print("|---|---|---|---|---|")
+    print(f"| ties | | | {ties:.0f} s | 1.00x |")
+    for method in SPECTRAL:
+        least, measured = totals[f"{method} floor"] + arithmetic_embedding, totals[method] + arithmetic_embedding
+        print(f"| {method} | {least:.0f} s | {least / ties:.2f}x | {measured:.0f} s | {measured / ties:.2f}x |")
+    return totals
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -249,9 +335,13 @@ def main() -> None:
     p = commands.add_parser("project")
     p.add_argument("file", type=Path)
     p.add_argument("--e2e", type=Path, nargs="+", default=[])
+    f = commands.add_parser("floor")
+    f.add_argument("--quick", action="store_true", help="small shapes (a smoke test)")
     args = parser.parse_args()
     if args.command == "measure":
         measure(args.file, args.quick, args.max_elements)
+    elif args.command == "floor":
+        floor(args.quick)
     else:
         project(args.file, args.e2e)
 

@@ -80,3 +80,13 @@ def test_cost_rounds_follow_the_memory_bound():
     assert [cost.rounds(method, (2048, 2048), 16) for method in ("tsv", "iso_c", "iso_cts")] == [6, 5, 11]
     # calibration at 8192x2048 needs 14,680,064 a task: 4 fit in 4 tensors, then iso_c's own polar
     assert [cost.rounds("iso_c", (8192, 2048), threads) for threads in (2, 16)] == [3, 2]
+
+
+def test_floor_lies_below_the_measured_merges(capsys):
+    # The floor counts only the one-thread tridiagonal reductions a spectral merge runs in a
+    # row: a measured merge through mergekit below it would mean the count (rounds) is wrong.
+    totals = cost.floor(quick=True)
+    for method in cost.SPECTRAL:
+        assert 0 < totals[f"{method} floor"] <= totals[method], method
+    assert totals["ties"] > 0
+    assert "| iso_cts |" in capsys.readouterr().out
