@@ -66,6 +66,7 @@ from family import LLAMA_1B, MODULES, shapes  # noqa: E402
 
 from mergekit_wudi.solvers._spectral import stacks_spare, triplet_elements  # noqa: E402
 from mergekit_wudi.solvers.calibrate import CALIBRATION_SPARE, _own_space_elements  # noqa: E402
+from mergekit_wudi.solvers.iso import IsoCtsConfig, iso_cts_sizes  # noqa: E402
 from mergekit_wudi.solvers.numerics import side_by_side_workers  # noqa: E402
 from mergekit_wudi.solvers.wudi_cfs import output_space  # noqa: E402
 
@@ -110,12 +111,14 @@ def features(shape: tuple, method: str, threads: int = 1) -> tuple:
     return COUNT * out * inp * side, side**3 * rounds(method, shape, threads) / rounds(method, shape, 1)
 
 
-def rounds(method: str, shape: tuple, threads: int) -> int:
-    """How many one-thread eigendecompositions a spectral solve of `shape` runs one after
-    another on `threads` threads: numerics.side_by_side's groups (calibration's per-task
-    spectra, tsv's per-task triplets), as many at once as the memory bound allows; iso_c's
-    polar factor, the two polar factors of tsv and iso_cts, iso_cts's common subspace and
-    residuals in turn."""
+def rounds(method: str, shape: tuple, threads: int) -> float:
+    """How many one-thread eigendecompositions of order min(out, in) a spectral solve of
+    `shape` runs one after another on `threads` threads: numerics.side_by_side's groups
+    (calibration's per-task spectra, tsv's per-task triplets), as many at once as the memory
+    bound allows; iso_c's polar factor, the two polar factors of tsv and iso_cts, iso_cts's
+    common subspace and residuals in turn. Where iso_cts decomposes a residual through the
+    complement Q (iso.common_subspace: out <= in and k >= out / 2, for full-rank task
+    vectors), it is of order out - k: it counts ((out - k) / min(out, in))^3 of one."""
     out, inp = shape
     rank, numel = min(shape), out * inp
 
@@ -128,7 +131,9 @@ def rounds(method: str, shape: tuple, threads: int) -> int:
     if method == "tsv":
         capacity = COUNT * (rank // COUNT)
         return at_once(COUNT, triplet_elements(shape, rank // COUNT), stacks_spare(shape, capacity)) + 2
-    return calibration + 1 + COUNT + 2  # iso_cts
+    common, _ = iso_cts_sizes(rank, COUNT, IsoCtsConfig().common_space_fraction)
+    residual = ((out - common) / rank) ** 3 if out <= inp and 2 * common >= out else 1.0
+    return calibration + 1 + COUNT * residual + 2  # iso_cts
 
 
 def measure(path: Path, quick: bool, max_elements: int) -> None:

@@ -76,8 +76,12 @@ def test_cost_rounds_follow_the_memory_bound():
     # elements; a task's triplets need 18,355,200 (3 fit). Two threads: the 4 triplets in 2
     # rounds, then the two polar factors in turn.
     assert [cost.rounds("tsv", (8192, 2048), threads) for threads in (1, 2, 16)] == [6, 4, 4]
-    # square: the float64 Gram alone is 2 tensors, so nothing runs side by side
-    assert [cost.rounds(method, (2048, 2048), 16) for method in ("tsv", "iso_c", "iso_cts")] == [6, 5, 11]
+    # square: the float64 Gram alone is 2 tensors, so nothing runs side by side; iso_cts's
+    # residuals go through the complement Q, of order 2048 - 1640 = 408 (k = 1640 at the
+    # default fraction 0.8), each (408 / 2048)^3 of a full decomposition
+    assert [cost.rounds(method, (2048, 2048), 16) for method in ("tsv", "iso_c")] == [6, 5]
+    assert cost.rounds("iso_cts", (2048, 2048), 16) == pytest.approx(4 + 1 + 4 * (408 / 2048) ** 3 + 2)
+    assert cost.rounds("iso_cts", (8192, 2048), 2) == 2 + 1 + 4 + 2  # out > in: residuals of order 2048
     # calibration at 8192x2048 needs 14,680,064 a task: 4 fit in 4 tensors, then iso_c's own polar
     assert [cost.rounds("iso_c", (8192, 2048), threads) for threads in (2, 16)] == [3, 2]
 
