@@ -22,11 +22,11 @@ from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.fallback import merge_by_fallback
 from mergekit_wudi.progress import PROGRESS, log_objective
 from mergekit_wudi.solvers import SOLVERS, compute_dtype
+from mergekit_wudi.solvers.base import warn_once
 from mergekit_wudi.spec import build_spec
 from mergekit_wudi.tensor_kinds import OURS_MARKER, fallback_reason, is_input_major, is_ours
 
 logger = logging.getLogger(__name__)
-_WARNED_ADAPTERS = set()  # method names already warned in this process
 
 
 def warn_lora_adapters(method: str, entries, strength: float) -> None:
@@ -34,10 +34,10 @@ def warn_lora_adapters(method: str, entries, strength: float) -> None:
     and lambda is still 1: what the task vectors cannot show about them, and what was measured.
     Only for methods whose strength lambda alone sets (Solver.sums_disjoint)."""
     adapters = [str(entry.id) for entry in entries if getattr(entry.id, "lora", None) is not None]
-    if not adapters or strength != 1.0 or method in _WARNED_ADAPTERS:
+    if not adapters or strength != 1.0:
         return
-    _WARNED_ADAPTERS.add(method)
-    logger.warning(
+    warn_once(
+        logger, "lora adapters", method,
         "%s: %d of the %d fine-tunes are LoRA adapters (%s). An adapter's input space is its random "
         "initialisation, so the task vectors do not show how much adapters interfere on real inputs, and lambda 1 "
         "can be far too strong. On this package's benchmarks (four LoRA expert sets, test split), wudi_cfs at lambda "

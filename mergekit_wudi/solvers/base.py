@@ -8,6 +8,7 @@ the empty case. A subclass writes only `_solve(prepared, **per_model)`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, ClassVar, Optional, Tuple
 
 import torch
@@ -16,7 +17,17 @@ from mergekit_wudi.solvers.calibrate import CALIBRATIONS, Calibration, calibrate
 from mergekit_wudi.solvers.checks import check_choice, per_model_values
 from mergekit_wudi.solvers.numerics import SOLVE_EXTRA_TENSORS, TaskVectors, prepare_task_vectors, solve_threads
 
-__all__ = ["SOLVE_EXTRA_TENSORS", "Solver"]
+__all__ = ["SOLVE_EXTRA_TENSORS", "Solver", "warn_once"]
+
+_WARNED = set()  # (topic, method) pairs already warned in this process
+
+
+def warn_once(logger: logging.Logger, topic: str, method: str, message: str, *args: Any) -> None:
+    """logger.warning(message, *args), the first time only for this topic and method in the process."""
+    if (topic, method) in _WARNED:
+        return
+    _WARNED.add((topic, method))
+    logger.warning(message, *args)
 
 
 class Solver:

@@ -16,22 +16,21 @@ from mergekit_wudi.solvers._spectral import (
     top_singular_triplets,
     top_singular_triplets_and_complement,
 )
-from mergekit_wudi.solvers.base import Solver
+from mergekit_wudi.solvers.base import Solver, warn_once
 from mergekit_wudi.solvers.checks import check_config, check_fraction, config_field
 from mergekit_wudi.solvers.numerics import TaskVectors
 
 logger = logging.getLogger(__name__)
-_WARNED_MIXED_RANKS = set()  # method names already warned in this process
 
 
 def warn_mixed_ranks(method: str, calibration, shape) -> None:
     """Once per method and process: low-rank (LoRA-like) and full-rank task vectors together,
     where a flat spectrum gives the low-rank ones almost nothing."""
     ranks, width = calibration.ranks, min(shape)
-    if not ranks or method in _WARNED_MIXED_RANKS or not (8 * min(ranks) <= width <= 2 * max(ranks)):
+    if not ranks or not (8 * min(ranks) <= width <= 2 * max(ranks)):
         return
-    _WARNED_MIXED_RANKS.add(method)
-    logger.warning(
+    warn_once(
+        logger, "mixed ranks", method,
         "%s: the task vectors mix low and full rank (ranks %s of %d): LoRA-derived and fully fine-tuned "
         "models together. A flat spectrum gives the low-rank ones little (SmolLM2 benchmark, 2 full + 2 LoRA "
         "experts: iso_c 43 against 67-80 for wudi_cfs and doge, docs/benchmarks.md); prefer wudi_cfs or doge here.",
