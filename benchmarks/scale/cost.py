@@ -276,15 +276,22 @@ def tridiagonal_seconds(order: int) -> float:
     return best
 
 
-def merge_seconds(method: str, shape: tuple, repeat: int, name: str) -> float:
-    """mergekit's merge_tensors of bf16 base + COUNT fine-tunes of `shape` with `method` at its
-    defaults (the built-ins: density 0.5), the best of `repeat`."""
-    from mergekit.merge_methods import merge_tensors
+BUILTIN_PARAMETERS = {"ties": {"density": 0.5, "weight": 1.0}, "task_arithmetic": {"weight": 1.0}}  # ours: their defaults
 
+
+def bf16_family(shape: tuple) -> list:
+    """A bf16 base and COUNT fine-tunes of `shape` (seed 0)."""
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(*shape, generator=generator) * 0.02
-    tensors = [base.bfloat16()] + [(base + torch.randn(*shape, generator=generator) * 1e-3).bfloat16() for _ in range(COUNT)]
-    parameters = {"density": 0.5, "weight": 1.0} if method == "ties" else {"weight": 1.0} if method == "task_arithmetic" else {}
+    return [base.bfloat16()] + [(base + torch.randn(*shape, generator=generator) * 1e-3).bfloat16() for _ in range(COUNT)]
+
+
+def merge_seconds(method: str, tensors: list, repeat: int, name: str) -> float:
+    """mergekit's merge_tensors of `tensors` (base first) with `method` at its defaults (the
+    built-ins: BUILTIN_PARAMETERS), the best of `repeat`."""
+    from mergekit.merge_methods import merge_tensors
+
+    parameters = BUILTIN_PARAMETERS.get(method, {})
     return min(_timed(lambda: merge_tensors(tensors, method, base_index=0, name=name, parameters=parameters))
                for _ in range(repeat))
 
@@ -304,19 +311,21 @@ def floor(quick: bool) -> dict:
     print("|---|---|---|---|" + "---|" * len(SPECTRAL))
     totals = {"ties": 0.0, **{f"{m} floor": 0.0 for m in SPECTRAL}, **{m: 0.0 for m in SPECTRAL}}
     for shape, count in counts.items():
-        ties = merge_seconds("ties", shape, 2, linear)
+        tensors = bf16_family(shape)
+        ties = merge_seconds("ties", tensors, 2, linear)
         reduction = tridiagonal_seconds(min(shape))
         cells = []
         totals["ties"] += count * ties
         for method in SPECTRAL:
             least = rounds(method, shape, threads) * reduction
-            measured = merge_seconds(method, shape, 1, linear)
+            measured = merge_seconds(method, tensors, 1, linear)
             totals[f"{method} floor"] += count * least
             totals[method] += count * measured
             cells.append(f"{least:.2f} ({least / ties:.1f}x), {measured:.2f} ({measured / ties:.1f}x)")
         print(f"| {shape[0]}x{shape[1]} | {count} | {ties:.2f} | {reduction:.2f} | " + " | ".join(cells) + " |", flush=True)
-    ties_embedding = merge_seconds("ties", embedding, 1, "model.embed_tokens.weight")
-    arithmetic_embedding = merge_seconds("task_arithmetic", embedding, 1, "model.embed_tokens.weight")
+    tensors = bf16_family(embedding)
+    ties_embedding = merge_seconds("ties", tensors, 1, "model.embed_tokens.weight")
+    arithmetic_embedding = merge_seconds("task_arithmetic", tensors, 1, "model.embed_tokens.weight")
     ties = totals["ties"] + ties_embedding
     print(f"\nThe model's linear tensors and embedding ({len(model)} + 1; ties merges the embedding in "
           f"{ties_embedding:.1f} s, task_arithmetic, the spectral methods' fallback, in {arithmetic_embedding:.1f} s), "
