@@ -96,6 +96,21 @@ def make_family(root: Path, fine_tunes: int = 3, seed: int = 0, dtype: torch.dty
     return [p.resolve() for p in paths]
 
 
+def make_one_seed_family(root: Path, fine_tunes: int = 3, seed: int = 5) -> List[Path]:
+    """Like make_family, but every fine-tune's linear delta is B_i A with one rank-2 A per tensor
+    (orthonormal rows), shared by all fine-tunes: LoRA adapters trained from one seed, merged in."""
+    generator = torch.Generator().manual_seed(seed)
+    base = llama_state_dict(generator)
+    shared = {name: torch.linalg.qr(torch.randn(t.shape[1], 2, generator=generator))[0].T
+              for name, t in base.items() if is_llama_linear(name)}
+    paths = [save_model(root / "base", base)]
+    for index in range(fine_tunes):
+        tuned = {name: t + 0.02 * torch.randn(t.shape[0], 2, generator=generator) @ shared[name] if name in shared else t
+                 for name, t in base.items()}
+        paths.append(save_model(root / f"ft{index + 1}", tuned))
+    return [p.resolve() for p in paths]
+
+
 def load_model(path: Path) -> Dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint."""
     tensors: Dict[str, torch.Tensor] = {}

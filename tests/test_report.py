@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import LLAMA_CONFIG, is_llama_linear, load_model, make_family, write_config
+from models import LLAMA_CONFIG, is_llama_linear, load_model, make_family, make_one_seed_family, write_config
 from reference import calibrated, doge, input_space_scale, usable, wudi_adam, wudi_closed_form, wudi_loss
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from runner import mergekit_wudi_cli
@@ -93,6 +93,29 @@ def test_report_markdown_and_plots(cfs_report):
     plots = sorted(p.name for p in (cfs_report / "plots").iterdir())
     assert plots == [f"layer_{i:03d}.png" for i in range(LAYERS)]
     assert all((cfs_report / "plots" / p).read_bytes().startswith(b"\x89PNG") for p in plots)
+
+
+def test_report_tells_one_seed_adapters_from_independent_ones(cfs_report, tmp_path):
+    # Fine-tunes whose linear deltas share one rank-2 input factor A (LoRA adapters trained
+    # from one seed, merged in): every input overlap is the most there is, in / 2 times
+    # chance, and each model is called "lora, one seed". The conftest family's deltas have
+    # independent random factors: input overlaps near chance, called "lora".
+    paths = make_one_seed_family(tmp_path / "one_seed")
+    shared = [name for name in load_model(paths[0]) if is_llama_linear(name)]
+    config = write_config(tmp_path / "one_seed.yml", "wudi_cfs", paths[0], paths[1:])
+    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "report", "--no-plots", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "report" / "report.csv")
+    assert len(rows) == 3 * len(shared)
+    for row in rows:
+        in_features = int(row["shape"].split("x")[1])
+        assert float(row["input_overlap"]) == pytest.approx(in_features / 2, rel=1e-4)
+        assert 0 < float(row["output_overlap"]) < float(row["input_overlap"])
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert markdown.count(" | lora, one seed |") == 3 and "- lora, one seed: " in markdown
+    independent = (cfs_report / "report.md").read_text()
+    assert independent.count(" | lora |") == 3 and "lora, one seed" not in independent
+    assert all(float(row["input_overlap"]) < 5 for row in read_csv(cfs_report / "report.csv"))
 
 
 def test_report_bf16_wudi(tmp_path):

@@ -14,7 +14,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-from models import is_llama_linear, load_model, write_config
+from models import is_llama_linear, load_model, make_one_seed_family, write_config
 from reference import wudi_closed_form
 from runner import mergekit_yaml
 
@@ -216,3 +216,26 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
         rounding = (expected.to(torch.bfloat16).double() - expected).norm()
         assert merged[name].dtype == torch.bfloat16
         assert error <= 1.5 * rounding + 1e-3 * (expected - w0).norm(), name
+
+
+def test_merged_in_one_seed_adapters_are_warned_about(family, tmp_path):
+    # Nothing in the YAML says these are adapters: their task vectors do (solvers/overlap.py).
+    # Warned once at lambda 1, not at lambda 0.5 <= 2/N, not for independent fine-tunes, and
+    # the merge is the same wudi_cfs as without the check.
+    base, *models = make_one_seed_family(tmp_path / "one_seed")
+    config = write_config(tmp_path / "one_seed.yml", "wudi_cfs", base, models)
+    result = mergekit_yaml(config, tmp_path / "out")
+    assert result.stderr.count("wudi_cfs: 3 of the 3 fine-tunes look like LoRA adapters trained from one seed") == 1
+    assert "Lambda 0.33 (1/N) is the safer start" in result.stderr
+    merged, base_tensors = load_model(tmp_path / "out"), load_model(base)
+    tuned = [load_model(m) for m in models]
+    for name, tensor in merged.items():
+        if is_llama_linear(name):
+            w0 = base_tensors[name].double()
+            expected = w0 + wudi_closed_form(torch.stack([t[name].double() - w0 for t in tuned]), 0.1)
+            assert (tensor.double() - expected).norm() / (expected - w0).norm() < 1e-4, name
+
+    lowered = write_config(tmp_path / "lowered.yml", "wudi_cfs", base, models, {"lambda": 0.5})
+    assert "look like LoRA adapters" not in mergekit_yaml(lowered, tmp_path / "out2").stderr
+    independent = write_config(tmp_path / "independent.yml", "wudi_cfs", family[0], family[1:])
+    assert "look like LoRA adapters" not in mergekit_yaml(independent, tmp_path / "out3").stderr
