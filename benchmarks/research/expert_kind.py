@@ -1,0 +1,123 @@
+"""Issue 23: can the kind of expert (full fine-tune, LoRA with a seed each, LoRA from one seed) be
+told from the weights, bf16 included? (docs/research/lora-inputs.md, section 5)
+
+    python benchmarks/research/expert_kind.py overlap llm|minilm SET_DIR... [mixed]
+    python benchmarks/research/expert_kind.py alignment llm|minilm SET_DIR...
+
+SET_DIR: a folder name under the benchmark's expert cache (~/.cache/mergekit-wudi-bench/BENCH/);
+`mixed` combines the `full-*` and `lora-*` folders as benchmarks/bench/plan.mixed_members does.
+For each task, medians (and per-tensor p10/p90 of the ratio) over the linear tensors every expert
+changed, with float32 task vectors and with base and fine-tune rounded to bf16 first:
+
+  overlap:   input and output subspace overlap against the most overlapping other expert, as
+             multiples of chance (exact SVD; mergekit_wudi.solvers.overlap uses a range finder),
+             and their ratio;
+  alignment: in ||t W0^T||^2 / (||t||^2 ||W0||^2), how far t's rows follow W0's input energy
+             (1: random rows). Dropped: it does not separate the kinds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lora_inputs import task_vectors  # noqa: E402
+
+TOP = 8
+ROOT = Path.home() / ".cache" / "mergekit-wudi-bench"
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def quantile(values, q):
+    return sorted(values)[int(q * len(values))]
+
+
+def load_set(bench: str, base: dict, set_name: str):
+    """({task: {tensor: t}}, {task: kind}) for a cache folder, or `mixed`."""
+    root = ROOT / bench
+    if bench == "llm":
+        from llm.tasks import TASK_NAMES
+    else:
+        from real_model.tasks import TASK_NAMES
+    if set_name != "mixed":
+        return task_vectors(base, str(root / set_name), TASK_NAMES), {t: set_name.split("-")[0] for t in TASK_NAMES}
+    from bench.plan import mixed_members
+
+    kinds = mixed_members(TASK_NAMES)
+    folders = {kind: next(d for d in sorted(os.listdir(root)) if d.startswith(kind + "-") and (root / d / TASK_NAMES[0]).exists())
+               for kind in ("full", "lora")}
+    vectors = {}
+    for kind, folder in folders.items():
+        vectors.update(task_vectors(base, str(root / folder), [t for t in TASK_NAMES if kinds[t] == kind]))
+    return vectors, kinds
+
+
+def stored(w0: torch.Tensor, t: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "f32":
+        return t
+    b = w0.bfloat16().float()
+    return (b + t).bfloat16().float() - b
+
+
+def overlap(bench: str, base: dict, set_name: str) -> None:
+    vectors, kinds = load_set(bench, base, set_name)
+    tasks = list(vectors)
+    names = sorted(set.intersection(*(set(v) for v in vectors.values())))
+    for mode in ("f32", "bf16"):
+        per = {t: ([], []) for t in tasks}
+        for name in names:
+            w0 = base[name].float()
+            rows, cols = {}, {}
+            for t in tasks:
+                u, _, vh = torch.linalg.svd(stored(w0, vectors[t][name], mode).double(), full_matrices=False)
+                cols[t], rows[t] = u[:, :TOP], vh[:TOP].T
+            out_features, in_features = w0.shape
+            for t in tasks:
+                others = [o for o in tasks if o != t]
+                per[t][0].append(max(float((rows[t].T @ rows[o]).pow(2).sum()) for o in others) / TOP / (TOP / in_features))
+                per[t][1].append(max(float((cols[t].T @ cols[o]).pow(2).sum()) for o in others) / TOP / (TOP / out_features))
+        for t in tasks:
+            r, c = per[t]
+            ratio = [a / b for a, b in zip(r, c)]
+            print(f"{bench} {set_name:28s} {mode:4s} {t:12s} {kinds[t]:16s} input {median(r):6.1f} output {median(c):6.1f} "
+                  f"input/output {median(ratio):5.2f} (p10 {quantile(ratio, 0.1):5.2f}, p90 {quantile(ratio, 0.9):5.2f})", flush=True)
+
+
+def alignment(bench: str, base: dict, set_name: str) -> None:
+    vectors, _ = load_set(bench, base, set_name)
+    names = sorted(set.intersection(*(set(v) for v in vectors.values())))
+    for mode in ("f32", "bf16"):
+        values = []
+        for name in names:
+            w0 = base[name].float()
+            w = w0 if mode == "f32" else w0.bfloat16().float()
+            for t in vectors.values():
+                t = stored(w0, t[name], mode).double()
+                if float(t.norm()) == 0:
+                    continue
+                values.append(w.shape[1] * float((t @ w.double().T).pow(2).sum()) / (float(t.pow(2).sum()) * float(w.double().pow(2).sum())))
+        print(f"{bench} {set_name:28s} {mode:4s} alignment median {median(values):5.2f} (p10 {quantile(values, 0.1):5.2f}, "
+              f"p90 {quantile(values, 0.9):5.2f}) over {len(values)}", flush=True)
+
+
+def main() -> None:
+    command, bench, *sets = sys.argv[1:]
+    torch.set_num_threads(1)
+    base = load_file(str(ROOT / bench / "base" / "model.safetensors"))
+    for set_name in sets:
+        {"overlap": overlap, "alignment": alignment}[command](bench, base, set_name)
+
+
+if __name__ == "__main__":
+    main()
