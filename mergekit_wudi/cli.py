@@ -266,7 +266,7 @@ tensors and tensors sent to the fallback are not reported.
 @click.option("--device", default="cpu", show_default=True, help="Device to solve on (cpu, cuda, cuda:1...).")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write a PNG per layer (needs matplotlib).")
 @click.option("--ranks/--no-ranks", default=True, show_default=True,
-              help="Compute effective ranks and input/output overlaps (one SVD per task vector).")
+              help="Compute effective ranks (one SVD per task vector) and input/output overlaps.")
 @click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True,
               help="Trust remote code when reading model configs (danger).")
 @click.option("--lora-merge-cache", default=None, help="Where model+lora merges are stored.")

@@ -11,7 +11,7 @@ set by rounding):
 The mean squared cosine of the principal angles between the two subspaces, divided by its
 value for independent random subspaces (k / dim), so 1 is chance and dim / k the most.
 
-Why it tells the kind of expert (docs/research/lora-inputs.md, "Telling the kind of expert"):
+Why it tells the kind of expert (docs/research/lora-inputs.md, section 5):
 a full fine-tune's rows are built from its task's inputs, which different tasks share, so
 full fine-tunes' input spaces overlap well beyond chance. A LoRA update B A reads A's row
 space, and A stays near its random initialisation: adapters with a seed each overlap at
