@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import statistics
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Tuple
@@ -25,18 +24,23 @@ from mergekit_wudi.fallback import merge_by_fallback
 from mergekit_wudi.progress import PROGRESS, log_objective
 from mergekit_wudi.solvers import SOLVERS, compute_dtype
 from mergekit_wudi.solvers.base import warn_once
-from mergekit_wudi.solvers.overlap import expert_kind, subspace_overlap
+from mergekit_wudi.solvers.overlap import model_kind, subspace_overlap
 from mergekit_wudi.spec import build_spec
 from mergekit_wudi.tensor_kinds import OURS_MARKER, fallback_reason, is_input_major, is_ours
 
 logger = logging.getLogger(__name__)
 
 
+def named_adapters(entries) -> List[str]:
+    """The fine-tunes the YAML names as LoRA adapters (`model: base+adapter`)."""
+    return [str(entry.id) for entry in entries if getattr(entry.id, "lora", None) is not None]
+
+
 def warn_lora_adapters(method: str, entries, strength: float) -> None:
     """Once per method and process, where the YAML names LoRA adapters (`model: base+adapter`)
     and lambda is still 1: what the task vectors cannot show about them, and what was measured.
     Only for methods whose strength lambda alone sets (Solver.sums_disjoint)."""
-    adapters = [str(entry.id) for entry in entries if getattr(entry.id, "lora", None) is not None]
+    adapters = named_adapters(entries)
     if not adapters or strength != 1.0:
         return
     warn_once(
@@ -62,7 +66,7 @@ def warn_one_seed_adapters(method: str, entries, task_vectors: torch.Tensor, str
     input and output subspace overlaps (solvers/overlap.py); if any model's medians look like LoRA
     adapters trained from one seed, say so. The merge itself does not change."""
     count = len(entries)
-    if count < 2 or strength <= 2.0 / count or any(getattr(entry.id, "lora", None) is not None for entry in entries):
+    if count < 2 or strength <= 2.0 / count or named_adapters(entries):
         return
     with _OVERLAPS_LOCK:
         samples = _OVERLAPS.setdefault(method, {})
@@ -75,8 +79,8 @@ def warn_one_seed_adapters(method: str, entries, task_vectors: torch.Tensor, str
             samples.setdefault(str(entry.id), []).append(pair)
         if max(len(v) for v in samples.values()) != OVERLAP_SAMPLE:
             return
-        medians = {model: tuple(statistics.median(side) for side in zip(*pairs)) for model, pairs in samples.items()}
-    one_seed = [(model, a, b) for model, (a, b) in medians.items() if expert_kind(a, b) == "lora, one seed"]
+        kinds = {model: model_kind(pairs) for model, pairs in samples.items()}
+    one_seed = [(model, a, b) for model, (a, b, kind) in kinds.items() if kind == "lora, one seed"]
     if not one_seed:
         return
     warn_once(

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import re
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -385,7 +384,7 @@ KIND_ADVICE = {
 def expert_kinds_section(reports: Sequence[TensorReport]) -> List[str]:
     """Each model's median input and output overlap over the reported tensors, and what kind of
     expert that looks like (solvers.overlap.expert_kind); nothing where none was computed."""
-    from mergekit_wudi.solvers.overlap import expert_kind
+    from mergekit_wudi.solvers.overlap import model_kind
 
     models = reports[0].models
     rows, kinds = [], []
@@ -394,9 +393,7 @@ def expert_kinds_section(reports: Sequence[TensorReport]) -> List[str]:
                  if r.models == models and index < len(r.input_overlap) and math.isfinite(r.input_overlap[index])]
         if not pairs:
             continue
-        inputs = statistics.median(p[0] for p in pairs)
-        outputs = statistics.median(p[1] for p in pairs)
-        kind = expert_kind(inputs, outputs)
+        inputs, outputs, kind = model_kind(pairs)
         kinds += [kind] if kind and kind not in kinds else []
         rows.append(f"| t_{index + 1} | {inputs:.3g} | {outputs:.3g} | {inputs / outputs:.3g} | {kind or '-'} |")
     if not rows:

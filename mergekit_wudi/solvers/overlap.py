@@ -38,7 +38,8 @@ between 3.3 and 7.1.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+import statistics
+from typing import Iterable, Tuple
 
 import torch
 
@@ -99,3 +100,11 @@ def expert_kind(input_overlap: float, output_overlap: float) -> str:
     if input_overlap / output_overlap > ONE_SEED_RATIO:
         return "lora, one seed"
     return "full"
+
+
+def model_kind(pairs: Iterable[Tuple[float, float]]) -> Tuple[float, float, str]:
+    """(median input overlap, median output overlap, expert_kind of them) over one model's
+    (input, output) overlaps, one pair per tensor."""
+    inputs, outputs = zip(*pairs)
+    medians = statistics.median(inputs), statistics.median(outputs)
+    return (*medians, expert_kind(*medians))
