@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Tuple
 
@@ -21,10 +20,10 @@ from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, Tenso
 from mergekit_wudi.cache import SolveCache
 from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.fallback import merge_by_fallback
+from mergekit_wudi.guard import with_guarded_lambda
 from mergekit_wudi.progress import PROGRESS, log_objective
 from mergekit_wudi.solvers import SOLVERS, compute_dtype
 from mergekit_wudi.solvers.base import warn_once
-from mergekit_wudi.solvers.overlap import model_kind, subspace_overlap
 from mergekit_wudi.spec import build_spec
 from mergekit_wudi.tensor_kinds import OURS_MARKER, fallback_reason, is_input_major, is_ours
 
@@ -52,48 +51,6 @@ def warn_lora_adapters(method: str, entries, strength: float) -> None:
         "with wudi_cfs, tsv, ace and iso_c at lambda 1, against 52 for task_arithmetic at 0.2. Without a "
         "validation set, lambda %.2g (1/N) is the safer start; README, 'Which method when', has each method's numbers.",
         method, len(adapters), len(entries), ", ".join(adapters), 1.0 / len(entries),
-    )
-
-
-OVERLAP_SAMPLE = 12  # solved tensors per method and process whose overlaps decide the one-seed warning
-_OVERLAPS: Dict[str, Dict[str, List[Tuple[float, float]]]] = {}  # method -> model -> [(input, output)]
-_OVERLAPS_LOCK = threading.Lock()
-
-
-def warn_one_seed_adapters(method: str, entries, task_vectors: torch.Tensor, strength: float) -> None:
-    """Once per method and process, where lambda is above 2/N and no adapter is named in the YAML
-    (warn_lora_adapters speaks then): on the first OVERLAP_SAMPLE solved tensors, each model's
-    input and output subspace overlaps (solvers/overlap.py); if any model's medians look like LoRA
-    adapters trained from one seed, say so. The merge itself does not change."""
-    count = len(entries)
-    if count < 2 or strength <= 2.0 / count or named_adapters(entries):
-        return
-    with _OVERLAPS_LOCK:
-        samples = _OVERLAPS.setdefault(method, {})
-        seen = max((len(v) for v in samples.values()), default=0)
-        if seen >= OVERLAP_SAMPLE:
-            return
-    inputs, outputs = subspace_overlap(task_vectors)
-    with _OVERLAPS_LOCK:
-        for entry, pair in zip(entries, zip(inputs, outputs)):
-            samples.setdefault(str(entry.id), []).append(pair)
-        if max(len(v) for v in samples.values()) != OVERLAP_SAMPLE:
-            return
-        kinds = {model: model_kind(pairs) for model, pairs in samples.items()}
-    one_seed = [(model, a, b) for model, (a, b, kind) in kinds.items() if kind == "lora, one seed"]
-    if not one_seed:
-        return
-    warn_once(
-        logger, "one-seed adapters", method,
-        "%s: %d of the %d fine-tunes look like LoRA adapters trained from one seed (%s: median input-space "
-        "overlap %s times chance, %s times their output spaces', over the first %d tensors; full fine-tunes gave "
-        "0.9-3.3 times on this package's benchmarks). Such adapters all read one random input space, so each acts on "
-        "every task's inputs: on SmolLM2's one-seed set wudi_cfs, wudi, tsv and ace at lambda 1 scored 13-15 against "
-        "52 for task_arithmetic at lambda 0.2. Lambda %.2g (1/N) is the safer start; `mergekit-wudi report` shows "
-        "each model's overlaps.",
-        method, len(one_seed), count, ", ".join(model for model, _, _ in one_seed),
-        "/".join(f"{a:.0f}" for _, a, _ in one_seed), "/".join(f"{a / b:.1f}" for _, a, b in one_seed),
-        OVERLAP_SAMPLE, 1.0 / count,
     )
 
 
@@ -153,6 +110,7 @@ class SolverMergeMethod(GroupMergeMethod):
             logger.debug("%s: %s -> fallback %s (%s)", self.method_name, name, parameters["fallback"], reason)
             PROGRESS.skipped(self.method_name, name)
             return merge_by_fallback(self.method_name, group, parameters)
+        parameters = with_guarded_lambda(self.method_name, group, parameters, warn=self.solver_cls.one_seed_guard)
         if self.solver_cls.sums_disjoint:
             warn_lora_adapters(self.method_name, group.non_base, parameters["lambda"])
         with PROGRESS.solving(self.method_name, name):
@@ -187,8 +145,6 @@ class SolverMergeMethod(GroupMergeMethod):
             transpose = is_input_major(name)
 
         base_c, task_vectors = _task_vectors(group, parameters["weight"], transpose)
-        if self.solver_cls.sums_disjoint:
-            warn_one_seed_adapters(self.method_name, entries, task_vectors, parameters["lambda"])
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
         try:
             merged = self.solver_cls(config, calibration=parameters["calibrate"]).solve(task_vectors, **per_model)  # (out, in)

@@ -377,7 +377,8 @@ KIND_ADVICE = {
     "lora": "wudi, wudi_cfs, tsv and ace at lambda 1 were 0.4-3.8 points below the best built-in on the "
             "benchmarks' two such sets; at lambda 1/N level with it on MiniLM, 2.2-2.8 points below on SmolLM2.",
     "lora, one seed": "at lambda 1 wudi, wudi_cfs, tsv, ace and iso_c broke SmolLM2's such set (13-24 against 52 "
-                      "for task_arithmetic at lambda 0.2; doge 42); lambda near 1/N is the start to take.",
+                      "for task_arithmetic at lambda 0.2; doge 42), so every method but doge caps lambda at 1/N where "
+                      "the first 12 linear weights look like this (one_seed_guard, docs/methods.md).",
 }
 
 

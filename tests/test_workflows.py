@@ -16,7 +16,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from models import is_llama_linear, load_model, make_one_seed_family, write_config
 from reference import wudi_closed_form
-from runner import mergekit_yaml
+from runner import mergekit_yaml, mergekit_yaml_in_process
 
 from mergekit_wudi.config_check import check_config_keys
 
@@ -218,24 +218,33 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
         assert error <= 1.5 * rounding + 1e-3 * (expected - w0).norm(), name
 
 
-def test_merged_in_one_seed_adapters_are_warned_about(family, tmp_path):
-    # Nothing in the YAML says these are adapters: their task vectors do (solvers/overlap.py).
-    # Warned once at lambda 1, not at lambda 0.5 <= 2/N, not for independent fine-tunes, and
-    # the merge is the same wudi_cfs as without the check.
+def test_merged_in_one_seed_adapters_get_lambda_capped_at_one_over_n(family, tmp_path):
+    # Nothing in the YAML says these are adapters: their task vectors do (guard.py). At the
+    # defaults every solved tensor is merged at lambda 1/N, said once; one_seed_guard: false
+    # keeps lambda 1 and warns; a lambda already under 1/N is left alone; independent
+    # fine-tunes (the `family`) are not touched (the exact-merge tests elsewhere run on it).
     base, *models = make_one_seed_family(tmp_path / "one_seed")
-    config = write_config(tmp_path / "one_seed.yml", "wudi_cfs", base, models)
-    result = mergekit_yaml(config, tmp_path / "out")
-    assert result.stderr.count("wudi_cfs: 3 of the 3 fine-tunes look like LoRA adapters trained from one seed") == 1
-    assert "Lambda 0.33 (1/N) is the safer start" in result.stderr
-    merged, base_tensors = load_model(tmp_path / "out"), load_model(base)
-    tuned = [load_model(m) for m in models]
-    for name, tensor in merged.items():
-        if is_llama_linear(name):
-            w0 = base_tensors[name].double()
-            expected = w0 + wudi_closed_form(torch.stack([t[name].double() - w0 for t in tuned]), 0.1)
-            assert (tensor.double() - expected).norm() / (expected - w0).norm() < 1e-4, name
+    base_tensors, tuned = load_model(base), [load_model(m) for m in models]
 
-    lowered = write_config(tmp_path / "lowered.yml", "wudi_cfs", base, models, {"lambda": 0.5})
-    assert "look like LoRA adapters" not in mergekit_yaml(lowered, tmp_path / "out2").stderr
-    independent = write_config(tmp_path / "independent.yml", "wudi_cfs", family[0], family[1:])
-    assert "look like LoRA adapters" not in mergekit_yaml(independent, tmp_path / "out3").stderr
+    def assert_merged_at(out, strength):
+        merged = load_model(out)
+        for name, tensor in merged.items():
+            if is_llama_linear(name):
+                w0 = base_tensors[name].double()
+                solved = wudi_closed_form(torch.stack([t[name].double() - w0 for t in tuned]), 0.1)
+                expected = w0 + strength * solved
+                assert (tensor.double() - expected).norm() / (expected - w0).norm() < 1e-4, (name, strength)
+
+    result = mergekit_yaml(write_config(tmp_path / "default.yml", "wudi_cfs", base, models), tmp_path / "out")
+    assert result.stderr.count("wudi_cfs: 3 of the 3 fine-tunes look like LoRA adapters trained from one seed") == 1
+    assert "lambda is capped at 1/N = 0.333 for every solved tensor" in result.stderr
+    assert_merged_at(tmp_path / "out", 1 / 3)
+
+    off = write_config(tmp_path / "off.yml", "wudi_cfs", base, models, {"one_seed_guard": False})
+    result = mergekit_yaml(off, tmp_path / "off")
+    assert result.stderr.count("one_seed_guard is off, so lambda stays 1") == 1
+    assert_merged_at(tmp_path / "off", 1.0)
+
+    lowered = write_config(tmp_path / "lowered.yml", "wudi_cfs", base, models, {"lambda": 0.3})
+    assert mergekit_yaml_in_process(lowered, tmp_path / "lowered").exit_code == 0
+    assert_merged_at(tmp_path / "lowered", 0.3)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Iterable, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,22 +54,35 @@ def subspace_overlap(task_vectors: torch.Tensor) -> Tuple[Tuple[float, ...], Tup
     """(input overlaps, output overlaps), one per task vector of (N, out, in), as multiples of
     chance (see the module docstring). nan for a task vector that is zero or not finite, and for
     all of them where fewer than two remain. float64 for float64 input, else float32."""
-    count, out_features, in_features = task_vectors.shape
-    dtype = torch.float64 if task_vectors.dtype == torch.float64 else torch.float32
-    usable = [i for i in range(count) if bool(torch.isfinite(task_vectors[i]).all()) and bool(task_vectors[i].any())]
-    rows = [math.nan] * count
-    columns = [math.nan] * count
+    return overlaps([task_subspaces(vector) for vector in task_vectors], task_vectors.shape[1:])
+
+
+Subspaces = Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def task_subspaces(vector: torch.Tensor) -> Subspaces:
+    """One task vector's top TOP triplets (top_subspaces), in float64 for float64 input, else
+    float32; None where it is zero or not finite. What `overlaps` compares, so that a caller can
+    measure one task vector at a time and keep only these."""
+    if not (bool(torch.isfinite(vector).all()) and bool(vector.any())):
+        return None
+    return top_subspaces(vector.to(torch.float64 if vector.dtype == torch.float64 else torch.float32), TOP)
+
+
+def overlaps(subspaces: Sequence[Subspaces], shape: Sequence[int]) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """subspace_overlap from each task vector's task_subspaces (None: not usable) and the (out, in) shape."""
+    out_features, in_features = shape
+    usable = [i for i, found in enumerate(subspaces) if found is not None]
+    rows = [math.nan] * len(subspaces)
+    columns = [math.nan] * len(subspaces)
     if len(usable) < 2:
         return tuple(rows), tuple(columns)
-    left, right, ranks = {}, {}, []
+    k = min(TOP, *(numerical_rank(subspaces[i][1], max(out_features, in_features)) for i in usable))
     for i in usable:
-        left[i], values, right[i] = top_subspaces(task_vectors[i].to(dtype), TOP)
-        ranks.append(numerical_rank(values, max(out_features, in_features)))
-    k = min(TOP, *ranks)
-    for i in usable:
-        others = [j for j in usable if j != i]
-        rows[i] = max(float((right[i][:, :k].T @ right[j][:, :k]).pow(2).sum()) for j in others) / k / (k / in_features)
-        columns[i] = max(float((left[i][:, :k].T @ left[j][:, :k]).pow(2).sum()) for j in others) / k / (k / out_features)
+        left, _, right = subspaces[i]
+        others = [subspaces[j] for j in usable if j != i]
+        rows[i] = max(float((right[:, :k].T @ v[:, :k]).pow(2).sum()) for _, _, v in others) / k / (k / in_features)
+        columns[i] = max(float((left[:, :k].T @ u[:, :k]).pow(2).sum()) for u, _, _ in others) / k / (k / out_features)
     return tuple(rows), tuple(columns)
 
 

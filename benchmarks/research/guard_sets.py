@@ -1,0 +1,70 @@
+"""Issue 23: what the one-seed guard (mergekit_wudi/guard.py) decides on each benchmark expert set,
+through the path a merge takes (mergekit ModelReferences, `base+adapter` for LoRA members, mergekit's
+LoaderCache and LoRA merge).
+
+    python benchmarks/research/guard_sets.py llm|minilm SET... [mixed]
+
+SET: a folder name under the benchmark's expert cache (~/.cache/mergekit-wudi-bench/BENCH/);
+`mixed` is full experts on even-indexed tasks and conventional LoRA on odd ones
+(benchmarks/bench/plan.mixed_members). Prints, per set, the sampled tensors' count, each
+fine-tune's median input and output overlap and kind, and the lambda a default merge gets.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path.home() / ".cache" / "mergekit-wudi-bench"
+
+
+def members(bench: str, set_name: str, task_names) -> list:
+    """[(kind, path)] of a cache folder, or of `mixed`."""
+    root = ROOT / bench
+    if set_name != "mixed":
+        kind = "full" if set_name.startswith("full") else "lora"
+        return [(kind, root / set_name / task) for task in task_names]
+    from bench.plan import mixed_members
+
+    folders = {kind: next(d for d in sorted(os.listdir(root)) if d.startswith(kind + "-") and (root / d / task_names[0]).exists())
+               for kind in ("full", "lora")}
+    return [(kind, root / folders[kind] / task) for task, kind in mixed_members(task_names).items()]
+
+
+def main() -> None:
+    from mergekit.common import ModelReference
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.options import MergeOptions
+
+    from mergekit_wudi.guard import expert_kinds
+
+    bench, sets = sys.argv[1], sys.argv[2:]
+    if bench == "llm":
+        from llm.tasks import TASK_NAMES
+    else:
+        from real_model.tasks import TASK_NAMES
+    base = ROOT / bench / "base"
+    with tempfile.TemporaryDirectory() as lora_cache:
+        LoaderCache().setup(MergeOptions(lora_merge_cache=lora_cache))
+        for set_name in sets:
+            started = time.perf_counter()
+            refs = [ModelReference.parse(str(path) if kind == "full" else f"{base}+{path}")
+                    for kind, path in members(bench, set_name, TASK_NAMES)]
+            kinds = expert_kinds(ModelReference.parse(str(base)), refs)
+            seconds = time.perf_counter() - started
+            count = len(refs)
+            strength = 1.0 / count if kinds.one_seed else 1.0
+            print(f"{bench} {set_name}: {len(kinds.tensors)} tensors ({kinds.tensors[0]} .. {kinds.tensors[-1]}), "
+                  f"default lambda {strength:.3g}, {seconds:.0f} s with the LoRA merges")
+            for task, inputs, outputs, kind in zip(TASK_NAMES, kinds.inputs, kinds.outputs, kinds.kinds):
+                print(f"  {task:12s} input {inputs:6.1f}  output {outputs:5.1f}  ratio {inputs / outputs:5.2f}  {kind}")
+
+
+if __name__ == "__main__":
+    main()

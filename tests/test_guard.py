@@ -1,0 +1,47 @@
+"""guard.py: which tensors the one-seed guard samples, and where it cannot act."""
+
+import torch
+from mergekit.merge_methods import merge_tensors
+from reference import wudi_closed_form
+
+from mergekit_wudi.guard import SAMPLE, expert_kinds, sample_order
+
+
+def test_sample_order_is_layer_order_of_the_linear_weights_all_models_hold():
+    base = [
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+        "model.layers.10.mlp.down_proj.weight",
+        "model.layers.2.self_attn.q_proj.weight",
+        "model.layers.2.input_layernorm.weight",
+        "model.layers.2.mlp.down_proj.weight",
+        "model.layers.2.self_attn.q_proj.bias",
+        "pooler.dense.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+    ]
+    others = [list(base), [name for name in base if name != "model.layers.1.self_attn.o_proj.weight"]]
+    # Numbered blocks by number (2 before 10, not as text), then the name; no norms, biases or
+    # embeddings; what one fine-tune lacks is not sampled; unnumbered tensors and lm_head last.
+    assert sample_order(base, others) == [
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.2.mlp.down_proj.weight",
+        "model.layers.2.self_attn.q_proj.weight",
+        "model.layers.10.mlp.down_proj.weight",
+        "lm_head.weight",
+        "pooler.dense.weight",
+    ]
+    assert SAMPLE == 12
+
+
+def test_without_models_the_guard_does_not_act():
+    # merge_tensors has tensors and ids, no models: one-seed-looking task vectors are merged at
+    # the lambda given, and expert_kinds has nothing to measure.
+    generator = torch.Generator().manual_seed(3)
+    shared = torch.linalg.qr(torch.randn(48, 2, generator=generator, dtype=torch.float64))[0].T  # one A
+    base = torch.randn(32, 48, generator=generator, dtype=torch.float64)
+    tuned = [base + torch.randn(32, 2, generator=generator, dtype=torch.float64) @ shared for _ in range(3)]
+    merged = merge_tensors([base, *tuned], "wudi_cfs", base_index=0, name="model.layers.0.mlp.up_proj.weight")
+    expected = base + wudi_closed_form(torch.stack([t - base for t in tuned]), 0.1)
+    assert torch.allclose(merged, expected, rtol=0, atol=1e-9 * float(expected.abs().max()))
+    assert expert_kinds(0, [1, 2, 3]) is None
