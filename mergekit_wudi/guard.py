@@ -10,9 +10,10 @@ sets every method but doge broke at lambda 1, and lambda near 1/N, the average, 
 number generator with one fixed default before the adapter is built.
 
 What. Once per process and set of models: the first SAMPLE linear weights that the base and every
-fine-tune hold, in layer order (the numbers in the name, then the name), give each fine-tune's
-median input and output subspace overlap (solvers/overlap.py, one task vector at a time, so
-two tensors beside the merge's own). Where any fine-tune's medians say "lora, one seed" (input
+fine-tune hold and at least two fine-tunes changed (among the first SCAN candidates), in layer
+order (the numbers in the name, then the name), give each fine-tune's median input and output
+subspace overlap (solvers/overlap.py, one task vector at a time: at most three tensors of that
+size beside the merge's own). Where any fine-tune's medians say "lora, one seed" (input
 over output overlap above 5; full fine-tunes gave 0.9-3.4 on both benchmarks), every solved
 tensor's lambda becomes min(lambda, 1/N). The sample is fixed by the names, not by the order
 mergekit merges tensors in, so runs, shards and thread counts agree. `one_seed_guard: false`
@@ -37,6 +38,7 @@ from mergekit_wudi.tensor_kinds import is_input_major, will_solve
 logger = logging.getLogger(__name__)
 
 SAMPLE = 12  # linear weights whose overlaps decide
+SCAN = 16 * SAMPLE  # candidate names read at most, where few hold a change (a module no fine-tune trained)
 ONE_SEED = "lora, one seed"
 
 _MEASURED: Dict[Tuple[Any, ...], Optional[ExpertKinds]] = {}
@@ -62,13 +64,13 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, *, war
     """The lambda a solved tensor of `group` (a mergekit TensorGroup) gets: min(strength, 1/N)
     where the guard is on and the fine-tunes look like one-seed adapters, else strength. With the
     guard off, `warn` says so once where they look like that (doge, whose default is off: not)."""
-    count = len(group.non_base)
-    if count < 2 or strength <= 1.0 / count or not (guard or warn):
+    if not (guard or warn):
         return strength
-    kinds = expert_kinds(group.base.id, [entry.id for entry in group.non_base], group.base.tensor.device)
-    if kinds is None or not kinds.one_seed:
+    models = [entry.id for entry in group.non_base]
+    capped, kinds = capped_lambda(group.base.id, models, strength, group.base.tensor.device)
+    if capped == strength:
         return strength
-    found = kinds.one_seed
+    count, found = len(models), kinds.one_seed
     evidence = (
         f"{len(found)} of the {count} fine-tunes look like LoRA adapters trained from one seed "
         f"({', '.join(kinds.models[i] for i in found)}: median input-space overlap "
@@ -80,13 +82,23 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, *, war
     if not guard:
         warn_once(logger, "one-seed adapters", method,
                   "%s: %s; one_seed_guard is off, so lambda stays %.3g: on SmolLM2's one-seed set the solved methods "
-                  "at lambda 1 scored 13-25 against 52 for task_arithmetic at 0.2. Lambda %.2g (1/N) is the safer "
+                  "at lambda 1 scored 13-24 against 52 for task_arithmetic at 0.2. Lambda %.2g (1/N) is the safer "
                   "start; `mergekit-wudi report` shows each model's overlaps.", method, evidence, strength, 1.0 / count)
         return strength
     warn_once(logger, "one-seed adapters", method,
               "%s: %s. lambda is capped at 1/N = %.3g for every solved tensor (one_seed_guard; set one_seed_guard: "
               "false to keep lambda %.3g).", method, evidence, 1.0 / count, strength)
-    return 1.0 / count
+    return capped
+
+
+def capped_lambda(base: Any, models: Sequence[Any], strength: float, device: Any = "cpu") -> Tuple[float, Optional[ExpertKinds]]:
+    """(min(strength, 1/N) where any of the N fine-tunes looks like a one-seed adapter, else
+    strength; the sample's verdict, None where none was needed or possible)."""
+    count = len(models)
+    if count < 2 or strength <= 1.0 / count:
+        return strength, None
+    kinds = expert_kinds(base, models, device)
+    return (1.0 / count if kinds is not None and kinds.one_seed else strength), kinds
 
 
 def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], *, warn: bool) -> Mapping[str, Any]:
@@ -106,7 +118,12 @@ def expert_kinds(base: Any, models: Sequence[Any], device: Any = "cpu") -> Optio
     key = (base, tuple(models))
     with _LOCK:  # one measurement per set of models, whatever the thread count
         if key not in _MEASURED:
-            _MEASURED[key] = _measure(base, list(models), device)
+            try:
+                _MEASURED[key] = _measure(base, list(models), device)
+            except (OSError, KeyError, RuntimeError) as error:  # a file the merge itself may not need
+                logger.warning("one_seed_guard: could not sample the models' linear weights (%s: %s); "
+                               "lambda is left as given", type(error).__name__, error)
+                _MEASURED[key] = None
         return _MEASURED[key]
 
 
@@ -117,7 +134,9 @@ def _measure(base: Any, models: List[Any], device: Any) -> Optional[ExpertKinds]
     loaders = [LoaderCache().get(model) for model in models]
     per_model: List[List[Tuple[float, float]]] = [[] for _ in models]
     used: List[str] = []
-    for name in sample_order(base_loader.index.tensor_paths, [loader.index.tensor_paths for loader in loaders]):
+    for scanned, name in enumerate(sample_order(base_loader.index.tensor_paths, [ld.index.tensor_paths for ld in loaders])):
+        if len(used) == SAMPLE or scanned == SCAN:
+            break
         w0 = base_loader.get_tensor(name, device=str(device))
         if not will_solve(name, w0):
             continue
@@ -131,16 +150,16 @@ def _measure(base: Any, models: List[Any], device: Any) -> Optional[ExpertKinds]
             found.append(task_subspaces(vector.T if is_input_major(name) else vector))
             del tensor, vector
         else:
+            if sum(subspaces is not None for subspaces in found) < 2:
+                continue  # a module the fine-tunes did not train (LoRA on q and v only): not counted
             shape = w0.shape[::-1] if is_input_major(name) else w0.shape
             for pairs, pair in zip(per_model, zip(*overlaps(found, shape))):
                 if math.isfinite(pair[0]):
                     pairs.append(pair)
             used.append(name)
-        if len(used) == SAMPLE:
-            break
-    if not used or not all(per_model):
+    if not used:
         return None
-    medians = [model_kind(pairs) for pairs in per_model]
+    medians = [model_kind(pairs) if pairs else (math.nan, math.nan, "") for pairs in per_model]
     return ExpertKinds(
         tensors=tuple(used), models=tuple(str(model) for model in models),
         inputs=tuple(m[0] for m in medians), outputs=tuple(m[1] for m in medians), kinds=tuple(m[2] for m in medians),

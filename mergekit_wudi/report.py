@@ -50,7 +50,7 @@ class TensorReport:
     models: Tuple[str, ...]
     norms: Tuple[float, ...]
     effective_ranks: Tuple[float, ...]
-    scale: float  # the config's lambda for this tensor
+    scale: float  # the lambda the merge uses for this tensor: the config's, capped by one_seed_guard where it acts
     objective_task_arithmetic: float
     objective_solved: float
     calibration: float = 1.0  # the calibrate rule's scale c (1 with calibrate: none); the merge adds lambda * c * t_m
@@ -189,6 +189,7 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
     """Load one tensor group, solve it through the adapter, and measure; None: not solved."""
     from mergekit.io.tasks import LoaderCache
 
+    from mergekit_wudi.guard import capped_lambda
     from mergekit_wudi.solvers import wudi_objective
     from mergekit_wudi.solvers.overlap import subspace_overlap
     from mergekit_wudi.tensor_kinds import will_solve
@@ -217,6 +218,8 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
     task_vectors, merged, calibration = records.pop()
     non_base = [model for model in task.model_order if model != base_model]
     scale = float(task.parameters["lambda"])
+    if task.parameters.get("one_seed_guard"):  # the lambda the merge uses (guard.py)
+        scale, _ = capped_lambda(base_model, non_base, scale, device)
     binding = "" if calibration is None else ("norm" if calibration.binding == "norm" else f"t_{calibration.task + 1}")
     inputs, outputs = subspace_overlap(task_vectors) if ranks else ((math.nan,) * len(task_vectors),) * 2
     return TensorReport(
@@ -342,7 +345,8 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
         "",
         f"Config: `{config_path}`. Objective: the WUDI interference loss "
         "L(t) = sum_i ||(t - t_i) t_i^T||_F^2 / ||t_i||_F^2 (arXiv:2503.08099, Eq. 21), at the vectors added "
-        "to W0: task arithmetic's t = lambda sum_i t_i and the solved t = lambda c t_m (c: the `calibrate` rule's scale, 1 without one); t_i = weight_i (W_i - W0). "
+        "to W0: task arithmetic's t = lambda sum_i t_i and the solved t = lambda c t_m (c: the `calibrate` rule's scale, 1 without one; "
+        "lambda: the one the merge uses, the config's capped at 1/N where one_seed_guard acts); t_i = weight_i (W_i - W0). "
         "Effective rank: exp of the entropy of the normalised singular values (Roy & Vetterli 2007).",
         "",
     ]

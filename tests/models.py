@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -96,13 +96,14 @@ def make_family(root: Path, fine_tunes: int = 3, seed: int = 0, dtype: torch.dty
     return [p.resolve() for p in paths]
 
 
-def make_one_seed_family(root: Path, fine_tunes: int = 3, seed: int = 5) -> List[Path]:
+def make_one_seed_family(root: Path, fine_tunes: int = 3, seed: int = 5, modules: Tuple[str, ...] = ()) -> List[Path]:
     """Like make_family, but every fine-tune's linear delta is B_i A with one rank-2 A per tensor
-    (orthonormal rows), shared by all fine-tunes: LoRA adapters trained from one seed, merged in."""
+    (orthonormal rows), shared by all fine-tunes: LoRA adapters trained from one seed, merged in.
+    modules: only the linear weights whose name holds one of these (all where empty)."""
     generator = torch.Generator().manual_seed(seed)
     base = llama_state_dict(generator)
     shared = {name: torch.linalg.qr(torch.randn(t.shape[1], 2, generator=generator))[0].T
-              for name, t in base.items() if is_llama_linear(name)}
+              for name, t in base.items() if is_llama_linear(name) and (not modules or any(m in name for m in modules))}
     paths = [save_model(root / "base", base)]
     for index in range(fine_tunes):
         tuned = {name: t + 0.02 * torch.randn(t.shape[0], 2, generator=generator) @ shared[name] if name in shared else t

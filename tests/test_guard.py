@@ -1,7 +1,9 @@
 """guard.py: which tensors the one-seed guard samples, and where it cannot act."""
 
 import torch
+from mergekit.common import ModelReference
 from mergekit.merge_methods import merge_tensors
+from models import make_one_seed_family
 from reference import wudi_closed_form
 
 from mergekit_wudi.guard import SAMPLE, expert_kinds, sample_order
@@ -45,3 +47,19 @@ def test_without_models_the_guard_does_not_act():
     expected = base + wudi_closed_form(torch.stack([t - base for t in tuned]), 0.1)
     assert torch.allclose(merged, expected, rtol=0, atol=1e-9 * float(expected.abs().max()))
     assert expert_kinds(0, [1, 2, 3]) is None
+
+
+def test_the_sample_skips_modules_no_fine_tune_trained(family, tmp_path):
+    # Adapters on q_proj and v_proj only (peft's default for Llama), one seed: the sample is the
+    # four tensors they changed, in layer order, and every model looks like a one-seed adapter
+    # (input overlap in / 2 = 32 times chance: one shared rank-2 input space). The conftest
+    # family's independent rank-2 deltas are "lora" (input spaces at chance), not one seed.
+    base, *models = make_one_seed_family(tmp_path / "qv", modules=("q_proj", "v_proj"))
+    kinds = expert_kinds(ModelReference.parse(str(base)), [ModelReference.parse(str(m)) for m in models])
+    assert kinds.tensors == tuple(f"model.layers.{i}.self_attn.{m}.weight" for i in (0, 1) for m in ("q_proj", "v_proj"))
+    assert kinds.kinds == ("lora, one seed",) * 3 and kinds.one_seed == (0, 1, 2)
+    assert all(abs(value - 32.0) < 1e-3 for value in kinds.inputs)
+
+    independent = expert_kinds(ModelReference.parse(str(family[0])), [ModelReference.parse(str(m)) for m in family[1:]])
+    assert len(independent.tensors) == SAMPLE and not independent.one_seed
+    assert set(independent.kinds) == {"lora"}

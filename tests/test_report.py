@@ -111,11 +111,12 @@ def test_report_tells_one_seed_adapters_from_independent_ones(cfs_report, tmp_pa
         in_features = int(row["shape"].split("x")[1])
         assert float(row["input_overlap"]) == pytest.approx(in_features / 2, rel=1e-4)
         assert 0 < float(row["output_overlap"]) < float(row["input_overlap"])
+        assert float(row["lambda"]) == 1 / 3  # what the merge uses: one_seed_guard caps it at 1/N
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert markdown.count(" | lora, one seed |") == 3 and "- lora, one seed: " in markdown
     independent = (cfs_report / "report.md").read_text()
     assert independent.count(" | lora |") == 3 and "lora, one seed" not in independent
-    assert all(float(row["input_overlap"]) < 5 for row in read_csv(cfs_report / "report.csv"))
+    assert all(float(row["input_overlap"]) < 5 and float(row["lambda"]) == 0.9 for row in read_csv(cfs_report / "report.csv"))
 
 
 def test_report_bf16_wudi(tmp_path):
