@@ -14,7 +14,7 @@ fine-tune hold and at least two fine-tunes changed (among the first SCAN candida
 order (the numbers in the name, then the name), give each fine-tune's median input and output
 subspace overlap (solvers/overlap.py, one task vector at a time: at most three tensors of that
 size beside the merge's own). Where any fine-tune's medians say "lora, one seed" (input
-over output overlap above 5; full fine-tunes gave 0.9-3.4 on both benchmarks), every solved
+over output overlap above 5; full fine-tunes gave 0.9-3.5 on both benchmarks), every solved
 tensor's lambda becomes min(lambda, 1/N). The sample is fixed by the names, not by the order
 mergekit merges tensors in, so runs, shards and thread counts agree. `one_seed_guard: false`
 keeps lambda as given (and warns instead).
@@ -76,7 +76,7 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, *, war
         f"({', '.join(kinds.models[i] for i in found)}: median input-space overlap "
         f"{'/'.join(f'{kinds.inputs[i]:.0f}' for i in found)} times chance, "
         f"{'/'.join(f'{kinds.inputs[i] / kinds.outputs[i]:.1f}' for i in found)} times their output spaces', over "
-        f"{len(kinds.tensors)} tensors; full fine-tunes gave 0.9-3.4 times on this package's benchmarks). Such adapters "
+        f"{len(kinds.tensors)} tensors; full fine-tunes gave 0.9-3.5 times on this package's benchmarks). Such adapters "
         "all read one random input space, so each acts on every task's inputs"
     )
     if not guard:

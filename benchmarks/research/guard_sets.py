@@ -2,17 +2,20 @@
 through the path a merge takes (mergekit ModelReferences, `base+adapter` for LoRA members, mergekit's
 LoaderCache and LoRA merge).
 
-    python benchmarks/research/guard_sets.py llm|minilm SET... [mixed]
+    python benchmarks/research/guard_sets.py llm|minilm SET... [mixed] [--bf16]
 
 SET: a folder name under the benchmark's expert cache (~/.cache/mergekit-wudi-bench/BENCH/);
 `mixed` is full experts on even-indexed tasks and conventional LoRA on odd ones
 (benchmarks/bench/plan.mixed_members). Prints, per set, the sampled tensors' count, each
 fine-tune's median input and output overlap and kind, and the lambda a default merge gets.
+--bf16: the base and every fine-tune (LoRA members after mergekit's merge) saved in bfloat16
+first, as most shared checkpoints are.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -37,6 +40,23 @@ def members(bench: str, set_name: str, task_names) -> list:
     return [(kind, root / folders[kind] / task) for task, kind in mixed_members(task_names).items()]
 
 
+def in_bf16(reference, lora_cache: str, folder: Path):
+    """reference's weights (after mergekit's LoRA merge) saved in bfloat16 under folder."""
+    import torch
+    from mergekit.common import ModelReference
+    from safetensors.torch import load_file, save_file
+
+    source = Path(reference.merged(cache_dir=lora_cache).model.path)
+    folder.mkdir(parents=True)
+    shutil.copy(source / "config.json", folder / "config.json")
+    state = {}
+    for file in sorted(source.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    state = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    save_file(state, str(folder / "model.safetensors"))
+    return ModelReference.parse(str(folder))
+
+
 def main() -> None:
     from mergekit.common import ModelReference
     from mergekit.io.tasks import LoaderCache
@@ -44,7 +64,8 @@ def main() -> None:
 
     from mergekit_wudi.guard import expert_kinds
 
-    bench, sets = sys.argv[1], sys.argv[2:]
+    bf16 = "--bf16" in sys.argv
+    bench, sets = sys.argv[1], [a for a in sys.argv[2:] if a != "--bf16"]
     if bench == "llm":
         from llm.tasks import TASK_NAMES
     else:
@@ -56,11 +77,16 @@ def main() -> None:
             started = time.perf_counter()
             refs = [ModelReference.parse(str(path) if kind == "full" else f"{base}+{path}")
                     for kind, path in members(bench, set_name, TASK_NAMES)]
-            kinds = expert_kinds(ModelReference.parse(str(base)), refs)
+            base_ref = ModelReference.parse(str(base))
+            if bf16:
+                folder = Path(lora_cache) / "bf16" / set_name
+                base_ref = in_bf16(base_ref, lora_cache, folder / "base")
+                refs = [in_bf16(ref, lora_cache, folder / task) for ref, task in zip(refs, TASK_NAMES)]
+            kinds = expert_kinds(base_ref, refs)
             seconds = time.perf_counter() - started
             count = len(refs)
             strength = 1.0 / count if kinds.one_seed else 1.0
-            print(f"{bench} {set_name}: {len(kinds.tensors)} tensors ({kinds.tensors[0]} .. {kinds.tensors[-1]}), "
+            print(f"{bench} {set_name}{' (bf16)' if bf16 else ''}: {len(kinds.tensors)} tensors ({kinds.tensors[0]} .. {kinds.tensors[-1]}), "
                   f"default lambda {strength:.3g}, {seconds:.0f} s with the LoRA merges")
             for task, inputs, outputs, kind in zip(TASK_NAMES, kinds.inputs, kinds.outputs, kinds.kinds):
                 print(f"  {task:12s} input {inputs:6.1f}  output {outputs:5.1f}  ratio {inputs / outputs:5.2f}  {kind}")
