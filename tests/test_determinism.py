@@ -48,6 +48,19 @@ def test_same_bits_across_thread_counts(family, tmp_path, method):
     assert_same_bits(load_model(tmp_path / "three"), load_model(tmp_path / "default"))
 
 
+@pytest.mark.e2e
+def test_the_one_seed_guard_decides_alike_across_threads_and_shards(tmp_path):
+    # Its sample is fixed by the tensor names, not by the order tensors are merged in: with
+    # -j 3 and 30K shards the merge is capped alike (test_workflows checks the cap's value).
+    base, *fine_tunes = models.make_one_seed_family(tmp_path / "one_seed")
+    config = write_config(tmp_path / "cfg.yml", "wudi_cfs", base, fine_tunes)
+    mergekit_yaml_in_process(config, tmp_path / "default")
+    result = mergekit_yaml(config, tmp_path / "three", "-j", "3", "--out-shard-size", "30K")
+    assert "lambda is capped at 1/N = 0.333" in result.stderr
+    assert len(list((tmp_path / "three").glob("*.safetensors"))) > 3
+    assert_same_bits(load_model(tmp_path / "three"), load_model(tmp_path / "default"))
+
+
 @pytest.fixture(scope="module")
 def wide_family(tmp_path_factory):
     """The tiny family with intermediate_size 1024 and rank-4 fine-tunes: doge's projection
