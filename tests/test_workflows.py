@@ -218,11 +218,11 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
         assert error <= 1.5 * rounding + 1e-3 * (expected - w0).norm(), name
 
 
-def test_merged_in_one_seed_adapters_get_lambda_capped_at_one_over_n(family, tmp_path):
+def test_merged_in_one_seed_adapters_get_lambda_capped_at_one_over_n(tmp_path):
     # Nothing in the YAML says these are adapters: their task vectors do (guard.py). At the
     # defaults every solved tensor is merged at lambda 1/N, said once; one_seed_guard: false
-    # keeps lambda 1 and warns; a lambda already under 1/N is left alone; independent
-    # fine-tunes (the `family`) are not touched (the exact-merge tests elsewhere run on it).
+    # keeps lambda 1 and warns; a lambda already under 1/N is left alone. Independent
+    # fine-tunes are not touched: test_guard.py, and every exact-merge test on `family`.
     base, *models = make_one_seed_family(tmp_path / "one_seed")
     base_tensors, tuned = load_model(base), [load_model(m) for m in models]
 
