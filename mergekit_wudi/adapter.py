@@ -30,16 +30,11 @@ from mergekit_wudi.tensor_kinds import OURS_MARKER, fallback_reason, is_input_ma
 logger = logging.getLogger(__name__)
 
 
-def named_adapters(entries) -> List[str]:
-    """The fine-tunes the YAML names as LoRA adapters (`model: base+adapter`)."""
-    return [str(entry.id) for entry in entries if getattr(entry.id, "lora", None) is not None]
-
-
 def warn_lora_adapters(method: str, entries, strength: float) -> None:
     """Once per method and process, where the YAML names LoRA adapters (`model: base+adapter`)
     and lambda is still 1: what the task vectors cannot show about them, and what was measured.
     Only for methods whose strength lambda alone sets (Solver.sums_disjoint)."""
-    adapters = named_adapters(entries)
+    adapters = [str(entry.id) for entry in entries if getattr(entry.id, "lora", None) is not None]
     if not adapters or strength != 1.0:
         return
     warn_once(

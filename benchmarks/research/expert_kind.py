@@ -43,6 +43,13 @@ def quantile(values, q):
     return sorted(values)[int(q * len(values))]
 
 
+def mixed_folders(root: Path, task_names) -> dict:
+    """{"full": folder, "lora": folder}: the first cache folder of each kind under root holding
+    the tasks' experts (what benchmarks/bench/plan.mixed_members combines)."""
+    return {kind: next(d for d in sorted(os.listdir(root)) if d.startswith(kind + "-") and (root / d / task_names[0]).exists())
+            for kind in ("full", "lora")}
+
+
 def load_set(bench: str, base: dict, set_name: str):
     """({task: {tensor: t}}, {task: kind}) for a cache folder, or `mixed`."""
     root = ROOT / bench
@@ -55,8 +62,7 @@ def load_set(bench: str, base: dict, set_name: str):
     from bench.plan import mixed_members
 
     kinds = mixed_members(TASK_NAMES)
-    folders = {kind: next(d for d in sorted(os.listdir(root)) if d.startswith(kind + "-") and (root / d / TASK_NAMES[0]).exists())
-               for kind in ("full", "lora")}
+    folders = mixed_folders(root, TASK_NAMES)
     vectors = {}
     for kind, folder in folders.items():
         vectors.update(task_vectors(base, str(root / folder), [t for t in TASK_NAMES if kinds[t] == kind]))

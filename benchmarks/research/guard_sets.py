@@ -23,8 +23,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, os.path.dirname(__file__))
 
-ROOT = Path.home() / ".cache" / "mergekit-wudi-bench"
+from expert_kind import ROOT, mixed_folders  # noqa: E402
 
 
 def members(bench: str, set_name: str, task_names) -> list:
@@ -35,8 +36,7 @@ def members(bench: str, set_name: str, task_names) -> list:
         return [(kind, root / set_name / task) for task in task_names]
     from bench.plan import mixed_members
 
-    folders = {kind: next(d for d in sorted(os.listdir(root)) if d.startswith(kind + "-") and (root / d / task_names[0]).exists())
-               for kind in ("full", "lora")}
+    folders = mixed_folders(root, task_names)
     return [(kind, root / folders[kind] / task) for task, kind in mixed_members(task_names).items()]
 
 
