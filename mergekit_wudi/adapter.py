@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Tuple
 
@@ -32,20 +33,24 @@ logger = logging.getLogger(__name__)
 
 def warn_lora_adapters(method: str, entries, strength: float) -> None:
     """Once per method and process, where the YAML names LoRA adapters (`model: base+adapter`)
-    and lambda is still 1: what the task vectors cannot show about them, and what was measured.
-    Only for methods whose strength lambda alone sets (Solver.sums_disjoint)."""
+    and lambda is still 1 after adapter_guard (off, or the weights did not show adapters): what
+    the task vectors cannot show about them, and what was measured. Only for methods whose
+    strength lambda alone sets (Solver.sums_disjoint)."""
     adapters = [str(entry.id) for entry in entries if getattr(entry.id, "lora", None) is not None]
     if not adapters or strength != 1.0:
         return
+    count = len(entries)
     warn_once(
         logger, "lora adapters", method,
-        "%s: %d of the %d fine-tunes are LoRA adapters (%s). An adapter's input space is its random "
+        "%s: %d of the %d fine-tunes are LoRA adapters (%s), and lambda stays 1 (adapter_guard is off, or their "
+        "weights did not show what kind of adapters they are). An adapter's input space is its random "
         "initialisation, so the task vectors do not show how much adapters interfere on real inputs, and lambda 1 "
-        "can be far too strong. On this package's benchmarks (four LoRA expert sets, test split), wudi_cfs at lambda "
-        "near 1/N scored from 1.8 points below to 34 points above lambda 1; SmolLM2 adapters trained from one seed scored 13-24 "
-        "with wudi_cfs, tsv, ace and iso_c at lambda 1, against 52 for task_arithmetic at 0.2. Without a "
-        "validation set, lambda %.2g (1/N) is the safer start; README, 'Which method when', has each method's numbers.",
-        method, len(adapters), len(entries), ", ".join(adapters), 1.0 / len(entries),
+        "can be far too strong: on this package's benchmarks (test split) adapters with a seed each were 0.4-3.8 "
+        "points below the best built-in at lambda 1 and level with it at 1/sqrt(N); adapters trained from one seed scored "
+        "13-24 with wudi_cfs, tsv, ace and iso_c at lambda 1, against 52 for task_arithmetic at 0.2. Without a "
+        "validation set, lambda %.2g (1/sqrt(N)), or %.2g (1/N) for adapters trained from one seed, is the safer "
+        "start; README, 'Which method when', has each method's numbers.",
+        method, len(adapters), count, ", ".join(adapters), 1.0 / math.sqrt(count), 1.0 / count,
     )
 
 
@@ -105,7 +110,8 @@ class SolverMergeMethod(GroupMergeMethod):
             logger.debug("%s: %s -> fallback %s (%s)", self.method_name, name, parameters["fallback"], reason)
             PROGRESS.skipped(self.method_name, name)
             return merge_by_fallback(self.method_name, group, parameters)
-        parameters = with_guarded_lambda(self.method_name, group, parameters, warn=self.solver_cls.one_seed_guard)
+        parameters = with_guarded_lambda(self.method_name, group, parameters, sums_disjoint=self.solver_cls.sums_disjoint,
+                                         warn=self.solver_cls.adapter_guard)
         if self.solver_cls.sums_disjoint:
             warn_lora_adapters(self.method_name, group.non_base, parameters["lambda"])
         with PROGRESS.solving(self.method_name, name):

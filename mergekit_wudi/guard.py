@@ -1,24 +1,37 @@
-"""The one-seed guard (issue 23): where the fine-tunes look like LoRA adapters trained from one
-seed, lambda is capped at 1/N.
+"""The adapter guard (issue 23): where the fine-tunes look like LoRA adapters, lambda is capped.
 
-Why. LoRA adapters trained from one seed start from one random A, and A barely moves in
-training, so every adapter reads the same random input space: each acts on every task's inputs
-alike, and the methods that separate tasks by their input spaces (WUDI's premise) cannot. At
-lambda 1 their merge adds N updates where each task expects one. At lambda 1 every method but
-doge broke SmolLM2's one-seed set (13-24 against 52 for task_arithmetic at 0.2) and lost 3-15
-points on MiniLM's; at 1/N, the average, they were 40-50 and level with the best built-in
-(docs/benchmarks.md, "The one-seed guard"). Such sets are common where trainers seed the random
-number generator with one fixed default before the adapter is built.
+Why. A LoRA update B A reads A's row space, and A stays near its random initialisation.
+- Adapters trained from one seed share one A, so every adapter reads the same random input
+  space: each acts on every task's inputs alike, and the methods that separate tasks by their
+  input spaces (WUDI's premise) cannot. At lambda 1 their merge adds N updates where each task
+  expects one: every method but doge broke SmolLM2's one-seed set (13-24 against 52 for
+  task_arithmetic at 0.2). Cap: 1/N, their average (every method but doge).
+- Adapters with a seed each read random, nearly disjoint input spaces, so the methods that
+  return the sum of task vectors with disjoint row spaces (Solver.sums_disjoint: wudi, wudi_cfs,
+  tsv, ace) return about the sum of the N updates: sqrt(N) times one adapter's size (their
+  norms add in squares), while each adapter still acts on every task's real inputs, which its
+  random A does not keep apart. Cap: 1/sqrt(N), which brings the merged update back to one
+  adapter's size. On MiniLM's such set wudi_cfs at lambda 1 was 3.5 points below
+  task_arithmetic at 0.3, and level with it at 1/sqrt(N). iso_c and iso_cts flatten the
+  spectrum, which already shrinks the sum, and are not capped there.
+docs/benchmarks.md, "The adapter guard", has the numbers.
 
 What. Once per process and set of models: the first SAMPLE linear weights that the base and every
 fine-tune hold and at least two fine-tunes changed (among the first SCAN candidates), in layer
 order (the numbers in the name, then the name), give each fine-tune's median input and output
 subspace overlap (solvers/overlap.py, one task vector at a time: at most three tensors of that
-size beside the merge's own). Where any fine-tune's medians say "lora, one seed" (input
-over output overlap above 5; full fine-tunes gave 0.9-3.5 on both benchmarks), every solved
-tensor's lambda becomes min(lambda, 1/N). The sample is fixed by the names, not by the order
-mergekit merges tensors in, so runs, shards and thread counts agree. `one_seed_guard: false`
-keeps lambda as given (and warns instead).
+size beside the merge's own), and the median number of directions compared (k).
+- "one seed": input over output overlap above 5 (full fine-tunes gave 0.9-3.5 on both
+  benchmarks, one-seed adapters 7.7-14.6);
+- "a seed each": input overlap under 5 (at chance: 1.4-2.9; full fine-tunes 9-23), output
+  overlap at least TRAINED_OUTPUT = 2 (the B's of trained adapters write to shared output
+  directions, 2.5-5.5 times chance; independent random low-rank deltas stay near 1), and k at
+  least MIN_RANK = 4 (below it random subspaces' overlaps are too noisy to tell: rank-1 and
+  rank-2 random deltas reached 2-4).
+Where any fine-tune is "one seed", every solved tensor's lambda becomes min(lambda, 1/N); else
+where any is "a seed each", min(lambda, 1/sqrt(N)) for the methods that sum. The sample is fixed
+by the names, not by the order mergekit merges tensors in, so runs, shards and thread counts
+agree. `adapter_guard: false` keeps lambda as given (and warns instead).
 
 Only where the models are known (mergekit-yaml, run_merge, mergekit-wudi report): merge_tensors
 gives one tensor and no models, and there the guard does nothing.
@@ -28,12 +41,13 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_wudi.solvers.base import warn_once
-from mergekit_wudi.solvers.overlap import model_kind, overlaps, task_subspaces
+from mergekit_wudi.solvers.overlap import common_rank, model_kind, overlaps, task_subspaces
 from mergekit_wudi.tensor_kinds import is_input_major, will_solve
 
 logger = logging.getLogger(__name__)
@@ -41,6 +55,9 @@ logger = logging.getLogger(__name__)
 SAMPLE = 12  # linear weights whose overlaps decide
 SCAN = 16 * SAMPLE  # candidate names read at most, where few hold a change (a module no fine-tune trained)
 ONE_SEED = "lora, one seed"
+SEED_EACH = "lora"  # solvers.overlap.expert_kind's word; the guard also asks for TRAINED_OUTPUT and MIN_RANK
+TRAINED_OUTPUT = 2.0  # median output overlap (times chance) from which a "lora" fine-tune looks trained
+MIN_RANK = 4  # median k (directions compared) under which the overlaps cannot tell trained from random
 
 _MEASURED: Dict[Tuple[Any, ...], Optional[ExpertKinds]] = {}
 _LOCK = threading.Lock()
@@ -48,64 +65,98 @@ _LOCK = threading.Lock()
 
 @dataclass(frozen=True)
 class ExpertKinds:
-    """What the sample showed: the tensors, and per fine-tune its medians and solvers.overlap kind."""
+    """What the sample showed: the tensors, per fine-tune its medians and solvers.overlap kind,
+    and the median number of directions compared."""
 
     tensors: Tuple[str, ...]
     models: Tuple[str, ...]
     inputs: Tuple[float, ...]
     outputs: Tuple[float, ...]
     kinds: Tuple[str, ...]
+    rank: float
 
     @property
     def one_seed(self) -> Tuple[int, ...]:
         return tuple(i for i, kind in enumerate(self.kinds) if kind == ONE_SEED)
 
+    @property
+    def seed_each(self) -> Tuple[int, ...]:
+        """The fine-tunes that look like trained LoRA adapters with a seed each (the module docstring)."""
+        if self.rank < MIN_RANK:
+            return ()
+        return tuple(i for i, kind in enumerate(self.kinds) if kind == SEED_EACH and self.outputs[i] >= TRAINED_OUTPUT)
 
-def guarded_lambda(method: str, group: Any, strength: float, guard: bool, *, warn: bool = True) -> float:
-    """The lambda a solved tensor of `group` (a mergekit TensorGroup) gets: min(strength, 1/N)
-    where the guard is on and the fine-tunes look like one-seed adapters, else strength. With the
-    guard off, `warn` says so once where they look like that (doge, whose default is off: not)."""
+    def cap(self, count: int, sums_disjoint: bool) -> Optional[Tuple[float, Tuple[int, ...]]]:
+        """(the lambda cap, the fine-tunes that set it) for a method that sums disjoint updates or
+        not; None where no cap applies."""
+        if self.one_seed:
+            return 1.0 / count, self.one_seed
+        if sums_disjoint and self.seed_each:
+            return 1.0 / math.sqrt(count), self.seed_each
+        return None
+
+
+def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_disjoint: bool, *, warn: bool = True) -> float:
+    """The lambda a solved tensor of `group` (a mergekit TensorGroup) gets: capped where the guard
+    is on and the fine-tunes look like LoRA adapters (the module docstring), else strength. With
+    the guard off, `warn` says so once where it would have capped (doge, whose default is off: not)."""
     if not (guard or warn):
         return strength
     models = [entry.id for entry in group.non_base]
-    capped, kinds = capped_lambda(group.base.id, models, strength, group.base.tensor.device)
+    capped, kinds = capped_lambda(group.base.id, models, strength, group.base.tensor.device, sums_disjoint)
     if capped == strength:
         return strength
-    count, found = len(models), kinds.one_seed
-    evidence = (
-        f"{len(found)} of the {count} fine-tunes look like LoRA adapters trained from one seed "
-        f"({', '.join(kinds.models[i] for i in found)}: median input-space overlap "
-        f"{'/'.join(f'{kinds.inputs[i]:.0f}' for i in found)} times chance, "
-        f"{'/'.join(f'{kinds.inputs[i] / kinds.outputs[i]:.1f}' for i in found)} times their output spaces', over "
-        f"{len(kinds.tensors)} tensors; full fine-tunes gave 0.9-3.5 times on this package's benchmarks). Such adapters "
-        "all read one random input space, so each acts on every task's inputs"
-    )
+    count = len(models)
+    cap, found = kinds.cap(count, sums_disjoint)
+    one_seed = bool(kinds.one_seed)
+    names = ", ".join(kinds.models[i] for i in found)
+    if one_seed:
+        evidence = (
+            f"{len(found)} of the {count} fine-tunes look like LoRA adapters trained from one seed ({names}: median "
+            f"input-space overlap {'/'.join(f'{kinds.inputs[i]:.0f}' for i in found)} times chance, "
+            f"{'/'.join(f'{kinds.inputs[i] / kinds.outputs[i]:.1f}' for i in found)} times their output spaces', over "
+            f"{len(kinds.tensors)} tensors; full fine-tunes gave 0.9-3.5 times on this package's benchmarks). Such "
+            "adapters all read one random input space, so each acts on every task's inputs"
+        )
+        rule, measured = "1/N", "on SmolLM2's one-seed set the solved methods at lambda 1 scored 13-24 against 52 for task_arithmetic at 0.2"
+    else:
+        evidence = (
+            f"{len(found)} of the {count} fine-tunes look like LoRA adapters trained with a seed each ({names}: median "
+            f"input-space overlap {'/'.join(f'{kinds.inputs[i]:.1f}' for i in found)} times chance, output-space "
+            f"{'/'.join(f'{kinds.outputs[i]:.1f}' for i in found)} times, over {len(kinds.tensors)} tensors; full "
+            "fine-tunes' inputs gave 9-23 times on this package's benchmarks). Their input spaces are random and "
+            f"nearly disjoint, so {method} returns about the sum of their updates, sqrt(N) times one adapter's size, "
+            "while each still acts on every task's inputs"
+        )
+        rule, measured = "1/sqrt(N)", "on MiniLM's such set wudi_cfs at lambda 1 was 3.5 points below task_arithmetic at 0.3"
     if not guard:
-        warn_once(logger, "one-seed adapters", method,
-                  "%s: %s; one_seed_guard is off, so lambda stays %.3g: on SmolLM2's one-seed set the solved methods "
-                  "at lambda 1 scored 13-24 against 52 for task_arithmetic at 0.2. Lambda %.2g (1/N) is the safer "
-                  "start; `mergekit-wudi report` shows each model's overlaps.", method, evidence, strength, 1.0 / count)
+        warn_once(logger, "adapters", method,
+                  "%s: %s; adapter_guard is off, so lambda stays %.3g: %s. Lambda %.2g (%s) is the safer start; "
+                  "`mergekit-wudi report` shows each model's overlaps.", method, evidence, strength, measured, cap, rule)
         return strength
-    warn_once(logger, "one-seed adapters", method,
-              "%s: %s. lambda is capped at 1/N = %.3g for every solved tensor (one_seed_guard; set one_seed_guard: "
-              "false to keep lambda %.3g).", method, evidence, 1.0 / count, strength)
+    warn_once(logger, "adapters", method,
+              "%s: %s. lambda is capped at %s = %.3g for every solved tensor (adapter_guard; set adapter_guard: "
+              "false to keep lambda %.3g).", method, evidence, rule, cap, strength)
     return capped
 
 
-def capped_lambda(base: Any, models: Sequence[Any], strength: float, device: Any = "cpu") -> Tuple[float, Optional[ExpertKinds]]:
-    """(min(strength, 1/N) where any of the N fine-tunes looks like a one-seed adapter, else
-    strength; the sample's verdict, None where none was needed or possible)."""
+def capped_lambda(base: Any, models: Sequence[Any], strength: float, device: Any = "cpu",
+                  sums_disjoint: bool = True) -> Tuple[float, Optional[ExpertKinds]]:
+    """(strength capped as the module docstring says for a method that sums disjoint updates or
+    not, else strength; the sample's verdict, None where none was needed or possible)."""
     count = len(models)
     if count < 2 or strength <= 1.0 / count:
         return strength, None
     kinds = expert_kinds(base, models, device)
-    return (1.0 / count if kinds is not None and kinds.one_seed else strength), kinds
+    cap = None if kinds is None else kinds.cap(count, sums_disjoint)
+    return (strength if cap is None else min(strength, cap[0])), kinds
 
 
-def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], *, warn: bool) -> Mapping[str, Any]:
+def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], *, sums_disjoint: bool,
+                        warn: bool) -> Mapping[str, Any]:
     """The resolved parameters of a solved tensor with `lambda` replaced by guarded_lambda's (the
     cache key and the solve then take the capped one)."""
-    strength = guarded_lambda(method, group, parameters["lambda"], parameters["one_seed_guard"], warn=warn)
+    strength = guarded_lambda(method, group, parameters["lambda"], parameters["adapter_guard"], sums_disjoint, warn=warn)
     return parameters if strength == parameters["lambda"] else {**parameters, "lambda": strength}
 
 
@@ -122,7 +173,7 @@ def expert_kinds(base: Any, models: Sequence[Any], device: Any = "cpu") -> Optio
             try:
                 _MEASURED[key] = _measure(base, list(models), device)
             except (OSError, KeyError, RuntimeError) as error:  # a file the merge itself may not need
-                logger.warning("one_seed_guard: could not sample the models' linear weights (%s: %s); "
+                logger.warning("adapter_guard: could not sample the models' linear weights (%s: %s); "
                                "lambda is left as given", type(error).__name__, error)
                 _MEASURED[key] = None
         return _MEASURED[key]
@@ -135,6 +186,7 @@ def _measure(base: Any, models: List[Any], device: Any) -> Optional[ExpertKinds]
     loaders = [LoaderCache().get(model) for model in models]
     per_model: List[List[Tuple[float, float]]] = [[] for _ in models]
     used: List[str] = []
+    ranks: List[int] = []
     for scanned, name in enumerate(sample_order(base_loader.index.tensor_paths, [ld.index.tensor_paths for ld in loaders])):
         if len(used) == SAMPLE or scanned == SCAN:
             break
@@ -157,6 +209,7 @@ def _measure(base: Any, models: List[Any], device: Any) -> Optional[ExpertKinds]
             for pairs, pair in zip(per_model, zip(*overlaps(found, shape))):
                 if math.isfinite(pair[0]):
                     pairs.append(pair)
+            ranks.append(common_rank(found, shape))
             used.append(name)
     if not used:
         return None
@@ -164,6 +217,7 @@ def _measure(base: Any, models: List[Any], device: Any) -> Optional[ExpertKinds]
     return ExpertKinds(
         tensors=tuple(used), models=tuple(str(model) for model in models),
         inputs=tuple(m[0] for m in medians), outputs=tuple(m[1] for m in medians), kinds=tuple(m[2] for m in medians),
+        rank=statistics.median(ranks),
     )
 
 

@@ -50,7 +50,7 @@ class TensorReport:
     models: Tuple[str, ...]
     norms: Tuple[float, ...]
     effective_ranks: Tuple[float, ...]
-    scale: float  # the lambda the merge uses for this tensor: the config's, capped by one_seed_guard where it acts
+    scale: float  # the lambda the merge uses for this tensor: the config's, capped by adapter_guard where it acts
     objective_task_arithmetic: float
     objective_solved: float
     calibration: float = 1.0  # the calibrate rule's scale c (1 with calibrate: none); the merge adds lambda * c * t_m
@@ -218,8 +218,8 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
     task_vectors, merged, calibration = records.pop()
     non_base = [model for model in task.model_order if model != base_model]
     scale = float(task.parameters["lambda"])
-    if task.parameters.get("one_seed_guard"):  # the lambda the merge uses (guard.py)
-        scale, _ = capped_lambda(base_model, non_base, scale, device)
+    if task.parameters.get("adapter_guard"):  # the lambda the merge uses (guard.py)
+        scale, _ = capped_lambda(base_model, non_base, scale, device, recording_method.solver_cls.sums_disjoint)
     binding = "" if calibration is None else ("norm" if calibration.binding == "norm" else f"t_{calibration.task + 1}")
     inputs, outputs = subspace_overlap(task_vectors) if ranks else ((math.nan,) * len(task_vectors),) * 2
     return TensorReport(
@@ -346,7 +346,7 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
         f"Config: `{config_path}`. Objective: the WUDI interference loss "
         "L(t) = sum_i ||(t - t_i) t_i^T||_F^2 / ||t_i||_F^2 (arXiv:2503.08099, Eq. 21), at the vectors added "
         "to W0: task arithmetic's t = lambda sum_i t_i and the solved t = lambda c t_m (c: the `calibrate` rule's scale, 1 without one; "
-        "lambda: the one the merge uses, the config's capped at 1/N where one_seed_guard acts); t_i = weight_i (W_i - W0). "
+        "lambda: the one the merge uses, the config's capped where adapter_guard acts); t_i = weight_i (W_i - W0). "
         "Effective rank: exp of the entropy of the normalised singular values (Roy & Vetterli 2007).",
         "",
     ]
@@ -378,11 +378,13 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
 
 KIND_ADVICE = {
     "full": "the methods' defaults were chosen on such sets (README, 'Which method when').",
-    "lora": "wudi, wudi_cfs, tsv and ace at lambda 1 were 0.4-3.8 points below the best built-in on the "
-            "benchmarks' two such sets; at lambda 1/N level with it on MiniLM, 2.2-2.8 points below on SmolLM2.",
+    "lora": "where the output overlap is at least 2 (trained adapters' B's share output directions; independent "
+            "random deltas stay near 1) and 4 or more directions are compared, wudi, wudi_cfs, tsv and ace cap lambda "
+            "at 1/sqrt(N) (adapter_guard, docs/methods.md): at lambda 1 they were 0.4-3.8 points below the best "
+            "built-in on the benchmarks' two such sets, at 1/sqrt(N) level with it.",
     "lora, one seed": "at lambda 1 wudi, wudi_cfs, tsv, ace and iso_c broke SmolLM2's such set (13-24 against 52 "
                       "for task_arithmetic at lambda 0.2; doge 42), so every method but doge caps lambda at 1/N where "
-                      "the first 12 linear weights look like this (one_seed_guard, docs/methods.md).",
+                      "the first 12 linear weights look like this (adapter_guard, docs/methods.md).",
 }
 
 

@@ -111,9 +111,10 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
     yield declare("calibrate", str, shared, method.solver_cls.calibration,
                   "merge strength rule before lambda: 'none', or 'input_space' (no task gets more than its own update "
                   "in its own input space)", check=functools.partial(check_choice(*CALIBRATIONS), "calibrate"))
-    yield declare("one_seed_guard", bool, shared, method.solver_cls.one_seed_guard,
-                  "cap lambda at 1/N where the fine-tunes look like LoRA adapters trained from one seed "
-                  "(their input spaces coincide far beyond their output spaces'); false keeps lambda")
+    yield declare("adapter_guard", bool, shared, method.solver_cls.adapter_guard,
+                  "cap lambda where the fine-tunes look like LoRA adapters: at 1/N for adapters trained from one seed"
+                  + (", at 1/sqrt(N) for adapters with a seed each" if method.solver_cls.sums_disjoint else "")
+                  + " (guard.py); false keeps lambda")
     yield declare("fallback", str, shared, DEFAULT_FALLBACK, "merge method for tensors that are not solved, or 'base'",
                   check=check_fallback)
     yield declare("solve", bool, shared, True, "false sends the tensor to the fallback")

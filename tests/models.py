@@ -86,13 +86,14 @@ def save_model(path: Path, state: Dict[str, torch.Tensor], dtype: torch.dtype = 
     return path
 
 
-def make_family(root: Path, fine_tunes: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32) -> List[Path]:
+def make_family(root: Path, fine_tunes: int = 3, seed: int = 0, dtype: torch.dtype = torch.float32,
+                rank: int = 2) -> List[Path]:
     """Save base + fine-tunes under root; return [base, ft1, ...] as absolute paths."""
     generator = torch.Generator().manual_seed(seed)
     base = llama_state_dict(generator)
     paths = [save_model(root / "base", base, dtype)]
     for index in range(fine_tunes):
-        paths.append(save_model(root / f"ft{index + 1}", fine_tune(base, generator), dtype))
+        paths.append(save_model(root / f"ft{index + 1}", fine_tune(base, generator, rank=rank), dtype))
     return [p.resolve() for p in paths]
 
 
@@ -108,6 +109,26 @@ def make_one_seed_family(root: Path, fine_tunes: int = 3, seed: int = 5, modules
     for index in range(fine_tunes):
         tuned = {name: t + 0.02 * torch.randn(t.shape[0], 2, generator=generator) @ shared[name] if name in shared else t
                  for name, t in base.items()}
+        paths.append(save_model(root / f"ft{index + 1}", tuned))
+    return [p.resolve() for p in paths]
+
+
+def make_seed_each_family(root: Path, fine_tunes: int = 3, seed: int = 6, rank: int = 8) -> List[Path]:
+    """Like make_family, but every fine-tune's linear delta is B_i A_i of rank 8 with its own random
+    A_i (orthonormal rows) and B_i = Q C_i writing into one rank-8 output space Q per tensor: LoRA
+    adapters trained with a seed each, whose B's learned shared output directions, merged in."""
+    generator = torch.Generator().manual_seed(seed)
+    base = llama_state_dict(generator)
+    outputs = {name: torch.linalg.qr(torch.randn(t.shape[0], rank, generator=generator))[0]
+               for name, t in base.items() if is_llama_linear(name)}
+    paths = [save_model(root / "base", base)]
+    for index in range(fine_tunes):
+        tuned = {}
+        for name, t in base.items():
+            if name in outputs:
+                inputs = torch.linalg.qr(torch.randn(t.shape[1], rank, generator=generator))[0].T
+                t = t + 0.02 * outputs[name] @ torch.randn(rank, rank, generator=generator) @ inputs
+            tuned[name] = t
         paths.append(save_model(root / f"ft{index + 1}", tuned))
     return [p.resolve() for p in paths]
 

@@ -50,13 +50,13 @@ def test_run_help_has_every_mergekit_yaml_option():
 def test_methods_json_lists_own_parameters_with_defaults():
     described = {item["name"]: item for item in json.loads(mergekit_wudi_cli("methods", "--format", "json").output)}
     assert list(described) == list(METHODS)
-    common = {"weight": 1.0, "lambda": 1.0, "calibrate": "none", "one_seed_guard": True, "fallback": "task_arithmetic",
+    common = {"weight": 1.0, "lambda": 1.0, "calibrate": "none", "adapter_guard": True, "fallback": "task_arithmetic",
               "solve": True, "input_major": None}
     # Defaults from methods.md and the solver configs, independent of the spec.
     expected = {
         "wudi": {**common, "steps": WudiConfig().steps, "lr": WudiConfig().lr},
         "wudi_cfs": {**common, "omega": WudiCfsConfig().omega},
-        "doge": {**common, "one_seed_guard": False, "eta": DogeConfig().eta, "lr": DogeConfig().lr, "steps": DogeConfig().steps,
+        "doge": {**common, "adapter_guard": False, "eta": DogeConfig().eta, "lr": DogeConfig().lr, "steps": DogeConfig().steps,
                  "density": None, "subspace": DogeConfig().subspace},
         "tsv": common,
         "iso_c": {**common, "calibrate": "input_space"},  # issue 23: the default strength of both iso methods
@@ -79,7 +79,7 @@ def test_methods_json_lists_own_parameters_with_defaults():
     assert pretty["iso_c"] == ("Iso-C", "https://arxiv.org/abs/2502.04959")
     assert pretty["iso_cts"] == ("Iso-CTS", "https://arxiv.org/abs/2502.04959")
     types = {p["name"]: p["type"] for p in described["wudi"]["parameters"]}
-    assert types == {"weight": "float", "lambda": "float", "calibrate": "str", "one_seed_guard": "bool", "fallback": "str", "solve": "bool",
+    assert types == {"weight": "float", "lambda": "float", "calibrate": "str", "adapter_guard": "bool", "fallback": "str", "solve": "bool",
                      "input_major": "bool or null", "steps": "int", "lr": "float"}
 
 

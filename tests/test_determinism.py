@@ -49,7 +49,7 @@ def test_same_bits_across_thread_counts(family, tmp_path, method):
 
 
 @pytest.mark.e2e
-def test_the_one_seed_guard_decides_alike_across_threads_and_shards(tmp_path):
+def test_the_adapter_guard_decides_alike_across_threads_and_shards(tmp_path):
     # Its sample is fixed by the tensor names, not by the order tensors are merged in: with
     # -j 3 and 30K shards the merge is capped alike (test_workflows checks the cap's value).
     base, *fine_tunes = models.make_one_seed_family(tmp_path / "one_seed")

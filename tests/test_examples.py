@@ -35,8 +35,8 @@ def test_recipe_is_valid(path):
             t=0.5,
         )
         assert shared["fallback"] in ("task_arithmetic", "ties", "base")
-        if any(m.model.lora is not None for m in config.models):  # adapters: lambda 1/N, as the warning advises
-            assert shared["lambda"] == pytest.approx(1 / len(config.models))
+        if any(m.model.lora is not None for m in config.models):  # adapters: lambda left to adapter_guard
+            assert shared["lambda"] == 1.0 and shared["adapter_guard"] is True
         if path.name == "wudi_filters.yml":
             assert shared["solve"] is ("down_proj" not in tensor)
             assert shared["lambda"] == pytest.approx(1.0)  # the middle of the gradient

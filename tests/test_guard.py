@@ -1,12 +1,13 @@
-"""guard.py: which tensors the one-seed guard samples, and where it cannot act."""
+"""guard.py: which tensors the adapter guard samples, what it calls each family, and where it cannot act."""
 
+import pytest
 import torch
 from mergekit.common import ModelReference
 from mergekit.merge_methods import merge_tensors
-from models import make_one_seed_family
+from models import make_family, make_one_seed_family, make_seed_each_family
 from reference import wudi_closed_form
 
-from mergekit_wudi.guard import SAMPLE, expert_kinds, sample_order
+from mergekit_wudi.guard import MIN_RANK, SAMPLE, TRAINED_OUTPUT, expert_kinds, sample_order
 
 
 def test_sample_order_is_layer_order_of_the_linear_weights_all_models_hold():
@@ -63,3 +64,34 @@ def test_the_sample_skips_modules_no_fine_tune_trained(family, tmp_path):
     independent = expert_kinds(ModelReference.parse(str(family[0])), [ModelReference.parse(str(m)) for m in family[1:]])
     assert len(independent.tensors) == SAMPLE and not independent.one_seed
     assert set(independent.kinds) == {"lora"}
+
+
+def kinds_of(paths):
+    return expert_kinds(ModelReference.parse(str(paths[0])), [ModelReference.parse(str(m)) for m in paths[1:]])
+
+
+def test_adapters_with_a_seed_each_are_told_from_independent_random_deltas(tmp_path):
+    # Rank-8 deltas Q C_i A_i with a random A_i per model and one output space Q per tensor
+    # (trained adapters' B's share output directions): input overlaps near chance, output
+    # overlaps out / 8 times chance (64 / 8 for most tensors, 32 / 8 for k_proj and v_proj,
+    # so the median is 8), k = 8: "a seed each", capped at 1/sqrt(N) for methods that sum.
+    seed_each = kinds_of(make_seed_each_family(tmp_path / "seed_each"))
+    assert seed_each.kinds == ("lora",) * 3 and seed_each.seed_each == (0, 1, 2) and not seed_each.one_seed
+    assert all(value < 2 for value in seed_each.inputs)
+    assert all(abs(value - 8.0) < 1e-3 for value in seed_each.outputs) and seed_each.rank == 8
+    cap, found = seed_each.cap(3, sums_disjoint=True)
+    assert cap == pytest.approx(3 ** -0.5, rel=1e-15) and found == (0, 1, 2)
+    assert seed_each.cap(3, sums_disjoint=False) is None  # iso_c, iso_cts, doge
+
+    # Independent random deltas, rank 8 and rank 4: output overlaps near chance, no cap. Rank
+    # 2 (the conftest family): below MIN_RANK, where random overlaps reach TRAINED_OUTPUT.
+    for rank in (8, 4, 2):
+        independent = kinds_of(make_family(tmp_path / f"rank{rank}", rank=rank))
+        assert independent.kinds == ("lora",) * 3 and independent.rank == rank, rank
+        assert not independent.seed_each and independent.cap(3, sums_disjoint=True) is None, rank
+        if rank >= MIN_RANK:
+            assert max(independent.outputs) < 0.7 * TRAINED_OUTPUT, (rank, independent.outputs)
+
+    # One seed wins over a seed each: 1/N for every method.
+    one_seed = kinds_of(make_one_seed_family(tmp_path / "one_seed"))
+    assert one_seed.cap(3, sums_disjoint=True) == one_seed.cap(3, sums_disjoint=False) == (1 / 3, (0, 1, 2))

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import LLAMA_CONFIG, is_llama_linear, load_model, make_family, make_one_seed_family, write_config
+from models import (
+    LLAMA_CONFIG,
+    is_llama_linear,
+    load_model,
+    make_family,
+    make_one_seed_family,
+    make_seed_each_family,
+    write_config,
+)
 from reference import calibrated, doge, input_space_scale, usable, wudi_adam, wudi_closed_form, wudi_loss
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from runner import mergekit_wudi_cli
@@ -111,13 +119,29 @@ def test_report_tells_one_seed_adapters_from_independent_ones(cfs_report, tmp_pa
         in_features = int(row["shape"].split("x")[1])
         assert float(row["input_overlap"]) == pytest.approx(in_features / 2, rel=1e-4)
         assert 0 < float(row["output_overlap"]) < float(row["input_overlap"])
-        assert float(row["lambda"]) == 1 / 3  # what the merge uses: one_seed_guard caps it at 1/N
+        assert float(row["lambda"]) == 1 / 3  # what the merge uses: adapter_guard caps it at 1/N
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert markdown.count(" | lora, one seed |") == 3 and "- lora, one seed: " in markdown
     independent = (cfs_report / "report.md").read_text()
     assert independent.count(" | lora |") == 3 and "lora, one seed" not in independent
     assert all(float(row["input_overlap"]) < 5 and float(row["lambda"]) == 0.9 for row in read_csv(cfs_report / "report.csv"))
 
+
+
+def test_report_lambda_is_capped_at_one_over_sqrt_n_for_adapters_with_a_seed_each(tmp_path):
+    # The seed-each family (guard.py): the CSV's lambda is what the merge uses, 1/sqrt(3) for
+    # tsv (a method that sums) and the configured 1 for iso_c (which flattens the sum).
+    paths = make_seed_each_family(tmp_path / "seed_each")
+    for method, strength in (("tsv", 3 ** -0.5), ("iso_c", 1.0)):
+        config = write_config(tmp_path / f"{method}.yml", method, paths[0], paths[1:])
+        result = mergekit_wudi_cli("report", config, "--out", tmp_path / method, "--no-plots", "--quiet",
+                                   "--filter", r"layers\.0\.self_attn")
+        assert result.exit_code == 0, result.output
+        rows = read_csv(tmp_path / method / "report.csv")
+        assert len(rows) == 4 * 3
+        assert all(float(row["lambda"]) == pytest.approx(strength, rel=1e-12) for row in rows), method
+    markdown = (tmp_path / "tsv" / "report.md").read_text()
+    assert markdown.count(" | lora |") == 3 and "cap lambda at 1/sqrt(N)" in markdown
 
 def test_report_bf16_wudi(tmp_path):
     family = make_family(tmp_path / "bf16", fine_tunes=2, seed=3, dtype=torch.bfloat16)

@@ -14,7 +14,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-from models import is_llama_linear, load_model, make_one_seed_family, write_config
+from models import is_llama_linear, load_model, make_one_seed_family, make_seed_each_family, write_config
 from reference import wudi_closed_form
 from runner import mergekit_yaml, mergekit_yaml_in_process
 
@@ -140,9 +140,10 @@ def test_lora_adapter_through_model_plus_lora(family, tmp_path):
     config = write_config(tmp_path / "lora.yml", "wudi_cfs", base, [ft1, f"{base}+{tmp_path / 'adapter'}"])
     check_config_keys(MergeConfiguration.model_validate(json.loads(config.read_text())))
     result = mergekit_yaml(config, tmp_path / "out", "--lora-merge-cache", str(tmp_path / "lora-cache"))
-    # Named as an adapter, it is known to be one: warned once, with 1/N as the lambda to start from.
+    # Named as an adapter, it is known to be one; its rank 2 is too low for adapter_guard to
+    # tell it from a random delta, so lambda stays 1: warned once, with 1/sqrt(N) and 1/N to start from.
     assert result.stderr.count("wudi_cfs: 1 of the 2 fine-tunes are LoRA adapters") == 1
-    assert "lambda 0.5 (1/N) is the safer start" in result.stderr
+    assert "lambda 0.71 (1/sqrt(N)), or 0.5 (1/N) for adapters trained from one seed, is the safer start" in result.stderr
 
     # The weights mergekit sees for `base+adapter` (peft's merge, cached on disk)...
     (seen_path,) = [p for p in (tmp_path / "lora-cache").iterdir() if p.is_dir()]
@@ -220,7 +221,7 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
 
 def test_merged_in_one_seed_adapters_get_lambda_capped_at_one_over_n(tmp_path):
     # Nothing in the YAML says these are adapters: their task vectors do (guard.py). At the
-    # defaults every solved tensor is merged at lambda 1/N, said once; one_seed_guard: false
+    # defaults every solved tensor is merged at lambda 1/N, said once; adapter_guard: false
     # keeps lambda 1 and warns; a lambda already under 1/N is left alone. Independent
     # fine-tunes are not touched: test_guard.py, and every exact-merge test on `family`.
     base, *models = make_one_seed_family(tmp_path / "one_seed")
@@ -240,11 +241,49 @@ def test_merged_in_one_seed_adapters_get_lambda_capped_at_one_over_n(tmp_path):
     assert "lambda is capped at 1/N = 0.333 for every solved tensor" in result.stderr
     assert_merged_at(tmp_path / "out", 1 / 3)
 
-    off = write_config(tmp_path / "off.yml", "wudi_cfs", base, models, {"one_seed_guard": False})
+    off = write_config(tmp_path / "off.yml", "wudi_cfs", base, models, {"adapter_guard": False})
     result = mergekit_yaml(off, tmp_path / "off")
-    assert result.stderr.count("one_seed_guard is off, so lambda stays 1") == 1
+    assert result.stderr.count("adapter_guard is off, so lambda stays 1") == 1
     assert_merged_at(tmp_path / "off", 1.0)
 
     lowered = write_config(tmp_path / "lowered.yml", "wudi_cfs", base, models, {"lambda": 0.3})
     assert mergekit_yaml_in_process(lowered, tmp_path / "lowered").exit_code == 0
     assert_merged_at(tmp_path / "lowered", 0.3)
+
+
+def test_merged_in_adapters_with_a_seed_each_get_lambda_capped_at_one_over_sqrt_n(tmp_path):
+    # Rank-8 deltas with a random input factor each and shared output directions (guard.py,
+    # "a seed each"): at the defaults wudi_cfs, which sums task vectors with disjoint row spaces,
+    # merges every solved tensor at lambda 1/sqrt(N), said once; a lambda under it is left alone;
+    # adapter_guard: false keeps lambda 1 and warns. iso_c flattens the sum and is not capped.
+    base, *models = make_seed_each_family(tmp_path / "seed_each")
+    base_tensors, tuned = load_model(base), [load_model(m) for m in models]
+
+    def assert_merged_at(out, strength):
+        merged = load_model(out)
+        for name, tensor in merged.items():
+            if is_llama_linear(name):
+                w0 = base_tensors[name].double()
+                expected = w0 + strength * wudi_closed_form(torch.stack([t[name].double() - w0 for t in tuned]), 0.1)
+                assert (tensor.double() - expected).norm() / (expected - w0).norm() < 1e-4, (name, strength)
+
+    result = mergekit_yaml(write_config(tmp_path / "default.yml", "wudi_cfs", base, models), tmp_path / "out")
+    assert result.stderr.count("wudi_cfs: 3 of the 3 fine-tunes look like LoRA adapters trained with a seed each") == 1
+    assert "lambda is capped at 1/sqrt(N) = 0.577 for every solved tensor" in result.stderr
+    assert_merged_at(tmp_path / "out", 3 ** -0.5)
+
+    lowered = write_config(tmp_path / "lowered.yml", "wudi_cfs", base, models, {"lambda": 0.5})
+    assert mergekit_yaml_in_process(lowered, tmp_path / "lowered").exit_code == 0
+    assert_merged_at(tmp_path / "lowered", 0.5)
+
+    off = write_config(tmp_path / "off.yml", "wudi_cfs", base, models, {"adapter_guard": False})
+    result = mergekit_yaml(off, tmp_path / "off")
+    assert result.stderr.count("adapter_guard is off, so lambda stays 1") == 1
+    assert_merged_at(tmp_path / "off", 1.0)
+
+    result = mergekit_yaml(write_config(tmp_path / "iso.yml", "iso_c", base, models), tmp_path / "iso")
+    assert "look like LoRA adapters" not in result.stderr
+    iso_off = write_config(tmp_path / "iso_off.yml", "iso_c", base, models, {"adapter_guard": False})
+    assert mergekit_yaml_in_process(iso_off, tmp_path / "iso_off").exit_code == 0
+    iso, iso_off = load_model(tmp_path / "iso"), load_model(tmp_path / "iso_off")
+    assert iso.keys() == iso_off.keys() and all(torch.equal(iso[name], iso_off[name]) for name in iso)

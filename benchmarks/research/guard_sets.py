@@ -1,4 +1,4 @@
-"""Issue 23: what the one-seed guard (mergekit_wudi/guard.py) decides on each benchmark expert set,
+"""Issue 23: what the adapter guard (mergekit_wudi/guard.py) decides on each benchmark expert set,
 through the path a merge takes (mergekit ModelReferences, `base+adapter` for LoRA members, mergekit's
 LoaderCache and LoRA merge).
 
@@ -7,7 +7,9 @@ LoaderCache and LoRA merge).
 SET: a folder name under the benchmark's expert cache (~/.cache/mergekit-wudi-bench/BENCH/);
 `mixed` is full experts on even-indexed tasks and conventional LoRA on odd ones
 (benchmarks/bench/plan.mixed_members). Prints, per set, the sampled tensors' count, each
-fine-tune's median input and output overlap and kind, and the lambda a default merge gets.
+fine-tune's median input and output overlap and kind ("a seed each": the guard's trained-adapter
+test passed), the median number of directions compared (k), and the lambda a default merge gets
+from the methods that sum disjoint updates (wudi, wudi_cfs, tsv, ace) and from iso_c and iso_cts.
 --bf16: the base and every fine-tune (LoRA members after mergekit's merge) saved in bfloat16
 first, as most shared checkpoints are.
 """
@@ -62,7 +64,7 @@ def main() -> None:
     from mergekit.io.tasks import LoaderCache
     from mergekit.options import MergeOptions
 
-    from mergekit_wudi.guard import expert_kinds
+    from mergekit_wudi.guard import capped_lambda, expert_kinds
 
     bf16 = "--bf16" in sys.argv
     bench, sets = sys.argv[1], [a for a in sys.argv[2:] if a != "--bf16"]
@@ -84,12 +86,13 @@ def main() -> None:
                 refs = [in_bf16(ref, lora_cache, folder / task) for ref, task in zip(refs, TASK_NAMES)]
             kinds = expert_kinds(base_ref, refs)
             seconds = time.perf_counter() - started
-            count = len(refs)
-            strength = 1.0 / count if kinds.one_seed else 1.0
+            summing, flattening = (capped_lambda(base_ref, refs, 1.0, sums_disjoint=s)[0] for s in (True, False))
             print(f"{bench} {set_name}{' (bf16)' if bf16 else ''}: {len(kinds.tensors)} tensors ({kinds.tensors[0]} .. {kinds.tensors[-1]}), "
-                  f"default lambda {strength:.3g}, {seconds:.0f} s with the LoRA merges")
-            for task, inputs, outputs, kind in zip(TASK_NAMES, kinds.inputs, kinds.outputs, kinds.kinds):
-                print(f"  {task:12s} input {inputs:6.1f}  output {outputs:5.1f}  ratio {inputs / outputs:5.2f}  {kind}")
+                  f"k {kinds.rank:g}, default lambda {summing:.3g} (wudi, wudi_cfs, tsv, ace), {flattening:.3g} (iso_c, iso_cts), "
+                  f"{seconds:.0f} s with the LoRA merges")
+            for index, (task, inputs, outputs, kind) in enumerate(zip(TASK_NAMES, kinds.inputs, kinds.outputs, kinds.kinds)):
+                label = f"{kind}{', a seed each' if index in kinds.seed_each else ''}"
+                print(f"  {task:12s} input {inputs:6.1f}  output {outputs:5.1f}  ratio {inputs / outputs:5.2f}  {label}")
 
 
 if __name__ == "__main__":

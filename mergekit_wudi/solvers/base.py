@@ -41,9 +41,10 @@ class Solver:
     "input_space"). A solver built directly applies the rule it is given, "none" unless told.
     `sums_disjoint` (default True): at lambda 1 the merge of task vectors with disjoint row
     spaces is their sum, so lambda alone sets its strength (False for methods that normalise
-    or flatten it: the adapter's LoRA warning and its 1/N advice do not apply to them).
-    `one_seed_guard` (default True): the YAML default of `one_seed_guard` (guard.py: lambda
-    capped at 1/N where the fine-tunes look like LoRA adapters trained from one seed).
+    or flatten it: adapter_guard's 1/sqrt(N) cap and the adapter's LoRA warning do not apply to them).
+    `adapter_guard` (default True): the YAML default of `adapter_guard` (guard.py: lambda capped
+    at 1/N where the fine-tunes look like LoRA adapters trained from one seed, and at 1/sqrt(N)
+    where they look like adapters with a seed each and `sums_disjoint`).
 
     Input: any float dtype on any device; solved in float32 (float64 if given float64);
     returns (out, in) in that compute dtype on the input device. Zero or non-finite task
@@ -57,18 +58,18 @@ class Solver:
     one_thread: ClassVar[bool] = False
     calibration: ClassVar[str] = "none"
     sums_disjoint: ClassVar[bool] = True
-    one_seed_guard: ClassVar[bool] = True
+    adapter_guard: ClassVar[bool] = True
 
     def __init_subclass__(cls, *, name: Optional[str] = None, pretty_name: Optional[str] = None,
                           paper: Optional[str] = None, config: Optional[type] = None, one_thread: Optional[bool] = None,
                           calibration: Optional[str] = None, sums_disjoint: Optional[bool] = None,
-                          one_seed_guard: Optional[bool] = None, **kwargs: Any):
+                          adapter_guard: Optional[bool] = None, **kwargs: Any):
         """`class XSolver(Solver, name=..., pretty_name=..., paper=..., config=XConfig)`; what a
         subclass does not give, it inherits."""
         super().__init_subclass__(**kwargs)
         given = {"name": name, "pretty_name": pretty_name, "paper": paper, "config_cls": config, "one_thread": one_thread,
                  "calibration": None if calibration is None else check_choice(*CALIBRATIONS)("calibration", calibration),
-                 "sums_disjoint": sums_disjoint, "one_seed_guard": one_seed_guard}
+                 "sums_disjoint": sums_disjoint, "adapter_guard": adapter_guard}
         for attribute, value in given.items():
             if value is not None:
                 setattr(cls, attribute, value)

@@ -48,7 +48,7 @@ class DogeConfig:
 
 class DogeSolver(
     Solver, name="doge", pretty_name="DOGE-TA", paper="https://arxiv.org/abs/2501.01230", config=DogeConfig,
-    sums_disjoint=False, one_seed_guard=False,
+    sums_disjoint=False, adapter_guard=False,
 ):
     """DOGE-TA (Sec. 4, Alg. 1), per tensor:
 

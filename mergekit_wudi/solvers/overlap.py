@@ -77,13 +77,20 @@ def overlaps(subspaces: Sequence[Subspaces], shape: Sequence[int]) -> Tuple[Tupl
     columns = [math.nan] * len(subspaces)
     if len(usable) < 2:
         return tuple(rows), tuple(columns)
-    k = min(TOP, *(numerical_rank(subspaces[i][1], max(out_features, in_features)) for i in usable))
+    k = common_rank(subspaces, shape)
     for i in usable:
         left, _, right = subspaces[i]
         others = [subspaces[j] for j in usable if j != i]
         rows[i] = max(float((right[:, :k].T @ v[:, :k]).pow(2).sum()) for _, _, v in others) / k / (k / in_features)
         columns[i] = max(float((left[:, :k].T @ u[:, :k]).pow(2).sum()) for u, _, _ in others) / k / (k / out_features)
     return tuple(rows), tuple(columns)
+
+
+def common_rank(subspaces: Sequence[Subspaces], shape: Sequence[int]) -> int:
+    """k of the module docstring: min(TOP, the smallest numerical rank among the usable task
+    vectors' task_subspaces); 0 where none is usable."""
+    ranks = [numerical_rank(found[1], max(shape)) for found in subspaces if found is not None]
+    return min(TOP, *ranks) if ranks else 0
 
 
 def top_subspaces(matrix: torch.Tensor, count: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
