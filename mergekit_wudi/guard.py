@@ -8,12 +8,14 @@ Why. A LoRA update B A reads A's row space, and A stays near its random initiali
   task_arithmetic at 0.2). Cap: 1/N, their average (every method but doge).
 - Adapters with a seed each read random, nearly disjoint input spaces, so the methods that
   return the sum of task vectors with disjoint row spaces (Solver.sums_disjoint: wudi, wudi_cfs,
-  tsv, ace) return about the sum of the N updates: sqrt(N) times one adapter's size (their
-  norms add in squares), while each adapter still acts on every task's real inputs, which its
-  random A does not keep apart. Cap: 1/sqrt(N), which brings the merged update back to one
-  adapter's size. On MiniLM's such set wudi_cfs at lambda 1 was 3.5 points below
-  task_arithmetic at 0.3, and level with it at 1/sqrt(N). iso_c and iso_cts flatten the
-  spectrum, which already shrinks the sum, and are not capped there.
+  tsv, ace) return about the sum of the N updates (measured: sqrt(N) times one task vector's
+  norm). A random A reads any input about as much as its own task's, so on each task's inputs
+  the other N - 1 adapters add outputs about as large as its own: sqrt(N) times one adapter's
+  effect. Cap: 1/sqrt(N), which brings it back to one adapter's. (Full fine-tunes' merges are
+  as large, but each update reads mostly its own task's inputs; lambda 1 is right for them.)
+  On MiniLM's such set wudi_cfs at lambda 1 was 3.5 points below task_arithmetic at 0.3, and
+  level with it at 1/sqrt(N). iso_c and iso_cts are not capped there: their merge is as large,
+  but at lambda 1 they were the best methods on SmolLM2's such set and level on MiniLM's.
 docs/benchmarks.md, "The adapter guard", has the numbers.
 
 What. Once per process and set of models: the first SAMPLE linear weights that the base and every

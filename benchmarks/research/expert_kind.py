@@ -3,6 +3,7 @@ told from the weights, bf16 included? (docs/research/lora-inputs.md, section 5)
 
     python benchmarks/research/expert_kind.py overlap llm|minilm SET_DIR... [mixed]
     python benchmarks/research/expert_kind.py alignment llm|minilm SET_DIR...
+    python benchmarks/research/expert_kind.py size llm|minilm SET_DIR... [mixed] [--layers K]
 
 SET_DIR: a folder name under the benchmark's expert cache (~/.cache/mergekit-wudi-bench/BENCH/);
 `mixed` combines the `full-*` and `lora-*` folders as benchmarks/bench/plan.mixed_members does.
@@ -14,6 +15,11 @@ changed, with float32 task vectors and with base and fine-tune rounded to bf16 f
              and their ratio;
   alignment: in ||t W0^T||^2 / (||t||^2 ||W0||^2), how far t's rows follow W0's input energy
              (1: random rows). Dropped: it does not separate the kinds.
+  size:      the merged update's size at lambda 1 against one task vector's, ||t_m|| / rms_i ||t_i||,
+             per method at its YAML defaults (wudi_cfs, tsv, ace, iso_c; float32), against sqrt(N),
+             the size of a sum of N mutually orthogonal task vectors of equal norm: what
+             adapter_guard's 1/sqrt(N) cap assumes for adapters with a seed each (guard.py).
+             --layers K: only tensors of blocks 0..K-1 (SmolLM2 has 30).
 """
 
 from __future__ import annotations
@@ -117,12 +123,47 @@ def alignment(bench: str, base: dict, set_name: str) -> None:
               f"p90 {quantile(values, 0.9):5.2f}) over {len(values)}", flush=True)
 
 
+def size(bench: str, base: dict, set_name: str, layers=None) -> None:
+    from mergekit_wudi.solvers import SOLVERS
+
+    vectors, _ = load_set(bench, base, set_name)
+    tasks = list(vectors)
+    methods = [s for s in SOLVERS if s.name in ("wudi_cfs", "tsv", "ace", "iso_c")]
+    solvers = {cls.name: cls(calibration=cls.calibration) for cls in methods}
+    ratios = {name: [] for name in solvers}
+    names = sorted(set.intersection(*(set(v) for v in vectors.values())))
+    for name in names:
+        numbers = [int(part) for part in name.split(".") if part.isdigit()]
+        if layers is not None and (not numbers or numbers[0] >= layers):
+            continue
+        ts = torch.stack([vectors[task][name] for task in tasks])
+        norms = ts.flatten(1).norm(dim=1)
+        if float(norms.min()) == 0:
+            continue
+        rms = float(norms.pow(2).mean().sqrt())
+        for method, solver in solvers.items():
+            ratios[method].append(float(solver.solve(ts).norm()) / rms)
+    count = len(next(iter(ratios.values())))
+    print(f"{bench} {set_name}: N {len(tasks)}, sqrt(N) {len(tasks) ** 0.5:.2f}, {count} tensors")
+    for method, values in ratios.items():
+        print(f"  {method:9s} ||t_m|| / rms ||t_i||  median {median(values):5.2f}  p10 {quantile(values, 0.1):5.2f}  "
+              f"p90 {quantile(values, 0.9):5.2f}")
+
+
 def main() -> None:
     command, bench, *sets = sys.argv[1:]
+    layers = None
+    if "--layers" in sets:
+        at = sets.index("--layers")
+        layers = int(sets[at + 1])
+        del sets[at:at + 2]
     torch.set_num_threads(1)
     base = load_file(str(ROOT / bench / "base" / "model.safetensors"))
     for set_name in sets:
-        {"overlap": overlap, "alignment": alignment}[command](bench, base, set_name)
+        if command == "size":
+            size(bench, base, set_name, layers)
+        else:
+            {"overlap": overlap, "alignment": alignment}[command](bench, base, set_name)
 
 
 if __name__ == "__main__":
