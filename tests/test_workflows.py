@@ -219,68 +219,51 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
         assert error <= 1.5 * rounding + 1e-3 * (expected - w0).norm(), name
 
 
-def test_merged_in_one_seed_adapters_get_lambda_capped_at_one_over_n(tmp_path):
-    # Nothing in the YAML says these are adapters: their task vectors do (guard.py). At the
-    # defaults every solved tensor is merged at lambda 1/N, said once; adapter_guard: false
-    # keeps lambda 1 and warns; a lambda already under 1/N is left alone. Independent
-    # fine-tunes are not touched: test_guard.py, and every exact-merge test on `family`.
-    base, *models = make_one_seed_family(tmp_path / "one_seed")
+def assert_wudi_cfs_merged_at(out, base, models, strength):
+    """Every linear weight in `out` is W0 + strength * the float64 WUDI closed form of the models' task vectors."""
     base_tensors, tuned = load_model(base), [load_model(m) for m in models]
+    for name, tensor in load_model(out).items():
+        if is_llama_linear(name):
+            w0 = base_tensors[name].double()
+            expected = w0 + strength * wudi_closed_form(torch.stack([t[name].double() - w0 for t in tuned]), 0.1)
+            assert (tensor.double() - expected).norm() / (expected - w0).norm() < 1e-4, (name, strength)
 
-    def assert_merged_at(out, strength):
-        merged = load_model(out)
-        for name, tensor in merged.items():
-            if is_llama_linear(name):
-                w0 = base_tensors[name].double()
-                solved = wudi_closed_form(torch.stack([t[name].double() - w0 for t in tuned]), 0.1)
-                expected = w0 + strength * solved
-                assert (tensor.double() - expected).norm() / (expected - w0).norm() < 1e-4, (name, strength)
 
+@pytest.mark.parametrize(
+    "make, kind, cap, rule, lowered",
+    [
+        (make_one_seed_family, "trained from one seed", 1 / 3, "1/N = 0.333", 0.3),
+        (make_seed_each_family, "trained with a seed each", 3 ** -0.5, "1/sqrt(N) = 0.577", 0.5),
+    ],
+    ids=["one_seed", "seed_each"],
+)
+def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, lowered, tmp_path):
+    # Nothing in the YAML says these are adapters: their task vectors do (guard.py). One seed:
+    # rank-2 deltas sharing one input factor; a seed each: rank-8 deltas with a random input
+    # factor each and shared output directions. At the defaults every solved tensor is merged at
+    # the cap, said once; a lambda under it is left alone; adapter_guard: false keeps lambda 1 and
+    # warns. Independent fine-tunes are not touched: test_guard.py, and every exact-merge test on
+    # `family`.
+    base, *models = make(tmp_path / "family")
     result = mergekit_yaml(write_config(tmp_path / "default.yml", "wudi_cfs", base, models), tmp_path / "out")
-    assert result.stderr.count("wudi_cfs: 3 of the 3 fine-tunes look like LoRA adapters trained from one seed") == 1
-    assert "lambda is capped at 1/N = 0.333 for every solved tensor" in result.stderr
-    assert_merged_at(tmp_path / "out", 1 / 3)
+    assert result.stderr.count(f"wudi_cfs: 3 of the 3 fine-tunes look like LoRA adapters {kind}") == 1
+    assert f"lambda is capped at {rule} for every solved tensor" in result.stderr
+    assert_wudi_cfs_merged_at(tmp_path / "out", base, models, cap)
 
     off = write_config(tmp_path / "off.yml", "wudi_cfs", base, models, {"adapter_guard": False})
     result = mergekit_yaml(off, tmp_path / "off")
     assert result.stderr.count("adapter_guard is off, so lambda stays 1") == 1
-    assert_merged_at(tmp_path / "off", 1.0)
+    assert_wudi_cfs_merged_at(tmp_path / "off", base, models, 1.0)
 
-    lowered = write_config(tmp_path / "lowered.yml", "wudi_cfs", base, models, {"lambda": 0.3})
-    assert mergekit_yaml_in_process(lowered, tmp_path / "lowered").exit_code == 0
-    assert_merged_at(tmp_path / "lowered", 0.3)
+    below = write_config(tmp_path / "below.yml", "wudi_cfs", base, models, {"lambda": lowered})
+    assert mergekit_yaml_in_process(below, tmp_path / "below").exit_code == 0
+    assert_wudi_cfs_merged_at(tmp_path / "below", base, models, lowered)
 
 
-def test_merged_in_adapters_with_a_seed_each_get_lambda_capped_at_one_over_sqrt_n(tmp_path):
-    # Rank-8 deltas with a random input factor each and shared output directions (guard.py,
-    # "a seed each"): at the defaults wudi_cfs, which sums task vectors with disjoint row spaces,
-    # merges every solved tensor at lambda 1/sqrt(N), said once; a lambda under it is left alone;
-    # adapter_guard: false keeps lambda 1 and warns. iso_c flattens the sum and is not capped.
+def test_iso_c_is_not_capped_for_adapters_with_a_seed_each(tmp_path):
+    # Only the methods that return the sum of disjoint updates get the 1/sqrt(N) cap (guard.py):
+    # iso_c's default merge is its merge with the guard off, bit for bit, and says nothing.
     base, *models = make_seed_each_family(tmp_path / "seed_each")
-    base_tensors, tuned = load_model(base), [load_model(m) for m in models]
-
-    def assert_merged_at(out, strength):
-        merged = load_model(out)
-        for name, tensor in merged.items():
-            if is_llama_linear(name):
-                w0 = base_tensors[name].double()
-                expected = w0 + strength * wudi_closed_form(torch.stack([t[name].double() - w0 for t in tuned]), 0.1)
-                assert (tensor.double() - expected).norm() / (expected - w0).norm() < 1e-4, (name, strength)
-
-    result = mergekit_yaml(write_config(tmp_path / "default.yml", "wudi_cfs", base, models), tmp_path / "out")
-    assert result.stderr.count("wudi_cfs: 3 of the 3 fine-tunes look like LoRA adapters trained with a seed each") == 1
-    assert "lambda is capped at 1/sqrt(N) = 0.577 for every solved tensor" in result.stderr
-    assert_merged_at(tmp_path / "out", 3 ** -0.5)
-
-    lowered = write_config(tmp_path / "lowered.yml", "wudi_cfs", base, models, {"lambda": 0.5})
-    assert mergekit_yaml_in_process(lowered, tmp_path / "lowered").exit_code == 0
-    assert_merged_at(tmp_path / "lowered", 0.5)
-
-    off = write_config(tmp_path / "off.yml", "wudi_cfs", base, models, {"adapter_guard": False})
-    result = mergekit_yaml(off, tmp_path / "off")
-    assert result.stderr.count("adapter_guard is off, so lambda stays 1") == 1
-    assert_merged_at(tmp_path / "off", 1.0)
-
     result = mergekit_yaml(write_config(tmp_path / "iso.yml", "iso_c", base, models), tmp_path / "iso")
     assert "look like LoRA adapters" not in result.stderr
     iso_off = write_config(tmp_path / "iso_off.yml", "iso_c", base, models, {"adapter_guard": False})
