@@ -1,6 +1,5 @@
 """Determinism on CPU: the same config gives the same bits, whatever the threads and shards."""
 
-import functools
 import os
 import threading
 from unittest import mock
@@ -67,9 +66,8 @@ def wide_family(tmp_path_factory):
     products on gate_proj/up_proj, (21, 1024) @ (1024, 128), are where MKL's GEMM splits
     its sum across threads (one of the products solvers.one_cpu_thread covers)."""
     root = tmp_path_factory.mktemp("wide")
-    with mock.patch.dict(models.LLAMA_CONFIG, intermediate_size=1024), \
-            mock.patch.object(models, "fine_tune", functools.partial(models.fine_tune, rank=4)):
-        return models.make_family(root)
+    with mock.patch.dict(models.LLAMA_CONFIG, intermediate_size=1024):
+        return models.make_family(root, rank=4)
 
 
 @pytest.mark.e2e

@@ -4,10 +4,8 @@ Linear tensors are checked against independent float64 references of each paper'
 formula; every other tensor against a plain `merge_method: task_arithmetic` run.
 """
 
-import functools
 import json
 from pathlib import Path
-from unittest import mock
 
 import models
 import pytest
@@ -157,8 +155,7 @@ def rank4_family(tmp_path_factory):
     """The tiny family with rank-4 fine-tunes (issue 14's case): 12 directions in all, more
     than the 10 (64-wide) or 5 (k/v_proj) shared ones, so the stack's cut is inside them."""
     root = tmp_path_factory.mktemp("rank4")
-    with mock.patch.object(models, "fine_tune", functools.partial(models.fine_tune, rank=4)):
-        return models.make_family(root)
+    return models.make_family(root, rank=4)
 
 
 def test_doge_on_rank_4_task_vectors_matches_the_float64_reference(rank4_family, tmp_path):
@@ -170,8 +167,7 @@ def test_doge_on_rank_4_task_vectors_matches_the_float64_reference(rank4_family,
 def full_rank_family(tmp_path_factory):
     """The tiny family with full-rank fine-tunes (rank 64 deltas: min(out, in) everywhere)."""
     root = tmp_path_factory.mktemp("full_rank")
-    with mock.patch.object(models, "fine_tune", functools.partial(models.fine_tune, rank=64)):
-        return models.make_family(root)
+    return models.make_family(root, rank=64)
 
 
 def test_iso_cts_task_specific_directions_on_full_rank_task_vectors(full_rank_family, tmp_path):
