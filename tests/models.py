@@ -114,9 +114,10 @@ def make_one_seed_family(root: Path, fine_tunes: int = 3, seed: int = 5, modules
 
 
 def make_seed_each_family(root: Path, fine_tunes: int = 3, seed: int = 6, rank: int = 8) -> List[Path]:
-    """Like make_family, but every fine-tune's linear delta is B_i A_i of rank 8 with its own random
-    A_i (orthonormal rows) and B_i = Q C_i writing into one rank-8 output space Q per tensor: LoRA
-    adapters trained with a seed each, whose B's learned shared output directions, merged in."""
+    """Like make_family, but every fine-tune's linear delta is B_i A_i of rank `rank` with its own
+    random A_i (orthonormal rows) and B_i = Q C_i writing into one output space Q of that rank per
+    tensor: LoRA adapters trained with a seed each, whose B's learned shared output directions,
+    merged in."""
     generator = torch.Generator().manual_seed(seed)
     base = llama_state_dict(generator)
     outputs = {name: torch.linalg.qr(torch.randn(t.shape[0], rank, generator=generator))[0]

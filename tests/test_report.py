@@ -127,10 +127,9 @@ def test_report_tells_one_seed_adapters_from_independent_ones(cfs_report, tmp_pa
     assert all(float(row["input_overlap"]) < 5 and float(row["lambda"]) == 0.9 for row in read_csv(cfs_report / "report.csv"))
 
 
-
 def test_report_lambda_is_capped_at_one_over_sqrt_n_for_adapters_with_a_seed_each(tmp_path):
     # The seed-each family (guard.py): the CSV's lambda is what the merge uses, 1/sqrt(3) for
-    # tsv (a method that sums) and the configured 1 for iso_c (which flattens the sum).
+    # tsv (a method that sums disjoint updates) and the configured 1 for iso_c (not capped there).
     paths = make_seed_each_family(tmp_path / "seed_each")
     for method, strength in (("tsv", 3 ** -0.5), ("iso_c", 1.0)):
         config = write_config(tmp_path / f"{method}.yml", method, paths[0], paths[1:])
@@ -142,6 +141,7 @@ def test_report_lambda_is_capped_at_one_over_sqrt_n_for_adapters_with_a_seed_eac
         assert all(float(row["lambda"]) == pytest.approx(strength, rel=1e-12) for row in rows), method
     markdown = (tmp_path / "tsv" / "report.md").read_text()
     assert markdown.count(" | lora |") == 3 and "cap lambda at 1/sqrt(N)" in markdown
+
 
 def test_report_bf16_wudi(tmp_path):
     family = make_family(tmp_path / "bf16", fine_tunes=2, seed=3, dtype=torch.bfloat16)
