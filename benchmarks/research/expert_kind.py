@@ -16,7 +16,8 @@ changed, with float32 task vectors and with base and fine-tune rounded to bf16 f
   alignment: in ||t W0^T||^2 / (||t||^2 ||W0||^2), how far t's rows follow W0's input energy
              (1: random rows). Dropped: it does not separate the kinds.
   size:      the merged update's size at lambda 1 against one task vector's, ||t_m|| / rms_i ||t_i||,
-             per method at its YAML defaults (wudi_cfs, tsv, ace, iso_c; float32), against sqrt(N),
+             per method at its YAML defaults (wudi_cfs, tsv, ace, iso_c; float32) and for the plain sum
+             (task_arithmetic at lambda 1), against sqrt(N),
              the size of a sum of N mutually orthogonal task vectors of equal norm: what
              adapter_guard's 1/sqrt(N) cap assumes for adapters with a seed each (guard.py).
              --layers K: only tensors of blocks 0..K-1 (SmolLM2 has 30).
@@ -130,7 +131,7 @@ def size(bench: str, base: dict, set_name: str, layers=None) -> None:
     tasks = list(vectors)
     methods = [s for s in SOLVERS if s.name in ("wudi_cfs", "tsv", "ace", "iso_c")]
     solvers = {cls.name: cls(calibration=cls.calibration) for cls in methods}
-    ratios = {name: [] for name in solvers}
+    ratios = {name: [] for name in ("sum", *solvers)}
     names = sorted(set.intersection(*(set(v) for v in vectors.values())))
     for name in names:
         numbers = [int(part) for part in name.split(".") if part.isdigit()]
@@ -141,6 +142,7 @@ def size(bench: str, base: dict, set_name: str, layers=None) -> None:
         if float(norms.min()) == 0:
             continue
         rms = float(norms.pow(2).mean().sqrt())
+        ratios["sum"].append(float(ts.sum(0).norm()) / rms)  # task_arithmetic at lambda 1
         for method, solver in solvers.items():
             ratios[method].append(float(solver.solve(ts).norm()) / rms)
     count = len(next(iter(ratios.values())))
