@@ -10,6 +10,11 @@ from reference import wudi_closed_form
 from mergekit_wudi.guard import MIN_RANK, SAMPLE, TRAINED_OUTPUT, expert_kinds, sample_order
 
 
+def kinds_of(paths):
+    """expert_kinds of [base, fine-tune, ...] saved under these paths."""
+    return expert_kinds(ModelReference.parse(str(paths[0])), [ModelReference.parse(str(m)) for m in paths[1:]])
+
+
 def test_sample_order_is_layer_order_of_the_linear_weights_all_models_hold():
     base = [
         "lm_head.weight",
@@ -55,19 +60,14 @@ def test_the_sample_skips_modules_no_fine_tune_trained(family, tmp_path):
     # four tensors they changed, in layer order, and every model looks like a one-seed adapter
     # (input overlap in / 2 = 32 times chance: one shared rank-2 input space). The conftest
     # family's independent rank-2 deltas are "lora" (input spaces at chance), not one seed.
-    base, *models = make_one_seed_family(tmp_path / "qv", modules=("q_proj", "v_proj"))
-    kinds = expert_kinds(ModelReference.parse(str(base)), [ModelReference.parse(str(m)) for m in models])
+    kinds = kinds_of(make_one_seed_family(tmp_path / "qv", modules=("q_proj", "v_proj")))
     assert kinds.tensors == tuple(f"model.layers.{i}.self_attn.{m}.weight" for i in (0, 1) for m in ("q_proj", "v_proj"))
     assert kinds.kinds == ("lora, one seed",) * 3 and kinds.one_seed == (0, 1, 2)
     assert all(abs(value - 32.0) < 1e-3 for value in kinds.inputs)
 
-    independent = expert_kinds(ModelReference.parse(str(family[0])), [ModelReference.parse(str(m)) for m in family[1:]])
+    independent = kinds_of(family)
     assert len(independent.tensors) == SAMPLE and not independent.one_seed
     assert set(independent.kinds) == {"lora"}
-
-
-def kinds_of(paths):
-    return expert_kinds(ModelReference.parse(str(paths[0])), [ModelReference.parse(str(m)) for m in paths[1:]])
 
 
 def test_adapters_with_a_seed_each_are_told_from_independent_random_deltas(tmp_path):
