@@ -139,13 +139,21 @@ def input_space_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor) -> fl
     return min(1 / max(rhos), float(sum(tasks).norm() / merged.norm()))
 
 
-def calibrated(reference):
-    """reference, scaled by calibrate: input_space (the YAML default of iso_c and iso_cts);
-    zero task vectors take no part, as in the solvers."""
+def sum_norm_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor) -> float:
+    """calibrate: sum_norm, from its definition: c = ||sum t_i|| / ||M||."""
+    return float(sum(t.double() for t in tasks).norm() / merged.double().norm())
+
+
+SCALES = {"input_space": input_space_scale, "sum_norm": sum_norm_scale}
+
+
+def calibrated(reference, rule: str = "sum_norm"):
+    """reference, scaled by the calibrate rule (default sum_norm: the YAML default of iso_c and
+    iso_cts); zero task vectors take no part, as in the solvers."""
 
     def merge(task_vectors: torch.Tensor) -> torch.Tensor:
         merged = reference(task_vectors)
         tasks = [t for t in task_vectors.double() if t.norm() > 0]
-        return input_space_scale(tasks, merged) * merged if tasks and merged.norm() > 0 else merged
+        return SCALES[rule](tasks, merged) * merged if tasks and merged.norm() > 0 else merged
 
     return merge

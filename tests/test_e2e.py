@@ -11,7 +11,7 @@ import models
 import pytest
 import torch
 from models import is_llama_linear, load_model, make_family, save_model, write_config
-from reference import calibrated, doge, input_space_scale, wudi_adam, wudi_closed_form
+from reference import SCALES, calibrated, doge, wudi_adam, wudi_closed_form
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from reference_ace import ace_heterogeneity, ace_reference
 from runner import mergekit_yaml
@@ -100,8 +100,8 @@ def test_doge(family, task_arithmetic, tmp_path):
 # (EPS32: the stored fine-tunes are rank 2 plus their float32 rounding, which both drop).
 # Largest relative error of a linear tensor, solvers on these inputs: 7.0e-7 (tsv),
 # 6.1e-7 (iso_c, iso_cts); 1e-5 leaves room for another BLAS.
-# At their YAML defaults iso_c and iso_cts also apply calibrate: input_space (the references
-# scaled by its float64 definition); with calibrate: none they are the papers' math.
+# At their YAML defaults iso_c and iso_cts also apply calibrate: sum_norm (the references
+# scaled to the norm of the float64 sum); with calibrate: none they are the papers' math.
 SPECTRAL = [
     ("tsv", {}, lambda tv: tsv_merge(tv, eps=EPS32)),
     ("iso_c", {}, calibrated(lambda tv: iso_c(tv, eps=EPS32))),
@@ -124,16 +124,17 @@ def test_spectral_methods(family, task_arithmetic, tmp_path, method, parameters,
 @pytest.mark.parametrize("method, reference, tolerance",
                          [("iso_c", lambda tv: iso_c(tv, eps=EPS32), 1e-5), ("wudi_cfs", lambda tv: wudi_closed_form(tv, 0.1), 1e-4)],
                          ids=["iso_c", "wudi_cfs"])  # the tolerances of their own tests above
-def test_calibrate_input_space_scales_each_tensor_by_its_rule(family, task_arithmetic, tmp_path, method, reference, tolerance):
-    # c per tensor from its definition (a float64 SVD of each task vector), times the
-    # method's float64 reference: W0 + lambda c t_m; everything else is the fallback's.
-    # iso_c at its YAML defaults (input_space is its default), wudi_cfs asked for it.
-    merged = run_method(family, tmp_path, method, {} if method == "iso_c" else {"calibrate": "input_space"})
+@pytest.mark.parametrize("rule", ["input_space", "sum_norm"])
+def test_calibrate_scales_each_tensor_by_its_rule(family, task_arithmetic, tmp_path, method, reference, tolerance, rule):
+    # c per tensor from its definition (input_space: a float64 SVD of each task vector;
+    # sum_norm: the float64 sum's norm), times the method's float64 reference:
+    # W0 + lambda c t_m; everything else is the fallback's.
+    merged = run_method(family, tmp_path, method, {"calibrate": rule})
     scales = []
 
     def calibrated(tv):
         solved = reference(tv)
-        scales.append(input_space_scale(list(tv), solved))
+        scales.append(SCALES[rule]([t for t in tv.double() if t.norm() > 0], solved))
         return scales[-1] * solved
 
     check_linear(merged, family, calibrated, tolerance=tolerance)
@@ -146,7 +147,7 @@ def test_a_bad_calibrate_value_fails_before_writing(family, tmp_path):
     config = write_config(tmp_path / "bad.yml", "iso_c", base, models, {"calibrate": "auto"})
     result = mergekit_yaml(config, tmp_path / "out", check=False)
     assert result.returncode != 0
-    assert "calibrate must be one of none, input_space" in result.stderr
+    assert "calibrate must be one of none, input_space, sum_norm" in result.stderr
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 

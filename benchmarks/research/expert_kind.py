@@ -4,6 +4,7 @@ told from the weights, bf16 included? (docs/research/lora-inputs.md, section 5)
     python benchmarks/research/expert_kind.py overlap llm|minilm SET_DIR... [mixed]
     python benchmarks/research/expert_kind.py alignment llm|minilm SET_DIR...
     python benchmarks/research/expert_kind.py size llm|minilm SET_DIR... [mixed] [--layers K]
+    python benchmarks/research/expert_kind.py calibrate llm|minilm SET_DIR... [mixed] [--layers K]
 
 SET_DIR: a folder name under the benchmark's expert cache (~/.cache/mergekit-wudi-bench/BENCH/);
 `mixed` combines the `full-*` and `lora-*` folders as benchmarks/bench/plan.mixed_members does.
@@ -21,6 +22,9 @@ changed, with float32 task vectors and with base and fine-tune rounded to bf16 f
              the size of a sum of N mutually orthogonal task vectors of equal norm: what
              adapter_guard's 1/sqrt(N) cap assumes for adapters with a seed each (guard.py).
              --layers K: only tensors of blocks 0..K-1 (SmolLM2 has 30).
+  calibrate: for iso_c and iso_cts at lambda 1 (uncalibrated merge M), the two bounds of
+             `calibrate: input_space` (1 / max_i rho_i and ||sum_i t_i|| / ||M||), how often each
+             binds, and the c it picks (solvers/calibrate.py). --layers as for size.
 """
 
 from __future__ import annotations
@@ -152,6 +156,41 @@ def size(bench: str, base: dict, set_name: str, layers=None) -> None:
               f"p90 {quantile(values, 0.9):5.2f}")
 
 
+def shared_tensors(vectors: dict, layers=None):
+    """(name, (N, out, in) stack) for the tensors every task changed, blocks 0..layers-1 only if given."""
+    tasks = list(vectors)
+    for name in sorted(set.intersection(*(set(v) for v in vectors.values()))):
+        numbers = [int(part) for part in name.split(".") if part.isdigit()]
+        if layers is not None and (not numbers or numbers[0] >= layers):
+            continue
+        ts = torch.stack([vectors[task][name] for task in tasks])
+        if float(ts.flatten(1).norm(dim=1).min()) > 0:
+            yield name, ts
+
+
+def calibration(bench: str, base: dict, set_name: str, layers=None) -> None:
+    from mergekit_wudi.solvers import SOLVERS
+    from mergekit_wudi.solvers.calibrate import calibrate
+
+    vectors, _ = load_set(bench, base, set_name)
+    solvers = {cls.name: cls() for cls in SOLVERS if cls.name in ("iso_c", "iso_cts")}  # calibrate: none
+    rows = {name: ([], [], [], 0) for name in solvers}
+    for _, ts in shared_tensors(vectors, layers):
+        for method, solver in solvers.items():
+            merged = solver.solve(ts)
+            chosen = calibrate(ts, merged)
+            by_task, by_norm, scales, tasks_bind = rows[method]
+            by_task.append(1.0 / chosen.rho)
+            by_norm.append(float(ts.sum(0).norm()) / float(merged.norm()))
+            scales.append(chosen.scale)
+            rows[method] = (by_task, by_norm, scales, tasks_bind + (chosen.binding == "task"))
+    for method, (by_task, by_norm, scales, tasks_bind) in rows.items():
+        print(f"{bench} {set_name} {method:8s} {len(scales)} tensors: 1/max rho median {median(by_task):5.2f} "
+              f"(p10 {quantile(by_task, 0.1):5.2f}, p90 {quantile(by_task, 0.9):5.2f}); ||sum||/||M|| median "
+              f"{median(by_norm):5.2f} (p10 {quantile(by_norm, 0.1):5.2f}, p90 {quantile(by_norm, 0.9):5.2f}); "
+              f"c median {median(scales):5.2f}; the task bound binds in {tasks_bind}", flush=True)
+
+
 def main() -> None:
     command, bench, *sets = sys.argv[1:]
     layers = None
@@ -164,6 +203,8 @@ def main() -> None:
     for set_name in sets:
         if command == "size":
             size(bench, base, set_name, layers)
+        elif command == "calibrate":
+            calibration(bench, base, set_name, layers)
         else:
             {"overlap": overlap, "alignment": alignment}[command](bench, base, set_name)
 

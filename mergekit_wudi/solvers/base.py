@@ -90,16 +90,17 @@ class Solver:
                 return prepared.vectors.new_zeros(task_vectors.shape[1:])
             kept = {name: tuple(given[i] for i in prepared.indices) for name, given in values.items()}
             merged = self._solve(prepared, **kept)
-            if self.rule == "input_space":
-                chosen = calibrate(prepared.vectors, merged)  # its task: an index among the kept ones
+            if self.rule != "none":
+                chosen = calibrate(prepared.vectors, merged, self.rule)  # its task: an index among the kept ones
                 self.last_calibration = dataclasses.replace(chosen, task=prepared.indices[chosen.task] if chosen.task >= 0 else -1)
                 shares_input = merged.untyped_storage().data_ptr() == prepared.vectors.untyped_storage().data_ptr()
                 merged = merged * self.last_calibration.scale if shares_input else merged.mul_(self.last_calibration.scale)
-                self._calibrated(self.last_calibration, tuple(merged.shape))
+                self._calibrated(self.last_calibration, prepared.vectors)
             return merged
 
-    def _calibrated(self, calibration: Calibration, shape: Tuple[int, int]) -> None:
-        """Called after a calibrated solve (a subclass may warn about what the ranks show)."""
+    def _calibrated(self, calibration: Calibration, vectors: torch.Tensor) -> None:
+        """Called after a calibrated solve with the task vectors that took part (N, out, in): a
+        subclass may warn about what their ranks show."""
 
     def _solve(self, prepared: TaskVectors, **per_model: Tuple[Any, ...]) -> torch.Tensor:
         raise NotImplementedError

@@ -1,5 +1,7 @@
-"""A data-free merge strength: scale a merged task vector so that no task receives more than
-its own update inside its own input space (issue 23; docs/methods.md, "calibrate").
+"""Data-free merge strengths (issue 23; docs/methods.md, "calibrate"): one scale c per merged
+tensor M of the task vectors t_i, and the merge becomes c M.
+
+`input_space`: no task receives more than its own update inside its own input space,
 
     rank_i = #{sigma_j(t_i) > rank_cutoff(max(out, in), float32, sigma_1(t_i))}
     k_i    = max(1, floor(rank_i / N))                 (the fair share, as doge and tsv size it)
@@ -7,10 +9,15 @@ its own update inside its own input space (issue 23; docs/methods.md, "calibrate
     rho_i  = ||M V_i||_F / ||t_i V_i||_F               (what the merge gives task i there)
     c      = min(1 / max_i rho_i,  ||sum_i t_i||_F / ||M||_F)
 
-and the merge becomes c M. The second term keeps the result no larger than task arithmetic's
-sum. c is one scalar per tensor: it never changes a method's direction or spectrum. N = 1
-gives c = 1 for any method that returns t_1; it is homogeneous (c(a M) a M = c(M) M) and
-does not depend on a strength the method used inside. Pure torch (scipy's LAPACK through
+The second term keeps the result no larger than task arithmetic's sum.
+
+`sum_norm`: that second term alone, c = ||sum_i t_i||_F / ||M||_F: the merge keeps the energy
+of the plain sum (for Iso-C, its flat spectrum at the root mean square of the sum's singular
+values instead of their mean).
+
+Both are one scalar per tensor: they never change a method's direction or spectrum. N = 1
+gives c = 1 for any method that returns t_1; both are homogeneous (c(a M) a M = c(M) M) and
+do not depend on a strength the method used inside. Pure torch (scipy's LAPACK through
 numerics), float64 accumulation, one CPU thread: bits do not depend on the thread count.
 """
 
@@ -33,7 +40,7 @@ from mergekit_wudi.solvers.numerics import (
     side_by_side,
 )
 
-CALIBRATIONS = ("none", "input_space")
+CALIBRATIONS = ("none", "input_space", "sum_norm")
 # What the calibration may hold at once beside the task vectors and the merge, in tensors of
 # the (out, in) size: the memory bound's SOLVE_EXTRA_TENSORS less the merge and fixed buffers.
 CALIBRATION_SPARE = SOLVE_EXTRA_TENSORS - 2
@@ -51,12 +58,15 @@ class Calibration:
     ranks: Tuple[int, ...] = ()  # each task vector's numerical rank
 
 
-def calibrate(vectors: torch.Tensor, merged: torch.Tensor) -> Calibration:
-    """c for the merge `merged` (out, in) of the task vectors `vectors` (N, out, in), none zero."""
+def calibrate(vectors: torch.Tensor, merged: torch.Tensor, rule: str = "input_space") -> Calibration:
+    """c for the merge `merged` (out, in) of the task vectors `vectors` (N, out, in), none zero,
+    by `rule`: "input_space" (above) or "sum_norm" (c = ||sum_i t_i||_F / ||M||_F alone)."""
     with one_cpu_thread(merged.device):
         merged_norm = float(torch.linalg.vector_norm(merged, dtype=torch.float64))
         if merged_norm == 0.0 or vectors.shape[0] == 0:
             return Calibration(1.0, 0.0, -1, "none")
+        if rule == "sum_norm":
+            return Calibration(_sum_norm(vectors) / merged_norm, 0.0, -1, "norm")
         count = vectors.shape[0]
         rhos, ranks = zip(*side_by_side(
             count, lambda index: own_space_ratio(vectors[index], merged, count),

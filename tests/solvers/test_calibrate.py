@@ -1,5 +1,6 @@
 """calibrate: input_space (solvers/calibrate.py) against its definition computed with a float64
-SVD (tests/reference.py), its limit cases, and through every solver."""
+SVD (tests/reference.py), sum_norm against the float64 sum's norm and, for Iso-C, the flat
+spectrum at the root mean square singular value; their limit cases, and through every solver."""
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_every_method_takes_it_and_stays_thread_count_independent(generator, sol
 
 
 def test_a_bad_rule_is_refused():
-    with pytest.raises(ValueError, match="calibrate must be one of none, input_space"):
+    with pytest.raises(ValueError, match="calibrate must be one of none, input_space, sum_norm"):
         WudiCfsSolver(calibration="auto")
 
 
@@ -84,3 +85,38 @@ def test_the_callers_task_vectors_are_never_scaled(generator):
     before = tv.clone()
     WudiCfsSolver(calibration="input_space").solve(tv)
     assert torch.equal(tv, before)
+
+
+@pytest.mark.parametrize("solver_cls", SOLVERS, ids=lambda c: c.name)
+def test_sum_norm_gives_every_merge_the_norm_of_the_sum(generator, solver_cls):
+    tv = low_rank_task_vectors(generator, 3, 40, 72, rank=6, scale=1e-2, dtype=torch.float32)
+    quick = {"steps": 5} if "steps" in solver_cls.config_cls.__dataclass_fields__ else {}
+    config = solver_cls.config_cls(**quick)
+    plain = solver_cls(config).solve(tv)
+    solver = solver_cls(config, calibration="sum_norm")
+    scaled = solver.solve(tv)
+    total = float(tv.double().sum(0).norm())
+    assert float(scaled.double().norm()) == pytest.approx(total, rel=1e-6)
+    assert solver.last_calibration.scale == pytest.approx(total / float(plain.double().norm()), rel=1e-6)
+    assert solver.last_calibration.binding == "norm"
+    torch.testing.assert_close(scaled, plain * solver.last_calibration.scale, rtol=1e-6, atol=0)  # one scalar
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["wide", "tall", "square"])
+def test_iso_c_at_sum_norm_is_the_flat_spectrum_at_the_root_mean_square(generator, shape):
+    # Iso-C flattens the sum's spectrum at the mean singular value; sum_norm puts it at the
+    # root mean square instead: float64 SVD of the sum, every singular value replaced.
+    tv = full_rank_task_vectors(generator, 4, *shape, dtype=torch.float32)
+    u, s, vh = torch.linalg.svd(tv.double().sum(0), full_matrices=False)
+    expected = s.square().mean().sqrt() * (u @ vh)
+    assert float(s.square().mean().sqrt() / s.mean()) > 1.05  # a spectrum steep enough to tell the two apart
+    torch.testing.assert_close(IsoCSolver(calibration="sum_norm").solve(tv).double(), expected, rtol=1e-5, atol=1e-6 * float(s[0]))
+
+
+def test_sum_norm_limit_cases(generator):
+    t = full_rank_task_vectors(generator, 1, 40, 60, dtype=torch.float32)
+    assert calibrate(t, t[0], "sum_norm").scale == pytest.approx(1.0, abs=1e-9)  # N = 1, the task itself
+    copies = t.repeat(4, 1, 1)
+    assert calibrate(copies, copies.sum(0), "sum_norm").scale == pytest.approx(1.0, abs=1e-9)  # the sum is kept
+    assert calibrate(copies, 3 * copies.sum(0), "sum_norm").scale * 3 == pytest.approx(1.0, rel=1e-6)  # homogeneous (3 M rounded in float32)
+    assert calibrate(copies, torch.zeros(40, 60), "sum_norm").scale == 1.0  # nothing to scale

@@ -230,3 +230,25 @@ def test_bit_identical_across_thread_counts(solver):
     one, two = solve_at_one_and_two_threads(solver.solve, tv)
     assert torch.equal(one, two)
 
+
+
+def test_the_mixed_rank_warning_reads_ranks_on_the_first_tensors_under_sum_norm(generator, monkeypatch, caplog):
+    # Under sum_norm nothing else counts the ranks: the check counts them itself, on the first
+    # RANK_SAMPLE tensors a method solves in the process, and stops once it has warned.
+    from mergekit_wudi.solvers import base, iso
+
+    monkeypatch.setattr(iso, "_RANKS_READ", iso.Counter())
+    monkeypatch.setattr(base, "_WARNED", set())
+    low = low_rank_task_vectors(generator, 1, 64, 64, rank=2, dtype=torch.float32)
+    full = full_rank_task_vectors(generator, 1, 64, 64, dtype=torch.float32)
+    mixed, same = torch.cat([low, full]), torch.cat([full, full * 2])
+    solver = IsoCSolver(calibration="sum_norm")
+    for _ in range(iso.RANK_SAMPLE):
+        solver.solve(same)
+    solver.solve(mixed)  # the thirteenth tensor: past the sample, not read
+    assert "mix low and full rank" not in caplog.text
+    iso._RANKS_READ.clear()
+    solver.solve(mixed)
+    solver.solve(mixed)
+    assert caplog.text.count("iso_c: the task vectors mix low and full rank (ranks 2, 64 of 64)") == 1
+    assert iso._RANKS_READ["iso_c"] == iso.RANK_SAMPLE  # said: no more counting
