@@ -61,6 +61,8 @@ class Calibration:
 def calibrate(vectors: torch.Tensor, merged: torch.Tensor, rule: str = "input_space") -> Calibration:
     """c for the merge `merged` (out, in) of the task vectors `vectors` (N, out, in), none zero,
     by `rule`: "input_space" (above) or "sum_norm" (c = ||sum_i t_i||_F / ||M||_F alone)."""
+    if rule not in CALIBRATIONS[1:]:
+        raise ValueError(f"calibrate: no rule {rule!r} to apply (one of {', '.join(CALIBRATIONS[1:])})")
     with one_cpu_thread(merged.device):
         merged_norm = float(torch.linalg.vector_norm(merged, dtype=torch.float64))
         if merged_norm == 0.0 or vectors.shape[0] == 0:

@@ -74,9 +74,12 @@ def test_every_method_takes_it_and_stays_thread_count_independent(generator, sol
     assert solver_cls.name in METHODS
 
 
-def test_a_bad_rule_is_refused():
+def test_a_bad_rule_is_refused(generator):
     with pytest.raises(ValueError, match="calibrate must be one of none, input_space, sum_norm"):
         WudiCfsSolver(calibration="auto")
+    t = full_rank_task_vectors(generator, 2, 8, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="no rule 'none' to apply"):  # the function applies a rule; none is the caller's
+        calibrate(t, t.sum(0), "none")
 
 
 def test_the_callers_task_vectors_are_never_scaled(generator):
