@@ -5,7 +5,10 @@ Why. A LoRA update B A reads A's row space, and A stays near its random initiali
   space: each acts on every task's inputs alike, and the methods that separate tasks by their
   input spaces (WUDI's premise) cannot. At lambda 1 their merge adds N updates where each task
   expects one: every method but doge broke SmolLM2's one-seed set (13-24 against 52 for
-  task_arithmetic at 0.2). Cap: 1/N, their average (every method but doge).
+  task_arithmetic at 0.2). Cap: 1/N, their average (every method but doge). Over one shared
+  input space some methods return more than the sum (wudi_cfs and ace about 1.2-1.5 times its
+  norm on both benchmarks' one-seed sets), and 1/N of that is more than the average: so where
+  `calibrate` is none, it becomes sum_cap there, and the merge is no larger than the average.
 - Adapters with a seed each read random, nearly disjoint input spaces, so the methods that
   return the sum of task vectors with disjoint row spaces (Solver.sums_disjoint: wudi, wudi_cfs,
   tsv, ace) return about the sum of the N updates (measured: sqrt(N) times one task vector's
@@ -30,7 +33,8 @@ size beside the merge's own), and the median number of directions compared (k).
   directions, 2.5-5.5 times chance; independent random low-rank deltas stay near 1), and k at
   least MIN_RANK = 4 (below it random subspaces' overlaps are too noisy to tell: rank-1 and
   rank-2 random deltas reached 2-4).
-Where any fine-tune is "one seed", every solved tensor's lambda becomes min(lambda, 1/N); else
+Where any fine-tune is "one seed", every solved tensor's lambda becomes min(lambda, 1/N) (and
+`calibrate: none` becomes sum_cap, where lambda was above 1/N); else
 where any is "a seed each", min(lambda, 1/sqrt(N)) for the methods that sum. The sample is fixed
 by the names, not by the order mergekit merges tensors in, so runs, shards and thread counts
 agree. `adapter_guard: false` keeps lambda as given (and warns instead).
@@ -60,6 +64,7 @@ ONE_SEED = "lora, one seed"
 SEED_EACH = "lora"  # solvers.overlap.expert_kind's word; the guard also asks for TRAINED_OUTPUT and MIN_RANK
 TRAINED_OUTPUT = 2.0  # median output overlap (times chance) from which a "lora" fine-tune looks trained
 MIN_RANK = 4  # median k (directions compared) under which the overlaps cannot tell trained from random
+ONE_SEED_CALIBRATION = "sum_cap"  # what `calibrate: none` becomes under the one-seed cap
 
 _MEASURED: Dict[Tuple[Any, ...], Optional[ExpertKinds]] = {}
 _LOCK = threading.Lock()
@@ -121,6 +126,7 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
             "adapters all read one random input space, so each acts on every task's inputs"
         )
         rule, measured = "1/N", "on SmolLM2's one-seed set the solved methods at lambda 1 scored 13-24 against 52 for task_arithmetic at 0.2"
+        extra = ", and calibrate: none becomes sum_cap, so that the merge is no larger than the adapters' average"
     else:
         evidence = (
             f"{len(found)} of the {count} fine-tunes look like LoRA adapters trained with a seed each ({names}: median "
@@ -131,14 +137,15 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
             "while each still acts on every task's inputs"
         )
         rule, measured = "1/sqrt(N)", "on MiniLM's such set wudi_cfs at lambda 1 was 3.5 points below task_arithmetic at 0.3"
+        extra = ""
     if not guard:
         warn_once(logger, "adapters", method,
                   "%s: %s; adapter_guard is off, so lambda stays %.3g: %s. Lambda %.2g (%s) is the safer start; "
                   "`mergekit-wudi report` shows each model's overlaps.", method, evidence, strength, measured, cap, rule)
         return strength
     warn_once(logger, "adapters", method,
-              "%s: %s. lambda is capped at %s = %.3g for every solved tensor (adapter_guard; set adapter_guard: "
-              "false to keep lambda %.3g).", method, evidence, rule, cap, strength)
+              "%s: %s. lambda is capped at %s = %.3g for every solved tensor%s (adapter_guard; set adapter_guard: "
+              "false to keep lambda %.3g).", method, evidence, rule, cap, extra, strength)
     return capped
 
 
@@ -156,10 +163,22 @@ def capped_lambda(base: Any, models: Sequence[Any], strength: float, device: Any
 
 def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], *, sums_disjoint: bool,
                         warn: bool) -> Mapping[str, Any]:
-    """The resolved parameters of a solved tensor with `lambda` replaced by guarded_lambda's (the
-    cache key and the solve then take the capped one)."""
+    """The resolved parameters of a solved tensor with `lambda` replaced by guarded_lambda's and,
+    where that is the one-seed cap, `calibrate: none` by ONE_SEED_CALIBRATION (the cache key and
+    the solve then take them)."""
     strength = guarded_lambda(method, group, parameters["lambda"], parameters["adapter_guard"], sums_disjoint, warn=warn)
-    return parameters if strength == parameters["lambda"] else {**parameters, "lambda": strength}
+    if strength == parameters["lambda"]:
+        return parameters
+    guarded = {**parameters, "lambda": strength}
+    if parameters["calibrate"] == "none" and one_seed(group):
+        guarded["calibrate"] = ONE_SEED_CALIBRATION
+    return guarded
+
+
+def one_seed(group: Any) -> bool:
+    """Whether the sample (already measured for this group's models) saw a one-seed adapter."""
+    kinds = expert_kinds(group.base.id, [entry.id for entry in group.non_base], group.base.tensor.device)
+    return kinds is not None and bool(kinds.one_seed)
 
 
 def expert_kinds(base: Any, models: Sequence[Any], device: Any = "cpu") -> Optional[ExpertKinds]:

@@ -220,7 +220,8 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
     scale = float(task.parameters["lambda"])
     if task.parameters.get("adapter_guard"):  # the lambda the merge uses (guard.py)
         scale, _ = capped_lambda(base_model, non_base, scale, device, recording_method.solver_cls.sums_disjoint)
-    binding = "" if calibration is None else ("norm" if calibration.binding == "norm" else f"t_{calibration.task + 1}")
+    binding = "" if calibration is None or calibration.binding == "none" else (
+        "norm" if calibration.binding == "norm" else f"t_{calibration.task + 1}")
     inputs, outputs = subspace_overlap(task_vectors) if ranks else ((math.nan,) * len(task_vectors),) * 2
     return TensorReport(
         name=name,
@@ -384,7 +385,8 @@ KIND_ADVICE = {
             "built-in on the benchmarks' two such sets, at 1/sqrt(N) level with it.",
     "lora, one seed": "at lambda 1 wudi, wudi_cfs, tsv, ace and iso_c broke SmolLM2's such set (13-24 against 52 "
                       "for task_arithmetic at lambda 0.2; doge 42), so every method but doge caps lambda at 1/N where "
-                      "the first 12 linear weights look like this (adapter_guard, docs/methods.md).",
+                      "the first 12 linear weights look like this, and with calibrate: none keeps the merge within the "
+                      "sum (sum_cap; adapter_guard, docs/methods.md).",
 }
 
 

@@ -144,7 +144,12 @@ def sum_norm_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor) -> float
     return float(sum(t.double() for t in tasks).norm() / merged.double().norm())
 
 
-SCALES = {"input_space": input_space_scale, "sum_norm": sum_norm_scale}
+def sum_cap_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor) -> float:
+    """calibrate: sum_cap, from its definition: c = min(1, ||sum t_i|| / ||M||)."""
+    return min(1.0, sum_norm_scale(tasks, merged))
+
+
+SCALES = {"input_space": input_space_scale, "sum_norm": sum_norm_scale, "sum_cap": sum_cap_scale}
 
 
 def calibrated(reference, rule: str = "sum_norm"):

@@ -95,3 +95,27 @@ def test_adapters_with_a_seed_each_are_told_from_independent_random_deltas(tmp_p
     # One seed wins over a seed each: 1/N for every method.
     one_seed = kinds_of(make_one_seed_family(tmp_path / "one_seed"))
     assert one_seed.cap(3, sums_disjoint=True) == one_seed.cap(3, sums_disjoint=False) == (1 / 3, (0, 1, 2))
+
+
+@pytest.mark.parametrize("calibrate, expected", [("none", "sum_cap"), ("input_space", "input_space")])
+def test_the_one_seed_cap_also_keeps_the_merge_within_the_sum(tmp_path, calibrate, expected):
+    # Where the one-seed cap lowers lambda, calibrate: none becomes sum_cap (a rule the YAML
+    # names is kept); with lambda already at or under 1/N, or for adapters with a seed each,
+    # nothing changes. (What sum_cap does to a merge: tests/solvers/test_calibrate.py.)
+    from types import SimpleNamespace
+
+    from mergekit_wudi.guard import with_guarded_lambda
+
+    def group_of(paths):
+        entry = lambda path: SimpleNamespace(id=ModelReference.parse(str(path)), tensor=torch.zeros(1))  # noqa: E731
+        return SimpleNamespace(base=entry(paths[0]), non_base=[entry(p) for p in paths[1:]])
+
+    def guarded(group, strength, rule):
+        parameters = {"lambda": strength, "calibrate": rule, "adapter_guard": True}
+        return dict(with_guarded_lambda("wudi_cfs", group, parameters, sums_disjoint=True, warn=True))
+
+    one_seed = group_of(make_one_seed_family(tmp_path / "one_seed"))
+    assert guarded(one_seed, 1.0, calibrate) == {"lambda": pytest.approx(1 / 3), "calibrate": expected, "adapter_guard": True}
+    assert guarded(one_seed, 0.25, calibrate)["calibrate"] == calibrate  # under the cap: untouched
+    seed_each = group_of(make_seed_each_family(tmp_path / "seed_each"))
+    assert guarded(seed_each, 1.0, calibrate) == {"lambda": pytest.approx(3 ** -0.5), "calibrate": calibrate, "adapter_guard": True}

@@ -15,7 +15,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from models import is_llama_linear, load_model, make_one_seed_family, make_seed_each_family, write_config
-from reference import wudi_closed_form
+from reference import SCALES, wudi_closed_form
 from runner import mergekit_yaml, mergekit_yaml_in_process
 
 from mergekit_wudi.config_check import check_config_keys
@@ -219,36 +219,52 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
         assert error <= 1.5 * rounding + 1e-3 * (expected - w0).norm(), name
 
 
-def assert_wudi_cfs_merged_at(out, base, models, strength):
-    """Every linear weight in `out` is W0 + strength * the float64 WUDI closed form of the models' task vectors."""
+def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None):
+    """Every linear weight in `out` is W0 + strength * c * the float64 WUDI closed form t_m of the
+    models' task vectors, c the calibrate rule's scale from its definition (1 without a rule)."""
     base_tensors, tuned = load_model(base), [load_model(m) for m in models]
+    scales = []
     for name, tensor in load_model(out).items():
         if is_llama_linear(name):
             w0 = base_tensors[name].double()
-            expected = w0 + strength * wudi_closed_form(torch.stack([t[name].double() - w0 for t in tuned]), 0.1)
-            assert (tensor.double() - expected).norm() / (expected - w0).norm() < 1e-4, (name, strength)
+            task_vectors = torch.stack([t[name].double() - w0 for t in tuned])
+            solved = wudi_closed_form(task_vectors, 0.1)
+            scales.append(1.0 if rule is None else SCALES[rule](list(task_vectors), solved))
+            expected = w0 + strength * scales[-1] * solved
+            assert (tensor.double() - expected).norm() / (expected - w0).norm() < 1e-4, (name, strength, rule)
+    return scales
 
 
 @pytest.mark.parametrize(
-    "make, kind, cap, rule, lowered",
+    "make, kind, cap, rule, normed, lowered",
     [
-        (make_one_seed_family, "trained from one seed", 1 / 3, "1/N = 0.333", 0.3),
-        (make_seed_each_family, "trained with a seed each", 3 ** -0.5, "1/sqrt(N) = 0.577", 0.5),
+        (make_one_seed_family, "trained from one seed", 1 / 3, "1/N = 0.333", "sum_cap", 0.3),
+        (make_seed_each_family, "trained with a seed each", 3 ** -0.5, "1/sqrt(N) = 0.577", None, 0.5),
     ],
     ids=["one_seed", "seed_each"],
 )
-def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, lowered, tmp_path):
+def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, normed, lowered, tmp_path):
     # Nothing in the YAML says these are adapters: their task vectors do (guard.py). One seed:
     # rank-2 deltas sharing one input factor; a seed each: rank-8 deltas with a random input
     # factor each and shared output directions. At the defaults every solved tensor is merged at
-    # the cap, said once; a lambda under it is left alone; adapter_guard: false keeps lambda 1 and
-    # warns. Independent fine-tunes are not touched: test_guard.py, and every exact-merge test on
-    # `family`.
+    # the cap, said once (one seed: with calibrate: none become sum_cap, the merge no larger than
+    # the adapters' average); a lambda under it is left alone; adapter_guard: false keeps lambda 1
+    # and warns. Independent fine-tunes are not touched: test_guard.py, and every exact-merge test
+    # on `family`.
     base, *models = make(tmp_path / "family")
     result = mergekit_yaml(write_config(tmp_path / "default.yml", "wudi_cfs", base, models), tmp_path / "out")
     assert result.stderr.count(f"wudi_cfs: 3 of the 3 fine-tunes look like LoRA adapters {kind}") == 1
     assert f"lambda is capped at {rule} for every solved tensor" in result.stderr
-    assert_wudi_cfs_merged_at(tmp_path / "out", base, models, cap)
+    assert ("calibrate: none becomes sum_cap" in result.stderr) == (normed is not None)
+    scales = assert_wudi_cfs_merged_at(tmp_path / "out", base, models, cap, normed)
+    if normed:
+        # (On this family wudi_cfs's merge is within the sum, so sum_cap keeps it: c = 1. That it
+        # is switched on, and what it does to a larger merge: test_guard.py, test_calibrate.py.)
+        assert max(scales) == 1.0
+        # A rule the YAML names is kept.
+        named = write_config(tmp_path / "named.yml", "wudi_cfs", base, models, {"calibrate": "input_space"})
+        assert mergekit_yaml_in_process(named, tmp_path / "named").exit_code == 0
+        assert_wudi_cfs_merged_at(tmp_path / "named", base, models, cap, "input_space")
 
     off = write_config(tmp_path / "off.yml", "wudi_cfs", base, models, {"adapter_guard": False})
     result = mergekit_yaml(off, tmp_path / "off")

@@ -15,9 +15,12 @@ The second term keeps the result no larger than task arithmetic's sum.
 of the plain sum (for Iso-C, its flat spectrum at the root mean square of the sum's singular
 values instead of their mean).
 
-Both are one scalar per tensor: they never change a method's direction or spectrum. N = 1
-gives c = 1 for any method that returns t_1; both are homogeneous (c(a M) a M = c(M) M) and
-do not depend on a strength the method used inside. Pure torch (scipy's LAPACK through
+`sum_cap`: c = min(1, ||sum_i t_i||_F / ||M||_F): the merge no larger than the plain sum, never
+enlarged (what adapter_guard's one-seed cap sets where `calibrate` is none, guard.py).
+
+All are one scalar per tensor: they never change a method's direction or spectrum. N = 1
+gives c = 1 for any method that returns t_1; input_space and sum_norm are homogeneous
+(c(a M) a M = c(M) M) and do not depend on a strength the method used inside. Pure torch (scipy's LAPACK through
 numerics), float64 accumulation, one CPU thread: bits do not depend on the thread count.
 """
 
@@ -40,7 +43,7 @@ from mergekit_wudi.solvers.numerics import (
     side_by_side,
 )
 
-CALIBRATIONS = ("none", "input_space", "sum_norm")
+CALIBRATIONS = ("none", "input_space", "sum_norm", "sum_cap")
 # What the calibration may hold at once beside the task vectors and the merge, in tensors of
 # the (out, in) size: the memory bound's SOLVE_EXTRA_TENSORS less the merge and fixed buffers.
 CALIBRATION_SPARE = SOLVE_EXTRA_TENSORS - 2
@@ -60,15 +63,18 @@ class Calibration:
 
 def calibrate(vectors: torch.Tensor, merged: torch.Tensor, rule: str = "input_space") -> Calibration:
     """c for the merge `merged` (out, in) of the task vectors `vectors` (N, out, in), none zero,
-    by `rule`: "input_space" (above) or "sum_norm" (c = ||sum_i t_i||_F / ||M||_F alone)."""
+    by `rule`: "input_space" (above), "sum_norm" (c = ||sum_i t_i||_F / ||M||_F alone) or
+    "sum_cap" (c = min(1, ||sum_i t_i||_F / ||M||_F))."""
     if rule not in CALIBRATIONS[1:]:
         raise ValueError(f"calibrate: no rule {rule!r} to apply (one of {', '.join(CALIBRATIONS[1:])})")
     with one_cpu_thread(merged.device):
         merged_norm = float(torch.linalg.vector_norm(merged, dtype=torch.float64))
         if merged_norm == 0.0 or vectors.shape[0] == 0:
             return Calibration(1.0, 0.0, -1, "none")
-        if rule == "sum_norm":
-            return Calibration(_sum_norm(vectors) / merged_norm, 0.0, -1, "norm")
+        if rule in ("sum_norm", "sum_cap"):
+            scale = _sum_norm(vectors) / merged_norm
+            binds = rule == "sum_norm" or scale < 1.0
+            return Calibration(scale if rule == "sum_norm" else min(1.0, scale), 0.0, -1, "norm" if binds else "none")
         count = vectors.shape[0]
         rhos, ranks = zip(*side_by_side(
             count, lambda index: own_space_ratio(vectors[index], merged, count),

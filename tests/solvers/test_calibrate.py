@@ -75,7 +75,7 @@ def test_every_method_takes_it_and_stays_thread_count_independent(generator, sol
 
 
 def test_a_bad_rule_is_refused(generator):
-    with pytest.raises(ValueError, match="calibrate must be one of none, input_space, sum_norm"):
+    with pytest.raises(ValueError, match="calibrate must be one of none, input_space, sum_norm, sum_cap"):
         WudiCfsSolver(calibration="auto")
     t = full_rank_task_vectors(generator, 2, 8, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match="no rule 'none' to apply"):  # the function applies a rule; none is the caller's
@@ -123,3 +123,17 @@ def test_sum_norm_limit_cases(generator):
     assert calibrate(copies, copies.sum(0), "sum_norm").scale == pytest.approx(1.0, abs=1e-9)  # the sum is kept
     assert calibrate(copies, 3 * copies.sum(0), "sum_norm").scale * 3 == pytest.approx(1.0, rel=1e-6)  # homogeneous (3 M rounded in float32)
     assert calibrate(copies, torch.zeros(40, 60), "sum_norm").scale == 1.0  # nothing to scale
+
+
+def test_sum_cap_shrinks_a_merge_larger_than_the_sum_and_never_enlarges_one(generator):
+    t = full_rank_task_vectors(generator, 3, 40, 60, dtype=torch.float32)
+    total = float(t.double().sum(0).norm())
+    larger = calibrate(t, 2 * t.sum(0), "sum_cap")
+    assert larger.scale == pytest.approx(0.5, rel=1e-6) and larger.binding == "norm"
+    flat = IsoCSolver().solve(t)  # Iso-C at its mean singular value: smaller than the sum
+    assert float(flat.double().norm()) < total
+    smaller = calibrate(t, flat, "sum_cap")
+    assert smaller.scale == 1.0 and smaller.binding == "none"
+    solver = WudiCfsSolver(calibration="sum_cap")
+    torch.testing.assert_close(solver.solve(t), WudiCfsSolver().solve(t) * solver.last_calibration.scale, rtol=1e-6, atol=0)
+    assert solver.last_calibration.scale <= 1.0
