@@ -20,8 +20,9 @@ enlarged (what adapter_guard's one-seed cap sets where `calibrate` is none, guar
 
 All are one scalar per tensor: they never change a method's direction or spectrum. N = 1
 gives c = 1 for any method that returns t_1; input_space and sum_norm are homogeneous
-(c(a M) a M = c(M) M) and do not depend on a strength the method used inside. Pure torch (scipy's LAPACK through
-numerics), float64 accumulation, one CPU thread: bits do not depend on the thread count.
+(c(a M) a M = c(M) M) and do not depend on a strength the method used inside. Pure torch
+(scipy's LAPACK through numerics), float64 accumulation, one CPU thread: bits do not depend
+on the thread count.
 """
 
 from __future__ import annotations
