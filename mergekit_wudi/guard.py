@@ -103,16 +103,18 @@ class ExpertKinds:
         return None
 
 
-def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_disjoint: bool, *, warn: bool = True) -> float:
-    """The lambda a solved tensor of `group` (a mergekit TensorGroup) gets: capped where the guard
-    is on and the fine-tunes look like LoRA adapters (the module docstring), else strength. With
-    the guard off, `warn` says so once where it would have capped (doge, whose default is off: not)."""
+def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_disjoint: bool, *,
+                   warn: bool = True) -> Tuple[float, bool]:
+    """(the lambda a solved tensor of `group` (a mergekit TensorGroup) gets, whether the one-seed
+    cap set it): capped where the guard is on and the fine-tunes look like LoRA adapters (the
+    module docstring), else strength. With the guard off, `warn` says so once where it would have
+    capped (doge, whose default is off: not)."""
     if not (guard or warn):
-        return strength
+        return strength, False
     models = [entry.id for entry in group.non_base]
     capped, kinds = capped_lambda(group.base.id, models, strength, group.base.tensor.device, sums_disjoint)
     if capped == strength:
-        return strength
+        return strength, False
     count = len(models)
     cap, found = kinds.cap(count, sums_disjoint)
     one_seed = bool(kinds.one_seed)
@@ -142,11 +144,11 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
         warn_once(logger, "adapters", method,
                   "%s: %s; adapter_guard is off, so lambda stays %.3g: %s. Lambda %.2g (%s) is the safer start; "
                   "`mergekit-wudi report` shows each model's overlaps.", method, evidence, strength, measured, cap, rule)
-        return strength
+        return strength, False
     warn_once(logger, "adapters", method,
               "%s: %s. lambda is capped at %s = %.3g for every solved tensor%s (adapter_guard; set adapter_guard: "
               "false to keep lambda %.3g).", method, evidence, rule, cap, extra, strength)
-    return capped
+    return capped, one_seed
 
 
 def capped_lambda(base: Any, models: Sequence[Any], strength: float, device: Any = "cpu",
@@ -166,19 +168,14 @@ def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], 
     """The resolved parameters of a solved tensor with `lambda` replaced by guarded_lambda's and,
     where that is the one-seed cap, `calibrate: none` by ONE_SEED_CALIBRATION (the cache key and
     the solve then take them)."""
-    strength = guarded_lambda(method, group, parameters["lambda"], parameters["adapter_guard"], sums_disjoint, warn=warn)
+    strength, one_seed = guarded_lambda(method, group, parameters["lambda"], parameters["adapter_guard"], sums_disjoint,
+                                        warn=warn)
     if strength == parameters["lambda"]:
         return parameters
     guarded = {**parameters, "lambda": strength}
-    if parameters["calibrate"] == "none" and one_seed(group):
+    if one_seed and parameters["calibrate"] == "none":
         guarded["calibrate"] = ONE_SEED_CALIBRATION
     return guarded
-
-
-def one_seed(group: Any) -> bool:
-    """Whether the sample (already measured for this group's models) saw a one-seed adapter."""
-    kinds = expert_kinds(group.base.id, [entry.id for entry in group.non_base], group.base.tensor.device)
-    return kinds is not None and bool(kinds.one_seed)
 
 
 def expert_kinds(base: Any, models: Sequence[Any], device: Any = "cpu") -> Optional[ExpertKinds]:

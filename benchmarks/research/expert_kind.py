@@ -128,34 +128,6 @@ def alignment(bench: str, base: dict, set_name: str) -> None:
               f"p90 {quantile(values, 0.9):5.2f}) over {len(values)}", flush=True)
 
 
-def size(bench: str, base: dict, set_name: str, layers=None) -> None:
-    from mergekit_wudi.solvers import SOLVERS
-
-    vectors, _ = load_set(bench, base, set_name)
-    tasks = list(vectors)
-    methods = [s for s in SOLVERS if s.name in ("wudi_cfs", "tsv", "ace", "iso_c")]
-    solvers = {cls.name: cls(calibration=cls.calibration) for cls in methods}
-    ratios = {name: [] for name in ("sum", *solvers)}
-    names = sorted(set.intersection(*(set(v) for v in vectors.values())))
-    for name in names:
-        numbers = [int(part) for part in name.split(".") if part.isdigit()]
-        if layers is not None and (not numbers or numbers[0] >= layers):
-            continue
-        ts = torch.stack([vectors[task][name] for task in tasks])
-        norms = ts.flatten(1).norm(dim=1)
-        if float(norms.min()) == 0:
-            continue
-        rms = float(norms.pow(2).mean().sqrt())
-        ratios["sum"].append(float(ts.sum(0).norm()) / rms)  # task_arithmetic at lambda 1
-        for method, solver in solvers.items():
-            ratios[method].append(float(solver.solve(ts).norm()) / rms)
-    count = len(next(iter(ratios.values())))
-    print(f"{bench} {set_name}: N {len(tasks)}, sqrt(N) {len(tasks) ** 0.5:.2f}, {count} tensors")
-    for method, values in ratios.items():
-        print(f"  {method:9s} ||t_m|| / rms ||t_i||  median {median(values):5.2f}  p10 {quantile(values, 0.1):5.2f}  "
-              f"p90 {quantile(values, 0.9):5.2f}")
-
-
 def shared_tensors(vectors: dict, layers=None):
     """(name, (N, out, in) stack) for the tensors every task changed, blocks 0..layers-1 only if given."""
     tasks = list(vectors)
@@ -166,6 +138,26 @@ def shared_tensors(vectors: dict, layers=None):
         ts = torch.stack([vectors[task][name] for task in tasks])
         if float(ts.flatten(1).norm(dim=1).min()) > 0:
             yield name, ts
+
+
+def size(bench: str, base: dict, set_name: str, layers=None) -> None:
+    from mergekit_wudi.solvers import SOLVERS
+
+    vectors, _ = load_set(bench, base, set_name)
+    tasks = list(vectors)
+    methods = [s for s in SOLVERS if s.name in ("wudi_cfs", "tsv", "ace", "iso_c")]
+    solvers = {cls.name: cls(calibration=cls.calibration) for cls in methods}
+    ratios = {name: [] for name in ("sum", *solvers)}
+    for _, ts in shared_tensors(vectors, layers):
+        rms = float(ts.flatten(1).norm(dim=1).pow(2).mean().sqrt())
+        ratios["sum"].append(float(ts.sum(0).norm()) / rms)  # task_arithmetic at lambda 1
+        for method, solver in solvers.items():
+            ratios[method].append(float(solver.solve(ts).norm()) / rms)
+    count = len(next(iter(ratios.values())))
+    print(f"{bench} {set_name}: N {len(tasks)}, sqrt(N) {len(tasks) ** 0.5:.2f}, {count} tensors")
+    for method, values in ratios.items():
+        print(f"  {method:9s} ||t_m|| / rms ||t_i||  median {median(values):5.2f}  p10 {quantile(values, 0.1):5.2f}  "
+              f"p90 {quantile(values, 0.9):5.2f}")
 
 
 def calibration(bench: str, base: dict, set_name: str, layers=None) -> None:
