@@ -22,7 +22,7 @@ from mergekit_wudi.cache import SolveCache
 from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.fallback import merge_by_fallback
 from mergekit_wudi.guard import with_guarded_lambda
-from mergekit_wudi.progress import PROGRESS, log_objective
+from mergekit_wudi.progress import PROGRESS, log_objective, objective_logged
 from mergekit_wudi.solvers import SOLVERS, compute_dtype
 from mergekit_wudi.solvers.base import warn_once
 from mergekit_wudi.spec import build_spec
@@ -32,12 +32,12 @@ logger = logging.getLogger(__name__)
 
 
 def warn_lora_adapters(method: str, entries, strength: float) -> None:
-    """Once per method and process, where the YAML names LoRA adapters (`model: base+adapter`)
+    """Once per method and process, where the YAML names two or more LoRA adapters (`model: base+adapter`)
     and lambda is still 1 after adapter_guard (off, or the weights did not show adapters): what
     the task vectors cannot show about them, and what was measured. Only for methods whose
     strength lambda alone sets (Solver.sums_disjoint)."""
     adapters = [str(entry.id) for entry in entries if getattr(entry.id, "lora", None) is not None]
-    if not adapters or strength != 1.0:
+    if len(adapters) < 2 or strength != 1.0:  # one adapter: no other adapter to add on its inputs (guard.py)
         return
     count = len(entries)
     warn_once(
@@ -46,11 +46,11 @@ def warn_lora_adapters(method: str, entries, strength: float) -> None:
         "weights did not show what kind of adapters they are). An adapter's input space is its random "
         "initialisation, so the task vectors do not show how much adapters interfere on real inputs, and lambda 1 "
         "can be far too strong: on this package's benchmarks (test split) adapters with a seed each were 0.4-3.8 "
-        "points below the best built-in at lambda 1 and level with it at 1/sqrt(N); adapters trained from one seed scored "
+        "points below the best built-in at lambda 1 and level with it at 1/sqrt(K), K adapters; adapters trained from one seed scored "
         "13-24 with wudi_cfs, tsv, ace and iso_c at lambda 1, against 52 for task_arithmetic at 0.2. Without a "
-        "validation set, lambda %.2g (1/sqrt(N)), or %.2g (1/N) for adapters trained from one seed, is the safer "
+        "validation set, lambda %.2g (1/sqrt(K)), or %.2g (1/N) for adapters trained from one seed, is the safer "
         "start; README, 'Which method when', has each method's numbers.",
-        method, len(adapters), count, ", ".join(adapters), 1.0 / math.sqrt(count), 1.0 / count,
+        method, len(adapters), count, ", ".join(adapters), 1.0 / math.sqrt(len(adapters)), 1.0 / count,
     )
 
 
@@ -130,6 +130,7 @@ class SolverMergeMethod(GroupMergeMethod):
             "calibrate": parameters["calibrate"],
             "input_major": parameters["input_major"],
             "weight": [parameters["weight"][entry.id] for entry in entries],
+            "density": list(trim_densities(self.solver_cls, parameters, entries)),  # doge's: its config's, below
         }
         # The values the solver runs with: an unset parameter and its default share a key.
         for field in dataclasses.fields(config):
@@ -141,14 +142,12 @@ class SolverMergeMethod(GroupMergeMethod):
         name = group.metadata.name
         base = group.base.tensor
         entries = group.non_base
-        transpose = parameters["input_major"]
-        if transpose is None:
-            transpose = is_input_major(name)
-
+        transpose = is_input_major(name) if parameters["input_major"] is None else parameters["input_major"]
         base_c, task_vectors = _task_vectors(group, parameters["weight"], transpose)
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
-        try:
-            merged = self.solver_cls(config, calibration=parameters["calibrate"]).solve(task_vectors, **per_model)  # (out, in)
+        solver = self.solver_cls(config, calibration=parameters["calibrate"], density=trim_densities(self.solver_cls, parameters, entries))
+        try:  # the task vectors are ours; only -v's objective log reads them after the solve
+            merged = solver.solve(task_vectors, overwrite=not objective_logged(), **per_model)  # (out, in)
         except torch.linalg.LinAlgError as error:
             models = ", ".join(str(entry.id) for entry in entries)
             raise FloatingPointError(
@@ -174,6 +173,15 @@ class SolverMergeMethod(GroupMergeMethod):
             "input-major" if transpose else "output-major",
         )
         return result.to(base.dtype)
+
+
+def trim_densities(solver_cls: type, parameters: Mapping[str, Any], entries) -> Tuple[float, ...]:
+    """The pre-solve trim's density per fine-tune: its own, else the method's default (Solver.density);
+    1 (no trim) for a method that trims inside its solve (doge)."""
+    if solver_cls.density is None:
+        return (1.0,) * len(entries)
+    given = parameters["density"]
+    return tuple(solver_cls.density if given[entry.id] is None else given[entry.id] for entry in entries)
 
 
 def solver_arguments(config_cls: type, parameters: Mapping[str, Any], entries) -> Tuple[Any, Dict[str, Any]]:

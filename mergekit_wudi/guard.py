@@ -11,13 +11,15 @@ Why. A LoRA update B A reads A's row space, and A stays near its random initiali
   `calibrate` is none, it becomes sum_cap there, and the merge is no larger than the average.
 - Adapters with a seed each read random, nearly disjoint input spaces, so the methods that
   return the sum of task vectors with disjoint row spaces (Solver.sums_disjoint: wudi, wudi_cfs,
-  tsv, ace) return about the sum of the N updates (measured: sqrt(N) times one task vector's
-  norm). A random A reads any input about as much as its own task's, so on each task's inputs
-  the other N - 1 adapters add outputs about as large as its own: sqrt(N) times one adapter's
-  effect. Cap: 1/sqrt(N), which brings it back to one adapter's. (Full fine-tunes' merges are
-  as large, but each update reads mostly its own task's inputs; lambda 1 is right for them.)
-  On MiniLM's such set wudi_cfs at lambda 1 was 3.5 points below task_arithmetic at 0.3, and
-  level with it at 1/sqrt(N). iso_c and iso_cts are not capped there: their merge is as large,
+  tsv, ace) return about the sum of the K adapters' updates (measured: sqrt(N) times one task
+  vector's norm where all N are such adapters). A random A reads any input about as much as its
+  own task's, so on each task's inputs the K adapters add outputs about as large as one adapter's
+  each: sqrt(K) times one adapter's effect. Cap: 1/sqrt(K), which brings it back to one adapter's,
+  K the number of such adapters among the fine-tunes (none for one). Full fine-tunes are not
+  counted: each update reads mostly its own task's inputs, and lambda 1 is right for them (K was
+  N until issue 23's mixed sets showed the difference: docs/benchmarks.md, "Trim and the guard
+  on mixed sets"). On MiniLM's LoRA set wudi_cfs at lambda 1 was 3.5 points below
+  task_arithmetic at 0.3, and level with it at 1/sqrt(N). iso_c and iso_cts are not capped there: their merge is as large,
   but at lambda 1 they were the best methods on SmolLM2's such set and level on MiniLM's.
 docs/benchmarks.md, "The adapter guard", has the numbers.
 
@@ -35,7 +37,7 @@ size beside the merge's own), and the median number of directions compared (k).
   rank-2 random deltas reached 2-4).
 Where any fine-tune is "one seed", every solved tensor's lambda becomes min(lambda, 1/N) (and
 `calibrate: none` becomes sum_cap, where lambda was above 1/N); else
-where any is "a seed each", min(lambda, 1/sqrt(N)) for the methods that sum. The sample is fixed
+where K >= 2 are "a seed each", min(lambda, 1/sqrt(K)) for the methods that sum. The sample is fixed
 by the names, not by the order mergekit merges tensors in, so runs, shards and thread counts
 agree. `adapter_guard: false` keeps lambda as given (and warns instead).
 
@@ -98,8 +100,8 @@ class ExpertKinds:
         not; None where no cap applies."""
         if self.one_seed:
             return 1.0 / count, self.one_seed
-        if sums_disjoint and self.seed_each:
-            return 1.0 / math.sqrt(count), self.seed_each
+        if sums_disjoint and len(self.seed_each) >= 2:
+            return 1.0 / math.sqrt(len(self.seed_each)), self.seed_each
         return None
 
 
@@ -135,10 +137,10 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
             f"input-space overlap {'/'.join(f'{kinds.inputs[i]:.1f}' for i in found)} times chance, output-space "
             f"{'/'.join(f'{kinds.outputs[i]:.1f}' for i in found)} times, over {len(kinds.tensors)} tensors; full "
             "fine-tunes' inputs gave 9-23 times on this package's benchmarks). Their input spaces are random and "
-            f"nearly disjoint, so {method} returns about the sum of their updates, sqrt(N) times one adapter's size, "
+            f"nearly disjoint, so {method} returns about the sum of their updates, sqrt({len(found)}) times one adapter's size, "
             "while each still acts on every task's inputs"
         )
-        rule, measured = "1/sqrt(N)", "on MiniLM's such set wudi_cfs at lambda 1 was 3.5 points below task_arithmetic at 0.3"
+        rule, measured = f"1/sqrt({len(found)})", "on MiniLM's such set wudi_cfs at lambda 1 was 3.5 points below task_arithmetic at 0.3"
         extra = ""
     if not guard:
         warn_once(logger, "adapters", method,

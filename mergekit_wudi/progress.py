@@ -150,6 +150,11 @@ def _planned_solves(bar: tqdm.tqdm, method_name: str) -> Optional[Set[str]]:
 PROGRESS = SolveProgress()
 
 
+def objective_logged() -> bool:
+    """Whether log_objective logs (INFO enabled): then it reads the task vectors after the solve."""
+    return logger.isEnabledFor(logging.INFO)
+
+
 def log_objective(method_name: str, name: Optional[str], task_vectors: torch.Tensor, merged: torch.Tensor) -> None:
     """At INFO: the WUDI interference loss of task arithmetic's sum and of the solved t_m.
 
@@ -157,7 +162,7 @@ def log_objective(method_name: str, name: Optional[str], task_vectors: torch.Ten
     before lambda. Costs about 2N GEMMs of the tensor's size, so it runs only when INFO
     is enabled (`mergekit-yaml -v`).
     """
-    if not logger.isEnabledFor(logging.INFO):
+    if not objective_logged():
         return
     from mergekit_wudi.solvers import task_arithmetic_objective, wudi_objective
 

@@ -243,8 +243,8 @@ def _recording_solver(solver_cls: type, records: list) -> type:
     """solver_cls, but each solve keeps (task_vectors, merged) in records."""
 
     class RecordingSolver(solver_cls):
-        def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
-            merged = super().solve(task_vectors, **per_model)
+        def solve(self, task_vectors: torch.Tensor, *, overwrite: bool = False, **per_model: Any) -> torch.Tensor:
+            merged = super().solve(task_vectors, **per_model)  # never in place: the report reads them after
             # A copy: the adapter writes W0 + lambda * t_m into the solver's output in place.
             records.append((task_vectors, merged.clone(), self.last_calibration))
             return merged
@@ -347,7 +347,9 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
         f"Config: `{config_path}`. Objective: the WUDI interference loss "
         "L(t) = sum_i ||(t - t_i) t_i^T||_F^2 / ||t_i||_F^2 (arXiv:2503.08099, Eq. 21), at the vectors added "
         "to W0: task arithmetic's t = lambda sum_i t_i and the solved t = lambda c t_m (c: the `calibrate` rule's scale, 1 without one; "
-        "lambda: the one the merge uses, the config's capped where adapter_guard acts); t_i = weight_i (W_i - W0). "
+        "lambda: the one the merge uses, the config's capped where adapter_guard acts); t_i = weight_i (W_i - W0), untrimmed: "
+        "where the method trims before its solve (`density` under 1: wudi and wudi_cfs by default), L of the solved t "
+        "also counts the entries the trim dropped, so it can exceed task arithmetic's. "
         "Effective rank: exp of the entropy of the normalised singular values (Roy & Vetterli 2007).",
         "",
     ]
@@ -381,8 +383,8 @@ KIND_ADVICE = {
     "full": "the methods' defaults were chosen on such sets (README, 'Which method when').",
     "lora": "where the output overlap is at least 2 (trained adapters' B's share output directions; independent "
             "random deltas stay near 1) and 4 or more directions are compared, wudi, wudi_cfs, tsv and ace cap lambda "
-            "at 1/sqrt(N) (adapter_guard, docs/methods.md): at lambda 1 they were 0.4-3.8 points below the best "
-            "built-in on the benchmarks' two such sets, at 1/sqrt(N) level with it.",
+            "at 1/sqrt(K), K such adapters among the fine-tunes (adapter_guard, docs/methods.md): at lambda 1 they "
+            "were 0.4-3.8 points below the best built-in on the benchmarks' two LoRA sets, at 1/sqrt(K) level with it.",
     "lora, one seed": "at lambda 1 wudi, wudi_cfs, tsv, ace and iso_c broke SmolLM2's such set (13-24 against 52 "
                       "for task_arithmetic at lambda 0.2; doge 42), so every method but doge caps lambda at 1/N where "
                       "the first 12 linear weights look like this, and with calibrate: none keeps the merge within the "

@@ -31,7 +31,7 @@ from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.fallback import DEFAULT_FALLBACK, check_fallback
 from mergekit_wudi.names import SYNONYMS, spelling_variants, suggest
 from mergekit_wudi.solvers.calibrate import CALIBRATIONS
-from mergekit_wudi.solvers.checks import check_choice
+from mergekit_wudi.solvers.checks import check_choice, check_fraction
 
 _SCOPE_ORDER = (ParameterScope.SHARED, ParameterScope.NON_BASE, ParameterScope.INPUT)
 PASSTHROUGH_DESCRIPTION = "passed to the fallback method"
@@ -115,8 +115,14 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
                   check=functools.partial(check_choice(*CALIBRATIONS), "calibrate"))
     yield declare("adapter_guard", bool, shared, method.solver_cls.adapter_guard,
                   "cap lambda where the fine-tunes look like LoRA adapters: at 1/N for adapters trained from one seed"
-                  + (", at 1/sqrt(N) for adapters with a seed each" if method.solver_cls.sums_disjoint else "")
+                  + (", at 1/sqrt(K) for K >= 2 adapters with a seed each" if method.solver_cls.sums_disjoint else "")
                   + " (guard.py); false keeps lambda")
+    if method.solver_cls.density is not None:  # doge declares its own, in its config
+        # Also ties' parameter: unset stays None, so a ties fallback keeps its own default.
+        yield declare("density", Optional[float], ParameterScope.NON_BASE, None,
+                      f"fraction of each task vector's entries kept by the magnitude trim before the solve (default "
+                      f"{method.solver_cls.density:g}; 1 = no trim; when set, also passed to the fallback)",
+                      check=functools.partial(_none_or, functools.partial(check_fraction, "density")))
     yield declare("fallback", str, shared, DEFAULT_FALLBACK, "merge method for tensors that are not solved, or 'base'",
                   check=check_fallback)
     yield declare("solve", bool, shared, True, "false sends the tensor to the fallback")

@@ -23,6 +23,20 @@ def usable(task_vectors: torch.Tensor) -> List[torch.Tensor]:
     return result
 
 
+def trimmed(task_vectors: torch.Tensor, density: float, rank_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The magnitude trim before a solve (docs/methods.md, "density"): each task vector keeps the
+    entries with |t| >= its (d - floor(d density))-th smallest |t|, d entries, ranked by
+    torch.kthvalue on the magnitudes in rank_dtype (the merge's compute dtype: float32, float64
+    for float64 inputs); the values stay as given."""
+    result = []
+    for t in task_vectors:
+        kth = t.numel() - math.floor(t.numel() * density)
+        magnitude = t.to(rank_dtype).abs()
+        threshold = torch.kthvalue(magnitude.flatten(), kth).values if kth > 0 else magnitude.min()
+        result.append(torch.where(magnitude >= threshold, t, torch.zeros_like(t)))
+    return torch.stack(result)
+
+
 def wudi_loss(t_m: torch.Tensor, tasks: Sequence[torch.Tensor]) -> torch.Tensor:
     """WUDI Eq. 21: sum_i ||(t_m - t_i) t_i^T||_F^2 / ||t_i||_F^2."""
     return sum(((t_m - t) @ t.T).pow(2).sum() / t.pow(2).sum() for t in tasks)

@@ -50,8 +50,9 @@ def test_run_help_has_every_mergekit_yaml_option():
 def test_methods_json_lists_own_parameters_with_defaults():
     described = {item["name"]: item for item in json.loads(mergekit_wudi_cli("methods", "--format", "json").output)}
     assert list(described) == list(METHODS)
-    common = {"weight": 1.0, "lambda": 1.0, "calibrate": "none", "adapter_guard": True, "fallback": "task_arithmetic",
-              "solve": True, "input_major": None}
+    # density: unset (None) so that a ties fallback keeps its own; the method's default is in its description.
+    common = {"weight": 1.0, "lambda": 1.0, "calibrate": "none", "adapter_guard": True, "density": None,
+              "fallback": "task_arithmetic", "solve": True, "input_major": None}
     # Defaults from methods.md and the solver configs, independent of the spec.
     expected = {
         "wudi": {**common, "steps": WudiConfig().steps, "lr": WudiConfig().lr},
@@ -70,6 +71,10 @@ def test_methods_json_lists_own_parameters_with_defaults():
         assert item["reference_url"].startswith("https://arxiv.org/abs/")
         # Pass-through parameters of other methods are summarised, not listed as ours.
         assert "epsilon" in item["fallback_parameters"] and "epsilon" not in parameters
+    trims = {name: next(p["description"] for p in described[name]["parameters"] if p["name"] == "density")
+             for name in ("wudi", "wudi_cfs", "tsv", "iso_c")}
+    assert "(default 0.3;" in trims["wudi"] and "(default 0.3;" in trims["wudi_cfs"]  # issue 23: the trim before the solve
+    assert "(default 1;" in trims["tsv"] and "(default 1;" in trims["iso_c"]
     scopes = {p["name"]: p["scope"] for p in described["doge"]["parameters"]}
     assert scopes["weight"] == "per-model" and scopes["density"] == "per-model" and scopes["eta"] == "shared"
     scopes = {p["name"]: p["scope"] for p in described["iso_cts"]["parameters"]}
@@ -79,8 +84,8 @@ def test_methods_json_lists_own_parameters_with_defaults():
     assert pretty["iso_c"] == ("Iso-C", "https://arxiv.org/abs/2502.04959")
     assert pretty["iso_cts"] == ("Iso-CTS", "https://arxiv.org/abs/2502.04959")
     types = {p["name"]: p["type"] for p in described["wudi"]["parameters"]}
-    assert types == {"weight": "float", "lambda": "float", "calibrate": "str", "adapter_guard": "bool", "fallback": "str", "solve": "bool",
-                     "input_major": "bool or null", "steps": "int", "lr": "float"}
+    assert types == {"weight": "float", "lambda": "float", "calibrate": "str", "adapter_guard": "bool", "density": "float or null",
+                     "fallback": "str", "solve": "bool", "input_major": "bool or null", "steps": "int", "lr": "float"}
 
 
 def test_methods_text_and_markdown():

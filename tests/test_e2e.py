@@ -11,7 +11,7 @@ import models
 import pytest
 import torch
 from models import is_llama_linear, load_model, make_family, save_model, write_config
-from reference import SCALES, calibrated, doge, wudi_adam, wudi_closed_form
+from reference import SCALES, calibrated, doge, trimmed, wudi_adam, wudi_closed_form
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from reference_ace import ace_heterogeneity, ace_reference
 from runner import mergekit_yaml
@@ -71,7 +71,7 @@ def check_rest_is_task_arithmetic(merged, task_arithmetic):
 
 def test_wudi(family, task_arithmetic, tmp_path):
     merged = run_method(family, tmp_path, "wudi")
-    check_linear(merged, family, wudi_adam)
+    check_linear(merged, family, lambda tv: wudi_adam(trimmed(tv, 0.3)))  # its default trim, density 0.3
     check_rest_is_task_arithmetic(merged, task_arithmetic)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "[WUDI-Merging](https://arxiv.org/abs/2503.08099)" in card
@@ -79,8 +79,39 @@ def test_wudi(family, task_arithmetic, tmp_path):
 
 def test_wudi_cfs(family, task_arithmetic, tmp_path):
     merged = run_method(family, tmp_path, "wudi_cfs", {"omega": 0.05})
-    check_linear(merged, family, lambda tv: wudi_closed_form(tv, 0.05))
+    check_linear(merged, family, lambda tv: wudi_closed_form(trimmed(tv, 0.3), 0.05))  # its default trim
     check_rest_is_task_arithmetic(merged, task_arithmetic)
+
+
+@pytest.mark.parametrize("method, reference", [("wudi_cfs", lambda tv: wudi_closed_form(tv, 0.1)),
+                                               ("tsv", lambda tv: tsv_merge(tv, EPS32))], ids=["wudi_cfs", "tsv"])
+def test_density_trims_each_models_task_vector_before_the_solve(family, task_arithmetic, tmp_path, method, reference):
+    # Per model, as mergekit's ties takes it: the three task vectors keep their largest 50%, 20%
+    # and 100% of entries (by hand: torch.kthvalue on the float32 magnitudes), then the method's
+    # float64 reference solves those; density 1 everywhere is the untrimmed solve.
+    densities = [0.5, 0.2, 1.0]
+    base, *models = family
+    config = write_config(tmp_path / "trim.yml", method, base, models, {"lambda": 0.9},
+                          [{"weight": w, "density": d} for w, d in zip(WEIGHTS, densities)])
+    mergekit_yaml(config, tmp_path / "trim")
+    merged = load_model(tmp_path / "trim")
+
+    def per_model(tv):
+        return reference(torch.stack([trimmed(t.unsqueeze(0), d)[0] for t, d in zip(tv, densities)]))
+
+    check_linear(merged, family, per_model, tolerance=1e-4)
+    check_rest_is_task_arithmetic(merged, task_arithmetic)
+    untrimmed = run_method(family, tmp_path / "untrimmed", method, {"density": 1.0})
+    check_linear(untrimmed, family, reference, tolerance=1e-4)
+
+
+def test_a_bad_density_fails_before_writing(family, tmp_path):
+    base, *models = family
+    config = write_config(tmp_path / "bad.yml", "wudi_cfs", base, models, {"density": 1.5})
+    result = mergekit_yaml(config, tmp_path / "out", check=False)
+    assert result.returncode != 0
+    assert "density" in result.stderr and "(0, 1]" in result.stderr
+    assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
 def test_doge(family, task_arithmetic, tmp_path):
@@ -123,13 +154,13 @@ def test_spectral_methods(family, task_arithmetic, tmp_path, method, parameters,
 
 @pytest.mark.parametrize("method, reference, tolerance",
                          [("iso_c", lambda tv: iso_c(tv, eps=EPS32), 1e-5), ("wudi_cfs", lambda tv: wudi_closed_form(tv, 0.1), 1e-4)],
-                         ids=["iso_c", "wudi_cfs"])  # the tolerances of their own tests above
+                         ids=["iso_c", "wudi_cfs"])  # the tolerances of their own tests above; wudi_cfs untrimmed here
 @pytest.mark.parametrize("rule", ["input_space", "sum_norm"])
 def test_calibrate_scales_each_tensor_by_its_rule(family, task_arithmetic, tmp_path, method, reference, tolerance, rule):
     # c per tensor from its definition (input_space: a float64 SVD of each task vector;
     # sum_norm: the float64 sum's norm), times the method's float64 reference:
     # W0 + lambda c t_m; everything else is the fallback's.
-    merged = run_method(family, tmp_path, method, {"calibrate": rule})
+    merged = run_method(family, tmp_path, method, {"calibrate": rule, **({"density": 1.0} if method == "wudi_cfs" else {})})
     scales = []
 
     def calibrated(tv):
@@ -230,7 +261,7 @@ def bf16_family(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "method, reference",
-    [("wudi_cfs", lambda tv: wudi_closed_form(tv, 0.1)), *((m, r) for m, _, r in SPECTRAL)],
+    [("wudi_cfs", lambda tv: wudi_closed_form(trimmed(tv, 0.3), 0.1)), *((m, r) for m, _, r in SPECTRAL)],
     ids=["wudi_cfs", *(m for m, _, _ in SPECTRAL)],
 )
 def test_bfloat16_checkpoints_come_back_bfloat16(bf16_family, tmp_path, method, reference):

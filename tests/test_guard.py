@@ -5,9 +5,9 @@ import torch
 from mergekit.common import ModelReference
 from mergekit.merge_methods import merge_tensors
 from models import make_family, make_one_seed_family, make_seed_each_family
-from reference import wudi_closed_form
+from reference import trimmed, wudi_closed_form
 
-from mergekit_wudi.guard import MIN_RANK, SAMPLE, TRAINED_OUTPUT, expert_kinds, sample_order
+from mergekit_wudi.guard import MIN_RANK, SAMPLE, TRAINED_OUTPUT, ExpertKinds, expert_kinds, sample_order
 
 
 def kinds_of(paths):
@@ -50,7 +50,7 @@ def test_without_models_the_guard_does_not_act():
     base = torch.randn(32, 48, generator=generator, dtype=torch.float64)
     tuned = [base + torch.randn(32, 2, generator=generator, dtype=torch.float64) @ shared for _ in range(3)]
     merged = merge_tensors([base, *tuned], "wudi_cfs", base_index=0, name="model.layers.0.mlp.up_proj.weight")
-    expected = base + wudi_closed_form(torch.stack([t - base for t in tuned]), 0.1)
+    expected = base + wudi_closed_form(trimmed(torch.stack([t - base for t in tuned]), 0.3, torch.float64), 0.1)
     assert torch.allclose(merged, expected, rtol=0, atol=1e-9 * float(expected.abs().max()))
     assert expert_kinds(0, [1, 2, 3]) is None
 
@@ -119,3 +119,22 @@ def test_the_one_seed_cap_also_keeps_the_merge_within_the_sum(tmp_path, calibrat
     assert guarded(one_seed, 0.25, calibrate)["calibrate"] == calibrate  # under the cap: untouched
     seed_each = group_of(make_seed_each_family(tmp_path / "seed_each"))
     assert guarded(seed_each, 1.0, calibrate) == {"lambda": pytest.approx(3 ** -0.5), "calibrate": calibrate, "adapter_guard": True}
+
+
+@pytest.mark.parametrize("kinds, cap", [
+    (("lora",) * 4, 1 / 2),  # every fine-tune an adapter with a seed each: 1/sqrt(N), as before
+    (("full", "lora", "full", "lora"), 2 ** -0.5),  # a mixed set: 1/sqrt(K), K = 2 adapters
+    (("full", "lora", "full", "full"), None),  # one adapter: nothing to cap (K = 1)
+    (("full",) * 4, None),
+])
+def test_the_seed_each_cap_counts_the_adapters(kinds, cap):
+    # guard.py: on each task's inputs the K adapters add about sqrt(K) adapters' outputs; full
+    # fine-tunes read their own inputs and are not counted.
+    found = ExpertKinds(tensors=("t",), models=tuple("abcd"), inputs=(2.0,) * 4, outputs=(3.0,) * 4, kinds=kinds,
+                        rank=8.0)
+    decided = found.cap(4, sums_disjoint=True)
+    if cap is None:
+        assert decided is None
+    else:
+        assert decided == (pytest.approx(cap, rel=1e-15), tuple(i for i, kind in enumerate(kinds) if kind == "lora"))
+    assert found.cap(4, sums_disjoint=False) is None  # iso_c, iso_cts: not capped for adapters with a seed each

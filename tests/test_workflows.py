@@ -15,7 +15,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 from models import is_llama_linear, load_model, make_one_seed_family, make_seed_each_family, write_config
-from reference import SCALES, wudi_closed_form
+from reference import SCALES, trimmed, wudi_closed_form
 from runner import mergekit_yaml, mergekit_yaml_in_process
 
 from mergekit_wudi.config_check import check_config_keys
@@ -96,7 +96,7 @@ def test_multi_stage_merge(family, tmp_path):
     tensors = [load_model(p) for p in (base, ft1, ft2, ft3)]
     name = "model.layers.1.self_attn.o_proj.weight"
     task_vectors = torch.stack([t[name].double() - tensors[0][name].double() for t in tensors[1:3]])
-    expected = tensors[0][name].double() + wudi_closed_form(task_vectors, 0.1)
+    expected = tensors[0][name].double() + wudi_closed_form(trimmed(task_vectors, 0.3), 0.1)  # its default trim
     change = (expected - tensors[0][name].double()).norm()
     assert (staged[name].double() - expected).norm() < 1e-4 * change
     # ...and stage 2 is task arithmetic on stage 1's output: W0 + (S - W0) + 0.5 (W3 - W0).
@@ -114,46 +114,50 @@ def test_lora_adapter_through_model_plus_lora(family, tmp_path):
 
     base, ft1 = family[0], family[1]
     rank, alpha, targets = 2, 8, ["q_proj", "v_proj", "down_proj"]
-    generator = torch.Generator().manual_seed(7)
-    peft_model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
-        LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
-    )
-    with torch.no_grad():
-        for parameter_name, parameter in peft_model.named_parameters():
-            if "lora_" in parameter_name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
-    del peft_model
+    lora_delta = []  # per adapter: the independent expectation, each adapted weight moves by B A * alpha / r
+    for seed in (7, 8):
+        generator = torch.Generator().manual_seed(seed)
+        peft_model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+            LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
+        )
+        with torch.no_grad():
+            for parameter_name, parameter in peft_model.named_parameters():
+                if "lora_" in parameter_name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        peft_model.save_pretrained(str(tmp_path / f"adapter{seed}"))
+        del peft_model
+        adapter = load_file(str(tmp_path / f"adapter{seed}" / "adapter_model.safetensors"))
+        prefix = "base_model.model."
+        lora_delta.append({
+            key[len(prefix):].replace(".lora_A.weight", ".weight"): adapter[key.replace("lora_A", "lora_B")].double()
+            @ adapter[key].double() * (alpha / rank)
+            for key in adapter
+            if ".lora_A." in key
+        })
+        assert len(lora_delta[-1]) == 2 * len(targets)
+    adapters = [f"{base}+{tmp_path / f'adapter{seed}'}" for seed in (7, 8)]
 
-    # The independent expectation: each adapted weight moves by B A * alpha / r.
-    adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    prefix = "base_model.model."
-    lora_delta = {
-        key[len(prefix):].replace(".lora_A.weight", ".weight"): adapter[key.replace("lora_A", "lora_B")].double()
-        @ adapter[key].double() * (alpha / rank)
-        for key in adapter
-        if ".lora_A." in key
-    }
-    assert len(lora_delta) == 2 * len(targets)
-
-    config = write_config(tmp_path / "lora.yml", "wudi_cfs", base, [ft1, f"{base}+{tmp_path / 'adapter'}"])
+    config = write_config(tmp_path / "lora.yml", "wudi_cfs", base, [ft1, *adapters])
     check_config_keys(MergeConfiguration.model_validate(json.loads(config.read_text())))
     result = mergekit_yaml(config, tmp_path / "out", "--lora-merge-cache", str(tmp_path / "lora-cache"))
-    # Named as an adapter, it is known to be one; its rank 2 is too low for adapter_guard to
-    # tell it from a random delta, so lambda stays 1: warned once, with 1/sqrt(N) and 1/N to start from.
-    assert result.stderr.count("wudi_cfs: 1 of the 2 fine-tunes are LoRA adapters") == 1
-    assert "lambda 0.71 (1/sqrt(N)), or 0.5 (1/N) for adapters trained from one seed, is the safer start" in result.stderr
+    # Named as adapters, they are known to be ones; their rank 2 is too low for adapter_guard to
+    # tell them from random deltas, so lambda stays 1: warned once, with 1/sqrt(K) and 1/N to start from.
+    assert result.stderr.count("wudi_cfs: 2 of the 3 fine-tunes are LoRA adapters") == 1
+    assert "lambda 0.71 (1/sqrt(K)), or 0.33 (1/N) for adapters trained from one seed, is the safer start" in result.stderr
 
     # The weights mergekit sees for `base+adapter` (peft's merge, cached on disk)...
-    (seen_path,) = [p for p in (tmp_path / "lora-cache").iterdir() if p.is_dir()]
-    seen = load_model(seen_path)
     base_tensors, ft1_tensors = load_model(base), load_model(ft1)
-    for name, tensor in base_tensors.items():
-        expected = tensor.double() + lora_delta.get(name, 0)
-        torch.testing.assert_close(seen[name].double(), expected, rtol=0, atol=1e-6)
-    # ...and the merge: the adapter's task vector is B A alpha / r, and zero (left out of
-    # the solve) where it adapts nothing.
+    seen = [load_model(p) for p in (tmp_path / "lora-cache").iterdir() if p.is_dir()]
+    assert len(seen) == 2
+    for deltas in lora_delta:
+        (match,) = [s for s in seen if all(torch.allclose(s[n].double(), base_tensors[n].double() + d, rtol=0, atol=1e-6)
+                                            for n, d in deltas.items())]
+        for name, tensor in base_tensors.items():
+            torch.testing.assert_close(match[name].double(), tensor.double() + deltas.get(name, 0), rtol=0, atol=1e-6)
+    # ...and the merge: an adapter's task vector is B A alpha / r, zero (left out of the solve)
+    # where it adapts nothing; each is trimmed (the default density 0.3, ranked on the float32
+    # task vectors the merge forms from the weights mergekit saw) and solved.
     merged = load_model(tmp_path / "out")
     solved_with_lora = 0
     for name, tensor in merged.items():
@@ -161,20 +165,25 @@ def test_lora_adapter_through_model_plus_lora(family, tmp_path):
             continue
         w0 = base_tensors[name].double()
         vectors = [ft1_tensors[name].double() - w0]
-        if name in lora_delta:
-            vectors.append(lora_delta[name])
-            solved_with_lora += 1
-        expected = w0 + wudi_closed_form(torch.stack(vectors), 0.1)
+        for deltas in lora_delta:
+            if name in deltas:
+                vectors.append(deltas[name])
+                solved_with_lora += 1
+        expected = w0 + wudi_closed_form(trimmed(torch.stack(vectors), 0.3), 0.1)
         error = (tensor.double() - expected).norm() / (expected - w0).norm()
         assert error < 1e-4, f"{name}: relative error {error:.1e}"
-    assert solved_with_lora == 6
+    assert solved_with_lora == 12
 
     # A lambda the user lowered is not warned about.
-    lowered = write_config(tmp_path / "lowered.yml", "wudi_cfs", base, [ft1, f"{base}+{tmp_path / 'adapter'}"], {"lambda": 0.5})
+    lowered = write_config(tmp_path / "lowered.yml", "wudi_cfs", base, [ft1, *adapters], {"lambda": 0.5})
     result = mergekit_yaml(lowered, tmp_path / "out2", "--lora-merge-cache", str(tmp_path / "lora-cache"))
     assert "LoRA adapters" not in result.stderr
+    # Nor one adapter among full fine-tunes (no other adapter to add on its inputs: K = 1).
+    single = write_config(tmp_path / "single.yml", "wudi_cfs", base, [ft1, adapters[0]])
+    result = mergekit_yaml(single, tmp_path / "out4", "--lora-merge-cache", str(tmp_path / "lora-cache"))
+    assert "LoRA adapters" not in result.stderr
     # Nor a method whose own normalisation sets its strength (Solver.sums_disjoint False).
-    flattened = write_config(tmp_path / "iso.yml", "iso_c", base, [ft1, f"{base}+{tmp_path / 'adapter'}"])
+    flattened = write_config(tmp_path / "iso.yml", "iso_c", base, [ft1, *adapters])
     result = mergekit_yaml(flattened, tmp_path / "out3", "--lora-merge-cache", str(tmp_path / "lora-cache"))
     assert "LoRA adapters" not in result.stderr
 
@@ -211,7 +220,10 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
         weights = genotype[layer, :, 0, 0].abs().double()
         w0 = tensors[0][name].double()
         task_vectors = torch.stack([w * (t[name].double() - w0) for w, t in zip(weights, tensors[1:])])
-        expected = w0 + wudi_closed_form(task_vectors, 0.1)
+        # Trimmed where the merge trims: it reads the weights in the genome's bfloat16.
+        read = [t[name].bfloat16().double() for t in tensors]
+        masks = trimmed(torch.stack([w * (t - read[0]) for w, t in zip(weights, read[1:])]), 0.3) != 0
+        expected = w0 + wudi_closed_form(task_vectors * masks, 0.1)  # its default trim
         # The genome asks for bfloat16: compare at bf16 resolution.
         error = (merged[name].double() - expected).norm()
         rounding = (expected.to(torch.bfloat16).double() - expected).norm()
@@ -221,13 +233,14 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
 
 def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None):
     """Every linear weight in `out` is W0 + strength * c * the float64 WUDI closed form t_m of the
-    models' task vectors, c the calibrate rule's scale from its definition (1 without a rule)."""
+    models' task vectors after the default trim (density 0.3), c the calibrate rule's scale from its
+    definition (1 without a rule)."""
     base_tensors, tuned = load_model(base), [load_model(m) for m in models]
     scales = []
     for name, tensor in load_model(out).items():
         if is_llama_linear(name):
             w0 = base_tensors[name].double()
-            task_vectors = torch.stack([t[name].double() - w0 for t in tuned])
+            task_vectors = trimmed(torch.stack([t[name].double() - w0 for t in tuned]), 0.3)
             solved = wudi_closed_form(task_vectors, 0.1)
             scales.append(1.0 if rule is None else SCALES[rule](list(task_vectors), solved))
             expected = w0 + strength * scales[-1] * solved
@@ -239,7 +252,7 @@ def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None):
     "make, kind, cap, rule, normed, lowered",
     [
         (make_one_seed_family, "trained from one seed", 1 / 3, "1/N = 0.333", "sum_cap", 0.3),
-        (make_seed_each_family, "trained with a seed each", 3 ** -0.5, "1/sqrt(N) = 0.577", None, 0.5),
+        (make_seed_each_family, "trained with a seed each", 3 ** -0.5, "1/sqrt(3) = 0.577", None, 0.5),
     ],
     ids=["one_seed", "seed_each"],
 )
@@ -258,9 +271,9 @@ def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, normed, low
     assert ("calibrate: none becomes sum_cap" in result.stderr) == (normed is not None)
     scales = assert_wudi_cfs_merged_at(tmp_path / "out", base, models, cap, normed)
     if normed:
-        # (On this family wudi_cfs's merge is within the sum, so sum_cap keeps it: c = 1. That it
-        # is switched on, and what it does to a larger merge: test_guard.py, test_calibrate.py.)
-        assert max(scales) == 1.0
+        # On this family wudi_cfs's merge of the trimmed task vectors is larger than their sum, so
+        # sum_cap brings it down to it (c < 1 somewhere, never above 1: test_calibrate.py).
+        assert max(scales) <= 1.0 and min(scales) < 0.99
         # A rule the YAML names is kept.
         named = write_config(tmp_path / "named.yml", "wudi_cfs", base, models, {"calibrate": "input_space"})
         assert mergekit_yaml_in_process(named, tmp_path / "named").exit_code == 0
@@ -277,7 +290,7 @@ def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, normed, low
 
 
 def test_iso_c_is_not_capped_for_adapters_with_a_seed_each(tmp_path):
-    # Only the methods that return the sum of disjoint updates get the 1/sqrt(N) cap (guard.py):
+    # Only the methods that return the sum of disjoint updates get the 1/sqrt(K) cap (guard.py):
     # iso_c's default merge is its merge with the guard off, bit for bit, and says nothing.
     base, *models = make_seed_each_family(tmp_path / "seed_each")
     result = mergekit_yaml(write_config(tmp_path / "iso.yml", "iso_c", base, models), tmp_path / "iso")

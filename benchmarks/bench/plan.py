@@ -48,16 +48,25 @@ def other_calibrations(method: str) -> list:
     return [] if default is None else [c for c in CALIBRATIONS if c != default]
 
 
+def other_trim(method: str) -> list:
+    """A method of ours that trims before its solve: the other `density` of the two (issue 23):
+    1 (no trim) for wudi and wudi_cfs, whose default is 0.3; 0.3 for the others."""
+    from mergekit_wudi.solvers import SOLVERS
+
+    default = next((s.density for s in SOLVERS if s.name == method), None)
+    return [] if default is None else [{"density": 1.0 if default < 1.0 else 0.3}]
+
+
 def stage_one(method: str, quick: bool = False) -> list:
     """The configurations tried at lambda 1 before the lambda grid: the defaults ({}), then for
     a built-in with a density every (density, normalize) pair (normalize for task_arithmetic
     with equal weights is lambda / N, which the grid covers), for a method of ours its other
-    `calibrate` rule."""
+    `calibrate` rules and its other trim density."""
     densities = BUILTINS.get(method, ())
     if quick:
         densities = densities[1:2]
-    calibrations = [] if quick else [{"calibrate": c} for c in other_calibrations(method)]
-    return [{}] + [{"density": d, "normalize": n} for d in densities for n in (NORMALIZE[:1] if quick else NORMALIZE)] + calibrations
+    ours = [] if quick else [{"calibrate": c} for c in other_calibrations(method)] + other_trim(method)
+    return [{}] + [{"density": d, "normalize": n} for d in densities for n in (NORMALIZE[:1] if quick else NORMALIZE)] + ours
 
 
 def stage_two(best: dict, quick: bool = False) -> list:

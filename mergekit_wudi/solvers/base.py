@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, ClassVar, Optional, Tuple
+from typing import Any, ClassVar, Optional, Sequence, Tuple, Union
 
 import torch
 
 from mergekit_wudi.solvers.calibrate import CALIBRATIONS, Calibration, calibrate
-from mergekit_wudi.solvers.checks import check_choice, per_model_values
+from mergekit_wudi.solvers.checks import check_choice, check_fraction, per_model_values
 from mergekit_wudi.solvers.numerics import SOLVE_EXTRA_TENSORS, TaskVectors, prepare_task_vectors, solve_threads
+from mergekit_wudi.solvers.trim import trimmed
 
 __all__ = ["SOLVE_EXTRA_TENSORS", "Solver", "warn_once"]
 
@@ -45,6 +46,10 @@ class Solver:
     `adapter_guard` (default True): the YAML default of `adapter_guard` (guard.py: lambda capped
     at 1/N where the fine-tunes look like LoRA adapters trained from one seed, and at 1/sqrt(N)
     where they look like adapters with a seed each and `sums_disjoint`).
+    `density` (default 1.0): the YAML default of `density`, the fraction of each task vector's
+    entries kept by the magnitude trim before the solve (trim.py); None for a method that trims
+    inside its own solve and declares `density` in its config (doge). A solver built directly
+    trims only at the density it is given.
 
     Input: any float dtype on any device; solved in float32 (float64 if given float64);
     returns (out, in) in that compute dtype on the input device. Zero or non-finite task
@@ -59,35 +64,51 @@ class Solver:
     calibration: ClassVar[str] = "none"
     sums_disjoint: ClassVar[bool] = True
     adapter_guard: ClassVar[bool] = True
+    density: ClassVar[Optional[float]] = 1.0
 
     def __init_subclass__(cls, *, name: Optional[str] = None, pretty_name: Optional[str] = None,
                           paper: Optional[str] = None, config: Optional[type] = None, one_thread: Optional[bool] = None,
                           calibration: Optional[str] = None, sums_disjoint: Optional[bool] = None,
-                          adapter_guard: Optional[bool] = None, **kwargs: Any):
+                          adapter_guard: Optional[bool] = None, density: Optional[float] = None,
+                          trims_itself: bool = False, **kwargs: Any):
         """`class XSolver(Solver, name=..., pretty_name=..., paper=..., config=XConfig)`; what a
         subclass does not give, it inherits."""
         super().__init_subclass__(**kwargs)
         given = {"name": name, "pretty_name": pretty_name, "paper": paper, "config_cls": config, "one_thread": one_thread,
                  "calibration": None if calibration is None else check_choice(*CALIBRATIONS)("calibration", calibration),
-                 "sums_disjoint": sums_disjoint, "adapter_guard": adapter_guard}
+                 "sums_disjoint": sums_disjoint, "adapter_guard": adapter_guard,
+                 "density": None if density is None else check_fraction("density", density)}
         for attribute, value in given.items():
             if value is not None:
                 setattr(cls, attribute, value)
+        if trims_itself:
+            cls.density = None
 
-    def __init__(self, config: Optional[Any] = None, calibration: str = "none"):
+    def __init__(self, config: Optional[Any] = None, calibration: str = "none",
+                 density: Union[float, Sequence[float]] = 1.0):
         self.config = config or self.config_cls()
         self.rule = check_choice(*CALIBRATIONS)("calibrate", calibration)
+        if self.density is None and any(value != 1.0 for value in (density if isinstance(density, (list, tuple)) else [density])):
+            raise ValueError(f"{self.name} trims inside its solve: give density in its config, not to the solver")
+        self.trim = density  # one value, or one per task vector; checked in solve
         self.last_calibration: Optional[Calibration] = None  # what the last solve chose (the report shows it)
 
-    def solve(self, task_vectors: torch.Tensor, **per_model: Any) -> torch.Tensor:
+    def solve(self, task_vectors: torch.Tensor, *, overwrite: bool = False, **per_model: Any) -> torch.Tensor:
         """task_vectors (N, out, in) -> t_m (out, in); per_model: one value per task vector
-        for each per-model config field (an unknown keyword is a TypeError)."""
+        for each per-model config field (an unknown keyword is a TypeError). overwrite: the
+        caller gives task_vectors up, so the trim (a density under 1) may write into them
+        instead of into a copy (N tensors fewer)."""
         count = task_vectors.shape[0] if isinstance(task_vectors, torch.Tensor) and task_vectors.ndim else 0
         values = per_model_values(self.config, per_model, count)
+        densities = self._densities(count)
         with solve_threads(task_vectors, whole=self.one_thread):
             prepared = prepare_task_vectors(task_vectors)
             if prepared.count == 0:
                 return prepared.vectors.new_zeros(task_vectors.shape[1:])
+            kept_density = [densities[i] for i in prepared.indices]
+            if any(d < 1.0 for d in kept_density):
+                shares_input = prepared.vectors.untyped_storage().data_ptr() == task_vectors.untyped_storage().data_ptr()
+                prepared = trimmed(prepared, kept_density, overwrite=overwrite or not shares_input)
             kept = {name: tuple(given[i] for i in prepared.indices) for name, given in values.items()}
             merged = self._solve(prepared, **kept)
             if self.rule != "none":
@@ -97,6 +118,14 @@ class Solver:
                 merged = merged * self.last_calibration.scale if shares_input else merged.mul_(self.last_calibration.scale)
                 self._calibrated(self.last_calibration, prepared.vectors)
             return merged
+
+    def _densities(self, count: int) -> Tuple[float, ...]:
+        """The trim's density for each of count task vectors, checked."""
+        given = self.trim
+        values = tuple(given) if isinstance(given, (list, tuple)) else (given,) * count
+        if len(values) != count:
+            raise ValueError(f"density: {len(values)} values for {count} task vectors")
+        return tuple(check_fraction("density", value) for value in values)
 
     def _calibrated(self, calibration: Calibration, vectors: torch.Tensor) -> None:
         """Called after a calibrated solve with the task vectors that took part (N, out, in): a

@@ -29,6 +29,7 @@ from mergekit_wudi.solvers.numerics import (
     row_blocks,
     symmetric_eigh,
 )
+from mergekit_wudi.solvers.trim import trim_mask_of_magnitudes
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class DogeConfig:
 
 class DogeSolver(
     Solver, name="doge", pretty_name="DOGE-TA", paper="https://arxiv.org/abs/2501.01230", config=DogeConfig,
-    sums_disjoint=False, adapter_guard=False,
+    sums_disjoint=False, adapter_guard=False, trims_itself=True,
 ):
     """DOGE-TA (Sec. 4, Alg. 1), per tensor:
 
@@ -69,7 +70,7 @@ class DogeSolver(
         merged = torch.zeros_like(delta)
         kept = torch.empty_like(delta)  # |t_i|, then M_i * (t_i + delta)
         for task, coefficient, task_density in zip(vectors, coefficients, density):
-            mask = _trim_mask_of_magnitudes(torch.abs(task, out=kept), task_density)
+            mask = trim_mask_of_magnitudes(torch.abs(task, out=kept), task_density)
             torch.add(task, delta, out=kept).mul_(mask)
             merged.add_(kept, alpha=coefficient)
         return merged
@@ -230,44 +231,3 @@ def _above_tolerance(vectors: torch.Tensor, values: torch.Tensor, k: int, size: 
 def _row_dots(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """rowsum(left * right) for (out, in) tensors, as a batch of dot products: (out,)."""
     return torch.bmm(left.unsqueeze(1), right.unsqueeze(2)).view(left.shape[0])
-
-
-def trim_mask(task: torch.Tensor, density: float) -> torch.Tensor:
-    """M (bool): keep |t| >= the (d - floor(d * density))-th smallest |t|, d = t.numel().
-
-    This keeps floor(d * density) + 1 entries when magnitudes are distinct (the
-    threshold entry itself is kept), and every entry at density 1.
-    """
-    return _trim_mask_of_magnitudes(task.abs(), density)
-
-
-def _trim_mask_of_magnitudes(magnitude: torch.Tensor, density: float) -> torch.Tensor:
-    numel = magnitude.numel()
-    kth = numel - math.floor(numel * density)
-    if kth <= 0:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    bits = _magnitude_bits(magnitude)
-    return bits >= kth_smallest_bits(bits, kth)
-
-
-def _magnitude_bits(magnitude: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of finite magnitudes (>= 0) as signed integers of the same width,
-    a view: for such floats the integer order is the float order."""
-    return magnitude.view(torch.int64 if magnitude.dtype == torch.float64 else torch.int32)
-
-
-def kth_smallest_bits(bits: torch.Tensor, kth: int) -> int:
-    """The k-th smallest of non-negative integers (1-based), by bisection on the value.
-
-    Equal to torch.kthvalue(bits.view(-1), kth), which copies its input and allocates
-    int64 indices (3 tensors of float32 size on top of |t|); this allocates one bool
-    tensor per pass and makes at most bit-width passes (31 for float32 magnitudes).
-    """
-    low, high = 0, int(bits.max())  # the answer lies in [low, high]
-    while low < high:
-        middle = (low + high) // 2
-        if int(torch.count_nonzero(bits <= middle)) >= kth:
-            high = middle
-        else:
-            low = middle + 1
-    return low

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -52,7 +52,8 @@ class WudiConfig:
 
 
 class WudiSolver(
-    Solver, name="wudi", pretty_name="WUDI-Merging", paper="https://arxiv.org/abs/2503.08099", config=WudiConfig
+    Solver, name="wudi", pretty_name="WUDI-Merging", paper="https://arxiv.org/abs/2503.08099", config=WudiConfig,
+    density=0.3,
 ):
     """WUDI-Merging (Eq. 21), solved with Adam from t_m = sum_i t_i:
 
@@ -65,9 +66,9 @@ class WudiSolver(
     returned as is (a stationary point). docs/methods.md has the details.
     """
 
-    def __init__(self, config: Optional[WudiConfig] = None, calibration: str = "none", *,
-                 chunk_elements: int = CHUNK_ELEMENTS):
-        super().__init__(config, calibration)
+    def __init__(self, config: Optional[WudiConfig] = None, calibration: str = "none",
+                 density: Union[float, Sequence[float]] = 1.0, *, chunk_elements: int = CHUNK_ELEMENTS):
+        super().__init__(config, calibration, density)
         self.chunk_elements = chunk_elements
 
     @staticmethod

@@ -113,9 +113,11 @@ def test_plan_covers_every_method_and_grid():
     assert set(plan.methods()) == {*plan.BUILTINS, *(m.method_name for m in MERGE_METHODS)}
     assert plan.stage_one("ties") == [{}] + [{"density": d, "normalize": n} for d in (0.2, 0.5, 0.8) for n in (True, False)]
     assert plan.stage_one("wudi") == [{}, {"calibrate": "input_space"}, {"calibrate": "sum_norm"},
-                                      {"calibrate": "sum_cap"}]  # its default is none
+                                      {"calibrate": "sum_cap"}, {"density": 1.0}]  # its defaults: none, 0.3
     assert plan.stage_one("iso_c") == [{}, {"calibrate": "none"}, {"calibrate": "input_space"},
-                                       {"calibrate": "sum_cap"}]  # its default is sum_norm
+                                       {"calibrate": "sum_cap"}, {"density": 0.3}]  # its defaults: sum_norm, 1
+    assert plan.stage_one("doge") == [{}, {"calibrate": "input_space"}, {"calibrate": "sum_norm"},
+                                      {"calibrate": "sum_cap"}]  # its density is its own
     assert plan.stage_one("wudi", quick=True) == [{}]
     assert [c["lambda"] for c in plan.stage_two({})] == [0.1, 0.2, 0.3, 0.5, 0.7, 1.5]
     assert plan.mixed_members(["a", "b", "c", "d", "e"]) == {"a": "full", "b": "lora", "c": "full", "d": "lora", "e": "full"}

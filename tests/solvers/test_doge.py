@@ -9,7 +9,8 @@ from tensors import full_rank_task_vectors, low_rank_task_vectors
 
 from mergekit_wudi.solvers import DogeConfig, DogeSolver
 from mergekit_wudi.solvers import doge as doge_module
-from mergekit_wudi.solvers.doge import kth_smallest_bits, top_left_singular_vectors, trim_mask
+from mergekit_wudi.solvers.doge import top_left_singular_vectors
+from mergekit_wudi.solvers.trim import kth_smallest_bits, trim_mask
 
 SHAPES = [(24, 12), (16, 16), (10, 40)]
 
