@@ -134,6 +134,35 @@ def make_seed_each_family(root: Path, fine_tunes: int = 3, seed: int = 6, rank: 
     return [p.resolve() for p in paths]
 
 
+def make_mixed_family(root: Path, seed: int = 9, rank: int = 8) -> List[Path]:
+    """Base, two full-fine-tune lookalikes and two adapters with a seed each (make_seed_each_family's
+    kind). The full ones' deltas read one shared random input space and write one shared output
+    space (of the adapters' rank), plus small dense changes: input overlap far above chance, not far above
+    their output overlap, as full fine-tunes measure on the benchmarks (guard.py)."""
+    generator = torch.Generator().manual_seed(seed)
+    base = llama_state_dict(generator)
+    linear = [name for name, t in base.items() if is_llama_linear(name)]
+    spaces = {name: [torch.linalg.qr(torch.randn(size, rank, generator=generator))[0] for size in base[name].shape]
+              for name in linear}  # (output space, input space) of the full ones
+    adapter_outputs = {name: torch.linalg.qr(torch.randn(base[name].shape[0], rank, generator=generator))[0] for name in linear}
+    paths = [save_model(root / "base", base)]
+    for index in range(2):
+        tuned = dict(base)
+        for name in linear:
+            out_space, in_space = spaces[name]
+            core = torch.randn(rank, rank, generator=generator)
+            dense = torch.randn(base[name].shape, generator=generator) * 2e-5
+            tuned[name] = base[name] + 0.02 * out_space @ core @ in_space.T / rank + dense
+        paths.append(save_model(root / f"full{index + 1}", tuned))
+    for index in range(2):
+        tuned = dict(base)
+        for name in linear:
+            inputs = torch.linalg.qr(torch.randn(base[name].shape[1], rank, generator=generator))[0].T
+            tuned[name] = base[name] + 0.02 * adapter_outputs[name] @ torch.randn(rank, rank, generator=generator) @ inputs
+        paths.append(save_model(root / f"lora{index + 1}", tuned))
+    return [p.resolve() for p in paths]
+
+
 def load_model(path: Path) -> Dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint."""
     tensors: Dict[str, torch.Tensor] = {}

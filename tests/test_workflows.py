@@ -14,7 +14,14 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
-from models import is_llama_linear, load_model, make_one_seed_family, make_seed_each_family, write_config
+from models import (
+    is_llama_linear,
+    load_model,
+    make_mixed_family,
+    make_one_seed_family,
+    make_seed_each_family,
+    write_config,
+)
 from reference import SCALES, trimmed, wudi_closed_form
 from runner import mergekit_yaml, mergekit_yaml_in_process
 
@@ -299,3 +306,14 @@ def test_iso_c_is_not_capped_for_adapters_with_a_seed_each(tmp_path):
     assert mergekit_yaml_in_process(iso_off, tmp_path / "iso_off").exit_code == 0
     iso, iso_off = load_model(tmp_path / "iso"), load_model(tmp_path / "iso_off")
     assert iso.keys() == iso_off.keys() and all(torch.equal(iso[name], iso_off[name]) for name in iso)
+
+
+def test_mixed_full_and_adapters_cap_lambda_at_one_over_sqrt_k(tmp_path):
+    # Two full-fine-tune lookalikes and two adapters with a seed each (models.make_mixed_family):
+    # the guard counts the adapters, K = 2, so wudi_cfs merges at 1/sqrt(2), not 1/sqrt(4), and says
+    # which fine-tunes set it.
+    base, *models = make_mixed_family(tmp_path / "family")
+    result = mergekit_yaml(write_config(tmp_path / "mixed.yml", "wudi_cfs", base, models), tmp_path / "out")
+    assert result.stderr.count("wudi_cfs: 2 of the 4 fine-tunes look like LoRA adapters trained with a seed each") == 1
+    assert "lambda is capped at 1/sqrt(2) = 0.707 for every solved tensor" in result.stderr
+    assert_wudi_cfs_merged_at(tmp_path / "out", base, models, 2 ** -0.5)
