@@ -55,6 +55,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -168,7 +169,7 @@ SPREAD = (1.0, 0.25, 4.0)
 
 
 def memory_child(method: str, count: int, out_features: int, in_features: int, device: str, spread: bool = False,
-                 calibrate: bool = False) -> dict:
+                 calibrate: bool = False, density: Optional[float] = None) -> dict:
     """Runs in the child: merge one tensor through the adapter, return peak extra bytes."""
     from mergekit.merge_methods import merge_tensors, registry
 
@@ -181,6 +182,8 @@ def memory_child(method: str, count: int, out_features: int, in_features: int, d
         parameters["weight"] = [SPREAD[index % len(SPREAD)] for index in range(count)]
     if calibrate:
         parameters["calibrate"] = "input_space"
+    if density is not None:
+        parameters["density"] = density
     # Load every library and kernel first, on a tiny case and on one of half the sides (the
     # same routes, a quarter of the memory), so the measurement starts warm: threaded GEMM
     # and LAPACK paths, their thread pools and kernels. Spread weights too, so that a
@@ -549,12 +552,14 @@ def main() -> None:
     child.add_argument("device")
     child.add_argument("--spread", action="store_true")
     child.add_argument("--calibrate", action="store_true", help="calibrate: input_space")
+    child.add_argument("--density", type=float, help="the trim before the solve")
     args = parser.parse_args()
     if args.command == "child":
         import mergekit_wudi
 
         mergekit_wudi.register()
-        print(json.dumps(memory_child(args.method, args.count, args.out_features, args.in_features, args.device, args.spread, args.calibrate)))
+        print(json.dumps(memory_child(args.method, args.count, args.out_features, args.in_features, args.device, args.spread,
+                                      args.calibrate, args.density)))
     elif args.command == "tensors":
         tensors_table(args)
     elif args.command == "memory":

@@ -21,7 +21,7 @@ from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, Tenso
 from mergekit_wudi.cache import SolveCache
 from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.fallback import merge_by_fallback
-from mergekit_wudi.guard import with_guarded_lambda
+from mergekit_wudi.guard import expert_kinds, with_guarded_lambda
 from mergekit_wudi.progress import PROGRESS, log_objective, objective_logged
 from mergekit_wudi.solvers import SOLVERS, compute_dtype
 from mergekit_wudi.solvers.base import warn_once
@@ -119,18 +119,19 @@ class SolverMergeMethod(GroupMergeMethod):
             if cache is None:
                 return self._solve(group, parameters)
             inputs = [base.tensor, *(entry.tensor for entry in group.non_base)]
-            key_parameters = self._cache_key_parameters(parameters, group.non_base)
+            key_parameters = self._cache_key_parameters(parameters, group)
             return cache.solve(self.method_name, name, inputs, key_parameters, lambda: self._solve(group, parameters))
 
-    def _cache_key_parameters(self, parameters: Mapping[str, Any], entries) -> Dict[str, Any]:
+    def _cache_key_parameters(self, parameters: Mapping[str, Any], group: TensorGroup) -> Dict[str, Any]:
         """What a solved tensor depends on besides its inputs (the cache key): never `fallback`."""
+        entries = group.non_base
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
         key = {
             "lambda": parameters["lambda"],
             "calibrate": parameters["calibrate"],
             "input_major": parameters["input_major"],
             "weight": [parameters["weight"][entry.id] for entry in entries],
-            "density": list(trim_densities(self.solver_cls, parameters, entries)),  # doge's: its config's, below
+            "density": list(trim_densities(self.solver_cls, group, parameters)),  # doge's: its config's, below
         }
         # The values the solver runs with: an unset parameter and its default share a key.
         for field in dataclasses.fields(config):
@@ -145,7 +146,7 @@ class SolverMergeMethod(GroupMergeMethod):
         transpose = is_input_major(name) if parameters["input_major"] is None else parameters["input_major"]
         base_c, task_vectors = _task_vectors(group, parameters["weight"], transpose)
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
-        solver = self.solver_cls(config, calibration=parameters["calibrate"], density=trim_densities(self.solver_cls, parameters, entries))
+        solver = self.solver_cls(config, calibration=parameters["calibrate"], density=trim_densities(self.solver_cls, group, parameters))
         try:  # the task vectors are ours; only -v's objective log reads them after the solve
             merged = solver.solve(task_vectors, overwrite=not objective_logged(), **per_model)  # (out, in)
         except torch.linalg.LinAlgError as error:
@@ -175,13 +176,27 @@ class SolverMergeMethod(GroupMergeMethod):
         return result.to(base.dtype)
 
 
-def trim_densities(solver_cls: type, parameters: Mapping[str, Any], entries) -> Tuple[float, ...]:
-    """The pre-solve trim's density per fine-tune: its own, else the method's default (Solver.density);
-    1 (no trim) for a method that trims inside its solve (doge)."""
+def trim_densities(solver_cls: type, group: TensorGroup, parameters: Mapping[str, Any]) -> Tuple[float, ...]:
+    """The pre-solve trim's density per fine-tune: its own where set; else the method's
+    Solver.density for a fine-tune that adapter_guard's sample shows as a full fine-tune beside
+    LoRA adapters, 1 (no trim) otherwise (docs/methods.md, "density"); 1 for doge, which trims
+    inside its solve."""
+    entries = group.non_base
     if solver_cls.density is None:
         return (1.0,) * len(entries)
-    given = parameters["density"]
-    return tuple(solver_cls.density if given[entry.id] is None else given[entry.id] for entry in entries)
+    given = [parameters["density"][entry.id] for entry in entries]
+    auto = set()
+    if solver_cls.density < 1.0 and None in given and len(entries) >= 2:
+        kinds = expert_kinds(group.base.id, [entry.id for entry in entries], group.base.tensor.device)
+        auto = set(() if kinds is None else kinds.full_beside_adapters)
+        if auto:
+            names = ", ".join(str(entries[i].id) for i in sorted(auto) if given[i] is None)
+            warn_once(logger, "trim", solver_cls.name,
+                      "%s: %s look like full fine-tunes beside LoRA adapters (adapter_guard's sample), so their task "
+                      "vectors keep their largest %.0f%% of entries before the solve (density %g; the adapters keep "
+                      "theirs whole). Set density to choose.", solver_cls.name, names, 100 * solver_cls.density,
+                      solver_cls.density)
+    return tuple(value if value is not None else solver_cls.density if i in auto else 1.0 for i, value in enumerate(given))
 
 
 def solver_arguments(config_cls: type, parameters: Mapping[str, Any], entries) -> Tuple[Any, Dict[str, Any]]:

@@ -19,8 +19,10 @@ Why. A LoRA update B A reads A's row space, and A stays near its random initiali
   counted: each update reads mostly its own task's inputs, and lambda 1 is right for them (K was
   N until issue 23's mixed sets showed the difference: docs/benchmarks.md, "Trim and the guard
   on mixed sets"). On MiniLM's LoRA set wudi_cfs at lambda 1 was 3.5 points below
-  task_arithmetic at 0.3, and level with it at 1/sqrt(N). iso_c and iso_cts are not capped there: their merge is as large,
-  but at lambda 1 they were the best methods on SmolLM2's such set and level on MiniLM's.
+  task_arithmetic at 0.3, and level with it at 1/sqrt(N) (K = N there). iso_c and iso_cts are
+  not capped there: their merge is as large, but at lambda 1 they were the best methods on
+  SmolLM2's such set and level on MiniLM's. Where full fine-tunes are merged with adapters,
+  wudi and wudi_cfs also trim the full ones (ExpertKinds.full_beside_adapters; adapter.py).
 docs/benchmarks.md, "The adapter guard", has the numbers.
 
 What. Once per process and set of models: the first SAMPLE linear weights that the base and every
@@ -63,6 +65,7 @@ logger = logging.getLogger(__name__)
 SAMPLE = 12  # linear weights whose overlaps decide
 SCAN = 16 * SAMPLE  # candidate names read at most, where few hold a change (a module no fine-tune trained)
 ONE_SEED = "lora, one seed"
+FULL = "full"  # solvers.overlap.expert_kind's word for neither kind of adapter
 SEED_EACH = "lora"  # solvers.overlap.expert_kind's word; the guard also asks for TRAINED_OUTPUT and MIN_RANK
 TRAINED_OUTPUT = 2.0  # median output overlap (times chance) from which a "lora" fine-tune looks trained
 MIN_RANK = 4  # median k (directions compared) under which the overlaps cannot tell trained from random
@@ -94,6 +97,14 @@ class ExpertKinds:
         if self.rank < MIN_RANK:
             return ()
         return tuple(i for i, kind in enumerate(self.kinds) if kind == SEED_EACH and self.outputs[i] >= TRAINED_OUTPUT)
+
+    @property
+    def full_beside_adapters(self) -> Tuple[int, ...]:
+        """The fine-tunes that look like full fine-tunes, where others look like LoRA adapters (of
+        either kind); () where none does. `density`'s default trims these (adapter.trim_densities)."""
+        if not (self.one_seed or self.seed_each):
+            return ()
+        return tuple(i for i, kind in enumerate(self.kinds) if kind == FULL)
 
     def cap(self, count: int, sums_disjoint: bool) -> Optional[Tuple[float, Tuple[int, ...]]]:
         """(the lambda cap, the fine-tunes that set it) for a method that sums disjoint updates or

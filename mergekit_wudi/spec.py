@@ -119,9 +119,11 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
                   + " (guard.py); false keeps lambda")
     if method.solver_cls.density is not None:  # doge declares its own, in its config
         # Also ties' parameter: unset stays None, so a ties fallback keeps its own default.
+        auto = method.solver_cls.density
         yield declare("density", Optional[float], ParameterScope.NON_BASE, None,
-                      f"fraction of each task vector's entries kept by the magnitude trim before the solve (default "
-                      f"{method.solver_cls.density:g}; 1 = no trim; when set, also passed to the fallback)",
+                      "fraction of each task vector's entries kept by the magnitude trim before the solve (default "
+                      + (f"{auto:g} for fine-tunes that look like full fine-tunes beside LoRA adapters, else 1;" if auto < 1
+                         else "1;") + " 1 = no trim; when set, also passed to the fallback)",
                       check=functools.partial(_none_or, functools.partial(check_fraction, "density")))
     yield declare("fallback", str, shared, DEFAULT_FALLBACK, "merge method for tensors that are not solved, or 'base'",
                   check=check_fallback)

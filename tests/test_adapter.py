@@ -33,9 +33,9 @@ def merge(method, tensors, name="model.layers.0.mlp.up_proj.weight", **parameter
 
 @pytest.mark.parametrize(
     "method, solver",
-    [("wudi", WudiSolver(density=0.3)), ("wudi_cfs", WudiCfsSolver(density=0.3)), ("doge", DogeSolver()), ("tsv", TsvSolver()),
+    [("wudi", WudiSolver()), ("wudi_cfs", WudiCfsSolver()), ("doge", DogeSolver()), ("tsv", TsvSolver()),
      ("iso_c", IsoCSolver(calibration="sum_norm")), ("iso_cts", IsoCtsSolver(calibration="sum_norm"))],
-)  # each at its YAML defaults: wudi and wudi_cfs trim at density 0.3, iso_c and iso_cts calibrate (docs/methods.md)
+)  # each at its YAML defaults: iso_c and iso_cts calibrate (docs/methods.md), the others do not
 def test_linear_weight_is_base_plus_lambda_times_solution(generator, method, solver):
     tensors = family(generator)
     weights = [1.0, 0.5, 2.0]
@@ -97,9 +97,9 @@ def test_input_major_weights_are_solved_transposed(generator):
     name = "transformer.h.0.mlp.c_fc.weight"
     merged = merge("wudi", tensors, name=name, steps=30)
     task_vectors = torch.stack([t - tensors[0] for t in tensors[1:]])
-    expected = tensors[0] + WudiSolver(config, density=0.3).solve(task_vectors.transpose(1, 2)).T  # its default trim
+    expected = tensors[0] + WudiSolver(config).solve(task_vectors.transpose(1, 2)).T
     torch.testing.assert_close(merged, expected, rtol=1e-6, atol=1e-7)
-    not_transposed = tensors[0] + WudiSolver(config, density=0.3).solve(task_vectors)
+    not_transposed = tensors[0] + WudiSolver(config).solve(task_vectors)
     assert (merged - not_transposed).norm() > 1e-3 * (expected - tensors[0]).norm()
     forced = merge("wudi", tensors, name=name, steps=30, input_major=False)
     torch.testing.assert_close(forced, not_transposed, rtol=1e-6, atol=1e-7)
@@ -111,7 +111,7 @@ def test_half_precision_is_solved_in_float32_and_returned_in_kind(generator, dty
     merged = merge("wudi_cfs", tensors)
     assert merged.dtype == dtype
     task_vectors = torch.stack([t.float() - tensors[0].float() for t in tensors[1:]])
-    expected = (tensors[0].float() + WudiCfsSolver(density=0.3).solve(task_vectors)).to(dtype)
+    expected = (tensors[0].float() + WudiCfsSolver().solve(task_vectors)).to(dtype)
     torch.testing.assert_close(merged, expected, rtol=0, atol=0)
 
 

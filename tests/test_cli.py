@@ -73,7 +73,9 @@ def test_methods_json_lists_own_parameters_with_defaults():
         assert "epsilon" in item["fallback_parameters"] and "epsilon" not in parameters
     trims = {name: next(p["description"] for p in described[name]["parameters"] if p["name"] == "density")
              for name in ("wudi", "wudi_cfs", "tsv", "iso_c")}
-    assert "(default 0.3;" in trims["wudi"] and "(default 0.3;" in trims["wudi_cfs"]  # issue 23: the trim before the solve
+    # issue 23: the trim before the solve, by default only of full fine-tunes merged with LoRA adapters
+    assert "(default 0.3 for fine-tunes that look like full fine-tunes beside LoRA adapters, else 1;" in trims["wudi_cfs"]
+    assert "(default 0.3 for fine-tunes that look like full" in trims["wudi"]
     assert "(default 1;" in trims["tsv"] and "(default 1;" in trims["iso_c"]
     scopes = {p["name"]: p["scope"] for p in described["doge"]["parameters"]}
     assert scopes["weight"] == "per-model" and scopes["density"] == "per-model" and scopes["eta"] == "shared"

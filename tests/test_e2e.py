@@ -71,7 +71,7 @@ def check_rest_is_task_arithmetic(merged, task_arithmetic):
 
 def test_wudi(family, task_arithmetic, tmp_path):
     merged = run_method(family, tmp_path, "wudi")
-    check_linear(merged, family, lambda tv: wudi_adam(trimmed(tv, 0.3)))  # its default trim, density 0.3
+    check_linear(merged, family, wudi_adam)
     check_rest_is_task_arithmetic(merged, task_arithmetic)
     card = (tmp_path / "out" / "README.md").read_text()
     assert "[WUDI-Merging](https://arxiv.org/abs/2503.08099)" in card
@@ -79,7 +79,7 @@ def test_wudi(family, task_arithmetic, tmp_path):
 
 def test_wudi_cfs(family, task_arithmetic, tmp_path):
     merged = run_method(family, tmp_path, "wudi_cfs", {"omega": 0.05})
-    check_linear(merged, family, lambda tv: wudi_closed_form(trimmed(tv, 0.3), 0.05))  # its default trim
+    check_linear(merged, family, lambda tv: wudi_closed_form(tv, 0.05))
     check_rest_is_task_arithmetic(merged, task_arithmetic)
 
 
@@ -154,13 +154,13 @@ def test_spectral_methods(family, task_arithmetic, tmp_path, method, parameters,
 
 @pytest.mark.parametrize("method, reference, tolerance",
                          [("iso_c", lambda tv: iso_c(tv, eps=EPS32), 1e-5), ("wudi_cfs", lambda tv: wudi_closed_form(tv, 0.1), 1e-4)],
-                         ids=["iso_c", "wudi_cfs"])  # the tolerances of their own tests above; wudi_cfs untrimmed here
+                         ids=["iso_c", "wudi_cfs"])  # the tolerances of their own tests above
 @pytest.mark.parametrize("rule", ["input_space", "sum_norm"])
 def test_calibrate_scales_each_tensor_by_its_rule(family, task_arithmetic, tmp_path, method, reference, tolerance, rule):
     # c per tensor from its definition (input_space: a float64 SVD of each task vector;
     # sum_norm: the float64 sum's norm), times the method's float64 reference:
     # W0 + lambda c t_m; everything else is the fallback's.
-    merged = run_method(family, tmp_path, method, {"calibrate": rule, **({"density": 1.0} if method == "wudi_cfs" else {})})
+    merged = run_method(family, tmp_path, method, {"calibrate": rule})
     scales = []
 
     def calibrated(tv):
@@ -261,7 +261,7 @@ def bf16_family(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "method, reference",
-    [("wudi_cfs", lambda tv: wudi_closed_form(trimmed(tv, 0.3), 0.1)), *((m, r) for m, _, r in SPECTRAL)],
+    [("wudi_cfs", lambda tv: wudi_closed_form(tv, 0.1)), *((m, r) for m, _, r in SPECTRAL)],
     ids=["wudi_cfs", *(m for m, _, _ in SPECTRAL)],
 )
 def test_bfloat16_checkpoints_come_back_bfloat16(bf16_family, tmp_path, method, reference):

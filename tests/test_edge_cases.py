@@ -9,7 +9,7 @@ import pytest
 import torch
 from mergekit.merge_methods import registry
 from models import fine_tune, is_llama_linear, llama_state_dict, load_model, make_family, save_model, write_config
-from reference import calibrated, trimmed, usable, wudi_adam, wudi_closed_form, wudi_ridge, wudi_ridge_loss
+from reference import calibrated, usable, wudi_adam, wudi_closed_form, wudi_ridge, wudi_ridge_loss
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from reference_ace import ace_reference
 from registry import METHODS
@@ -86,13 +86,11 @@ def test_zero_task_vector_takes_no_part(family, tmp_path, method):
     if method == "doge":
         return  # DOGE with N = 1 is checked against its reference in test_e2e.py
     # wudi, wudi_cfs and tsv with N = 1 return t_1: W0 + lambda * 0.8 * (W_1 - W0) (bit for
-    # bit for wudi_cfs: test_wudi_cfs_with_one_fine_tune_returns_it_exactly), wudi and wudi_cfs
-    # after their default trim (density 0.3: the largest 30% of its entries); iso_c and
+    # bit for wudi_cfs: test_wudi_cfs_with_one_fine_tune_returns_it_exactly); iso_c and
     # iso_cts return t_1 with its spectrum flattened (their float64 references, with the
     # float32 merge's cutoff: the stored t_1 is rank 2 plus its float32 rounding).
     # ace with N = 1 is its closed form, not t_1 (the code's switch is off for one task).
-    single = {"wudi": lambda tv: trimmed(tv, 0.3)[0], "wudi_cfs": lambda tv: trimmed(tv, 0.3)[0],
-              "tsv": lambda tv: tsv_merge(tv, EPS32),
+    single = {"wudi": lambda tv: tv[0], "wudi_cfs": lambda tv: tv[0], "tsv": lambda tv: tsv_merge(tv, EPS32),
               "iso_c": calibrated(lambda tv: iso_c(tv, EPS32)), "iso_cts": calibrated(lambda tv: iso_cts(tv, eps=EPS32)),
               "ace": lambda tv: ace_reference(list(tv))}
     base = load_model(family["base"])
@@ -101,7 +99,7 @@ def test_zero_task_vector_takes_no_part(family, tmp_path, method):
             tv = task_vector(family["base"], family["ft1"], name, 0.8).unsqueeze(0)
             expected = base[name].double() + LAMBDA * single[method](tv)
             assert relative_error(tensor, expected, base[name].double()) < 1e-5, name  # float32 rounding only
-            if method != "tsv":  # the trim, the flattened spectrum, or ACE's closed form: not t_1
+            if method in ("iso_c", "iso_cts", "ace"):  # the flattened spectrum, or ACE's closed form, is not t_1
                 assert relative_error(tensor, base[name].double() + LAMBDA * tv[0], base[name].double()) > 1e-2, name
 
 
@@ -121,7 +119,7 @@ def test_identical_fine_tunes_wudi_matches_the_reference(family, tmp_path):
     base = load_model(family["base"])
     for name, tensor in merged.items():
         if is_llama_linear(name):
-            t = trimmed(task_vector(family["base"], family["ft1"], name).unsqueeze(0), 0.3)[0]  # its default trim
+            t = task_vector(family["base"], family["ft1"], name)
             expected = base[name].double() + LAMBDA * wudi_adam(torch.stack([t, t]))
             assert relative_error(tensor, expected, base[name].double()) < 1e-4, name
             task_arithmetic = base[name].double() + LAMBDA * 2 * t
@@ -132,7 +130,7 @@ def test_identical_fine_tunes_wudi_cfs_give_that_fine_tune(family, tmp_path):
     # t_1 = t_2 = t: (2a t (t^T t + rI)) (2a (t^T t + rI))^-1 = t, for any omega (0: pinv).
     for omega in (0.1, 0.0):
         merged = merge(tmp_path, "wudi_cfs", family["base"], [family["ft1"], family["ft1_copy"]],
-                       {"omega": omega, "density": 1.0}, label=f"omega{omega}")  # the solve, untrimmed
+                       {"omega": omega}, label=f"omega{omega}")
         base = load_model(family["base"])
         for name, tensor in merged.items():
             if is_llama_linear(name):
@@ -148,7 +146,7 @@ def test_wudi_cfs_with_one_fine_tune_returns_it_exactly(family, tmp_path, omega,
     # float32 ridge solve, 2.6e-5 relative off).
     models = [family["ft1"], family["zero"]] if with_zero else [family["ft1"]]
     weights = [0.8, 1.0] if with_zero else [0.8]
-    merged = merge(tmp_path, "wudi_cfs", family["base"], models, {"omega": omega, "density": 1.0}, weights=weights)
+    merged = merge(tmp_path, "wudi_cfs", family["base"], models, {"omega": omega}, weights=weights)
     base, tuned = load_model(family["base"]), load_model(family["ft1"])
     for name, tensor in merged.items():
         if is_llama_linear(name):
@@ -193,7 +191,7 @@ def test_float16_with_large_task_vectors_is_solved_in_float32(tmp_path):
     base = save_model(tmp_path / "base", base_state, torch.float16).resolve()
     models = [save_model(tmp_path / f"ft{i}", fine_tune(base_state, generator, scale=20.0), torch.float16).resolve()
               for i in range(2)]
-    merged = merge(tmp_path, "wudi_cfs", base, models, {"density": 1.0})  # the solve's numerics, untrimmed
+    merged = merge(tmp_path, "wudi_cfs", base, models)
     assert {t.dtype for t in merged.values()} == {torch.float16}
     base_tensors = load_model(base)
     for name, tensor in merged.items():
@@ -207,8 +205,8 @@ def test_float16_with_large_task_vectors_is_solved_in_float32(tmp_path):
             assert error <= 1.5 * rounding + 1e-4 * (expected - base_tensors[name].double()).norm(), name
 
 
-@pytest.mark.parametrize("method, parameters", [("wudi_cfs", {"density": 1.0}), ("wudi_cfs", {"omega": 0.0, "density": 1.0}),
-                                                ("wudi", {"lr": 1e-10, "steps": 100, "density": 1.0})])
+@pytest.mark.parametrize("method, parameters", [("wudi_cfs", {}), ("wudi_cfs", {"omega": 0.0}),
+                                                ("wudi", {"lr": 1e-10, "steps": 100})])
 def test_tiny_task_vectors_do_not_underflow(tmp_path, method, parameters):
     # Fine-tunes 1e-8 away from the base: ||t||^2 ~ 1e-13, weights 1/||t||^2 ~ 1e13. The
     # base's linear weights are 0 so that float32 stores such task vectors exactly (next
@@ -237,7 +235,7 @@ def test_tiny_task_vectors_do_not_underflow(tmp_path, method, parameters):
 
 def test_singular_gram_omega_zero_is_the_minimum_norm_solution(family, tmp_path):
     # Rank-2 task vectors: sum_i a_i t_i^T t_i has rank <= 4 of 64 or 96; omega 0 -> pinv.
-    merged = merge(tmp_path, "wudi_cfs", family["base"], [family["ft1"], family["ft2"]], {"omega": 0.0, "density": 1.0},
+    merged = merge(tmp_path, "wudi_cfs", family["base"], [family["ft1"], family["ft2"]], {"omega": 0.0},
                    weights=[1.0, 0.7])
     base = load_model(family["base"])
     for name, tensor in merged.items():
@@ -273,7 +271,7 @@ def test_ill_conditioned_gram(tmp_path):
     base, models = ill_conditioned_family(tmp_path, torch.Generator().manual_seed(5))
     base_tensors = load_model(base)
     for omega in (1e-3, 0.0):
-        merged = merge(tmp_path, "wudi_cfs", base, models, {"omega": omega, "density": 1.0}, label=f"omega{omega}")
+        merged = merge(tmp_path, "wudi_cfs", base, models, {"omega": omega}, label=f"omega{omega}")
         for name, tensor in merged.items():
             assert torch.isfinite(tensor).all(), name
             if not is_llama_linear(name):

@@ -56,6 +56,8 @@ def case_of(item):
     if item.originalname == "test_peak_memory_is_within_the_bound":
         options = (("--spread",) if params["spread"] else ()) + (("--calibrate",) if params["calibrate"] else ())
         return params["method"], COUNT, params["shape"], options
+    if item.originalname == "test_the_trim_is_within_the_bound":
+        return params["method"], COUNT, (1024, 1024), ("--density", "0.3")
     if item.originalname == "test_wudi_out_space_chunks_are_within_the_bound":
         return "wudi", params["count"], OUT_SPACE_SHAPE, ()
     return None
@@ -80,6 +82,14 @@ def measured(request):
 def test_peak_memory_is_within_the_bound(measured, request, method, shape, spread, calibrate):
     tensors = measured[case_of(request.node)].result()
     assert tensors <= COUNT + SOLVE_EXTRA_TENSORS, f"{method} {shape}: {tensors:.2f} tensors"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["wudi_cfs", "tsv"])
+def test_the_trim_is_within_the_bound(measured, request, method):
+    # density 0.3 for every fine-tune: the trim (one |t| buffer and its mask) runs in place before the solve.
+    tensors = measured[case_of(request.node)].result()
+    assert tensors <= COUNT + SOLVE_EXTRA_TENSORS, f"{method} trimmed: {tensors:.2f} tensors"
 
 
 @pytest.mark.slow

@@ -44,11 +44,7 @@ def test_bar_counts_the_solved_tensors(config, tmp_path):
 
 
 @pytest.mark.e2e
-def test_quiet_hides_the_bar_and_verbose_logs_the_objective(family, tmp_path):
-    # density 1: the untrimmed solve, whose loss is far below task arithmetic's (with the default
-    # trim the loss also counts the dropped entries of each t_i; test_report checks that case).
-    base_path, *model_paths = family
-    config = write_config(tmp_path / "untrimmed.yml", "wudi_cfs", base_path, model_paths, {"lambda": LAMBDA, "density": 1.0})
+def test_quiet_hides_the_bar_and_verbose_logs_the_objective(config, family, tmp_path):
     result = mergekit_yaml(config, tmp_path / "out", "--quiet", "-v")
     assert "wudi_cfs solve" not in result.stderr and "Executing graph" not in result.stderr
     lines = re.findall(
@@ -95,9 +91,11 @@ def test_info_logs_one_line_per_solved_tensor(generator, caplog, method):
     assert len(messages) == 1 and messages[0].startswith(f"{method}: model.layers.0.mlp.up_proj.weight")
 
 
-def test_verbose_merges_the_same_bits(config, tmp_path):
-    # With -v the objective log reads the task vectors after the solve, so the default trim
-    # (wudi_cfs: density 0.3) goes into a copy instead of into them: the same merge, bit for bit.
+def test_verbose_merges_the_same_bits(family, tmp_path):
+    # With -v the objective log reads the task vectors after the solve, so a trim (density 0.3)
+    # goes into a copy instead of into them: the same merge, bit for bit.
+    base_path, *model_paths = family
+    config = write_config(tmp_path / "trim.yml", "wudi_cfs", base_path, model_paths, {"lambda": LAMBDA, "density": 0.3})
     mergekit_yaml(config, tmp_path / "quiet", "--quiet")
     mergekit_yaml(config, tmp_path / "verbose", "--quiet", "-v")
     quiet, verbose = load_model(tmp_path / "quiet"), load_model(tmp_path / "verbose")

@@ -103,7 +103,7 @@ def test_multi_stage_merge(family, tmp_path):
     tensors = [load_model(p) for p in (base, ft1, ft2, ft3)]
     name = "model.layers.1.self_attn.o_proj.weight"
     task_vectors = torch.stack([t[name].double() - tensors[0][name].double() for t in tensors[1:3]])
-    expected = tensors[0][name].double() + wudi_closed_form(trimmed(task_vectors, 0.3), 0.1)  # its default trim
+    expected = tensors[0][name].double() + wudi_closed_form(task_vectors, 0.1)
     change = (expected - tensors[0][name].double()).norm()
     assert (staged[name].double() - expected).norm() < 1e-4 * change
     # ...and stage 2 is task arithmetic on stage 1's output: W0 + (S - W0) + 0.5 (W3 - W0).
@@ -163,8 +163,7 @@ def test_lora_adapter_through_model_plus_lora(family, tmp_path):
         for name, tensor in base_tensors.items():
             torch.testing.assert_close(match[name].double(), tensor.double() + deltas.get(name, 0), rtol=0, atol=1e-6)
     # ...and the merge: an adapter's task vector is B A alpha / r, zero (left out of the solve)
-    # where it adapts nothing; each is trimmed (the default density 0.3, ranked on the float32
-    # task vectors the merge forms from the weights mergekit saw) and solved.
+    # where it adapts nothing. (Rank 2: the guard cannot tell these adapters, so nothing is trimmed.)
     merged = load_model(tmp_path / "out")
     solved_with_lora = 0
     for name, tensor in merged.items():
@@ -176,7 +175,7 @@ def test_lora_adapter_through_model_plus_lora(family, tmp_path):
             if name in deltas:
                 vectors.append(deltas[name])
                 solved_with_lora += 1
-        expected = w0 + wudi_closed_form(trimmed(torch.stack(vectors), 0.3), 0.1)
+        expected = w0 + wudi_closed_form(torch.stack(vectors), 0.1)
         error = (tensor.double() - expected).norm() / (expected - w0).norm()
         assert error < 1e-4, f"{name}: relative error {error:.1e}"
     assert solved_with_lora == 12
@@ -227,10 +226,7 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
         weights = genotype[layer, :, 0, 0].abs().double()
         w0 = tensors[0][name].double()
         task_vectors = torch.stack([w * (t[name].double() - w0) for w, t in zip(weights, tensors[1:])])
-        # Trimmed where the merge trims: it reads the weights in the genome's bfloat16.
-        read = [t[name].bfloat16().double() for t in tensors]
-        masks = trimmed(torch.stack([w * (t - read[0]) for w, t in zip(weights, read[1:])]), 0.3) != 0
-        expected = w0 + wudi_closed_form(task_vectors * masks, 0.1)  # its default trim
+        expected = w0 + wudi_closed_form(task_vectors, 0.1)
         # The genome asks for bfloat16: compare at bf16 resolution.
         error = (merged[name].double() - expected).norm()
         rounding = (expected.to(torch.bfloat16).double() - expected).norm()
@@ -238,16 +234,18 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
         assert error <= 1.5 * rounding + 1e-3 * (expected - w0).norm(), name
 
 
-def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None):
+def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None, densities=None):
     """Every linear weight in `out` is W0 + strength * c * the float64 WUDI closed form t_m of the
-    models' task vectors after the default trim (density 0.3), c the calibrate rule's scale from its
-    definition (1 without a rule)."""
+    models' task vectors (each first trimmed at its density, where given), c the calibrate rule's
+    scale from its definition (1 without a rule)."""
     base_tensors, tuned = load_model(base), [load_model(m) for m in models]
     scales = []
     for name, tensor in load_model(out).items():
         if is_llama_linear(name):
             w0 = base_tensors[name].double()
-            task_vectors = trimmed(torch.stack([t[name].double() - w0 for t in tuned]), 0.3)
+            task_vectors = torch.stack([t[name].double() - w0 for t in tuned])
+            if densities is not None:
+                task_vectors = torch.stack([trimmed(t.unsqueeze(0), d)[0] for t, d in zip(task_vectors, densities)])
             solved = wudi_closed_form(task_vectors, 0.1)
             scales.append(1.0 if rule is None else SCALES[rule](list(task_vectors), solved))
             expected = w0 + strength * scales[-1] * solved
@@ -278,9 +276,9 @@ def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, normed, low
     assert ("calibrate: none becomes sum_cap" in result.stderr) == (normed is not None)
     scales = assert_wudi_cfs_merged_at(tmp_path / "out", base, models, cap, normed)
     if normed:
-        # On this family wudi_cfs's merge of the trimmed task vectors is larger than their sum, so
-        # sum_cap brings it down to it (c < 1 somewhere, never above 1: test_calibrate.py).
-        assert max(scales) <= 1.0 and min(scales) < 0.99
+        # (On this family wudi_cfs's merge is within the sum, so sum_cap keeps it: c = 1. That it
+        # is switched on, and what it does to a larger merge: test_guard.py, test_calibrate.py.)
+        assert max(scales) == 1.0
         # A rule the YAML names is kept.
         named = write_config(tmp_path / "named.yml", "wudi_cfs", base, models, {"calibrate": "input_space"})
         assert mergekit_yaml_in_process(named, tmp_path / "named").exit_code == 0
@@ -311,9 +309,16 @@ def test_iso_c_is_not_capped_for_adapters_with_a_seed_each(tmp_path):
 def test_mixed_full_and_adapters_cap_lambda_at_one_over_sqrt_k(tmp_path):
     # Two full-fine-tune lookalikes and two adapters with a seed each (models.make_mixed_family):
     # the guard counts the adapters, K = 2, so wudi_cfs merges at 1/sqrt(2), not 1/sqrt(4), and says
-    # which fine-tunes set it.
+    # which fine-tunes set it; the two full ones are trimmed to density 0.3 first (density's
+    # default beside adapters), the adapters kept whole. A density the YAML sets is kept.
     base, *models = make_mixed_family(tmp_path / "family")
     result = mergekit_yaml(write_config(tmp_path / "mixed.yml", "wudi_cfs", base, models), tmp_path / "out")
     assert result.stderr.count("wudi_cfs: 2 of the 4 fine-tunes look like LoRA adapters trained with a seed each") == 1
     assert "lambda is capped at 1/sqrt(2) = 0.707 for every solved tensor" in result.stderr
-    assert_wudi_cfs_merged_at(tmp_path / "out", base, models, 2 ** -0.5)
+    assert result.stderr.count("look like full fine-tunes beside LoRA adapters") == 1
+    assert f"{models[0]}, {models[1]} look like full fine-tunes" in result.stderr
+    assert_wudi_cfs_merged_at(tmp_path / "out", base, models, 2 ** -0.5, densities=[0.3, 0.3, 1.0, 1.0])
+    whole = write_config(tmp_path / "whole.yml", "wudi_cfs", base, models, {"density": 1.0})
+    result = mergekit_yaml(whole, tmp_path / "whole")
+    assert "beside LoRA adapters" not in result.stderr
+    assert_wudi_cfs_merged_at(tmp_path / "whole", base, models, 2 ** -0.5)

@@ -49,12 +49,13 @@ def other_calibrations(method: str) -> list:
 
 
 def other_trim(method: str) -> list:
-    """A method of ours that trims before its solve: the other `density` of the two (issue 23):
-    1 (no trim) for wudi and wudi_cfs, whose default is 0.3; 0.3 for the others."""
+    """A method of ours that trims before its solve: every fine-tune trimmed at `density` 0.3
+    (issue 23; its default trims none, or for wudi and wudi_cfs only full fine-tunes beside
+    LoRA adapters)."""
     from mergekit_wudi.solvers import SOLVERS
 
     default = next((s.density for s in SOLVERS if s.name == method), None)
-    return [] if default is None else [{"density": 1.0 if default < 1.0 else 0.3}]
+    return [] if default is None else [{"density": 0.3}]
 
 
 def stage_one(method: str, quick: bool = False) -> list:
