@@ -46,10 +46,11 @@ class Solver:
     `adapter_guard` (default True): the YAML default of `adapter_guard` (guard.py: lambda capped
     at 1/N where the fine-tunes look like LoRA adapters trained from one seed, and at 1/sqrt(N)
     where they look like adapters with a seed each and `sums_disjoint`).
-    `density` (default 1.0): the YAML default of `density`, the fraction of each task vector's
-    entries kept by the magnitude trim before the solve (trim.py); None for a method that trims
-    inside its own solve and declares `density` in its config (doge). A solver built directly
-    trims only at the density it is given.
+    `density` (default 1.0): the density of `density`'s YAML default for full fine-tunes merged
+    with LoRA adapters (adapter.trim_densities; everything else: 1), the fraction of each task
+    vector's entries kept by the magnitude trim before the solve (trim.py); None for a method
+    that trims inside its own solve and declares `density` in its config (doge). A solver built
+    directly trims only at the density it is given.
 
     Input: any float dtype on any device; solved in float32 (float64 if given float64);
     returns (out, in) in that compute dtype on the input device. Zero or non-finite task
