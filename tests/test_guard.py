@@ -138,3 +138,6 @@ def test_the_seed_each_cap_counts_the_adapters(kinds, cap):
     else:
         assert decided == (pytest.approx(cap, rel=1e-15), tuple(i for i, kind in enumerate(kinds) if kind == "lora"))
     assert found.cap(4, sums_disjoint=False) is None  # iso_c, iso_cts: not capped for adapters with a seed each
+    # density's default (adapter.trim_densities) trims the full ones, and only beside adapters.
+    full = tuple(i for i, kind in enumerate(kinds) if kind == "full")
+    assert found.full_beside_adapters == (full if "lora" in kinds else ())
