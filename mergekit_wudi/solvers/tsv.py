@@ -25,7 +25,8 @@ class TsvConfig:
 
 
 class TsvSolver(
-    Solver, name="tsv", pretty_name="TSV-Merge", paper="https://arxiv.org/abs/2412.00081", config=TsvConfig, one_thread=True
+    Solver, name="tsv", pretty_name="TSV-Merge", paper="https://arxiv.org/abs/2412.00081", config=TsvConfig, one_thread=True,
+    density=0.3,
 ):
     """TSV-M per tensor, r = min(out, in), k = floor(r / N):
 
