@@ -114,24 +114,25 @@ class SolverMergeMethod(GroupMergeMethod):
                                          warn=self.solver_cls.adapter_guard)
         if self.solver_cls.sums_disjoint:
             warn_lora_adapters(self.method_name, group.non_base, parameters["lambda"])
+        densities = trim_densities(self.solver_cls, group, parameters)  # once: the key and the solve take them
         with PROGRESS.solving(self.method_name, name):
             cache = SolveCache.from_environment()  # opt-in: MERGEKIT_WUDI_CACHE=DIR
             if cache is None:
-                return self._solve(group, parameters)
+                return self._solve(group, parameters, densities)
             inputs = [base.tensor, *(entry.tensor for entry in group.non_base)]
-            key_parameters = self._cache_key_parameters(parameters, group)
-            return cache.solve(self.method_name, name, inputs, key_parameters, lambda: self._solve(group, parameters))
+            key_parameters = self._cache_key_parameters(parameters, group.non_base, densities)
+            return cache.solve(self.method_name, name, inputs, key_parameters,
+                               lambda: self._solve(group, parameters, densities))
 
-    def _cache_key_parameters(self, parameters: Mapping[str, Any], group: TensorGroup) -> Dict[str, Any]:
+    def _cache_key_parameters(self, parameters: Mapping[str, Any], entries, densities: Tuple[float, ...]) -> Dict[str, Any]:
         """What a solved tensor depends on besides its inputs (the cache key): never `fallback`."""
-        entries = group.non_base
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
         key = {
             "lambda": parameters["lambda"],
             "calibrate": parameters["calibrate"],
             "input_major": parameters["input_major"],
             "weight": [parameters["weight"][entry.id] for entry in entries],
-            "density": list(trim_densities(self.solver_cls, group, parameters)),  # doge's: its config's, below
+            "density": list(densities),  # doge's: its config's, below
         }
         # The values the solver runs with: an unset parameter and its default share a key.
         for field in dataclasses.fields(config):
@@ -139,14 +140,14 @@ class SolverMergeMethod(GroupMergeMethod):
             key[field.name] = per_model.get(field.name, [value] * len(entries)) if field.metadata.get("per_model") else value
         return key
 
-    def _solve(self, group: TensorGroup, parameters: Mapping[str, Any]) -> torch.Tensor:
+    def _solve(self, group: TensorGroup, parameters: Mapping[str, Any], densities: Tuple[float, ...]) -> torch.Tensor:
         name = group.metadata.name
         base = group.base.tensor
         entries = group.non_base
         transpose = is_input_major(name) if parameters["input_major"] is None else parameters["input_major"]
         base_c, task_vectors = _task_vectors(group, parameters["weight"], transpose)
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
-        solver = self.solver_cls(config, calibration=parameters["calibrate"], density=trim_densities(self.solver_cls, group, parameters))
+        solver = self.solver_cls(config, calibration=parameters["calibrate"], density=densities)
         try:  # the task vectors are ours; only -v's objective log reads them after the solve
             merged = solver.solve(task_vectors, overwrite=not objective_logged(), **per_model)  # (out, in)
         except torch.linalg.LinAlgError as error:

@@ -44,8 +44,8 @@ class Solver:
     spaces is their sum, so lambda alone sets its strength (False for methods that normalise
     or flatten it: adapter_guard's 1/sqrt(N) cap and the adapter's LoRA warning do not apply to them).
     `adapter_guard` (default True): the YAML default of `adapter_guard` (guard.py: lambda capped
-    at 1/N where the fine-tunes look like LoRA adapters trained from one seed, and at 1/sqrt(N)
-    where they look like adapters with a seed each and `sums_disjoint`).
+    at 1/N where the fine-tunes look like LoRA adapters trained from one seed, and at 1/sqrt(K)
+    where K >= 2 of them look like adapters with a seed each and `sums_disjoint`).
     `density` (default 1.0): the density of `density`'s YAML default for full fine-tunes merged
     with LoRA adapters (adapter.trim_densities; everything else: 1), the fraction of each task
     vector's entries kept by the magnitude trim before the solve (trim.py); None for a method
