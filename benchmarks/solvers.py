@@ -4,6 +4,7 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py memory [--size 8192] [--count 8]
     OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py spectral [--counts 2 4 8] [--quick] [--methods ...]
     OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py e2e
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/solvers.py trim [--quick]
 
 `tensors`: per tensor (float32, Llama-like shapes, N = 2, 4, 8 and N = 3 on 1024x1024),
 on the CPU and, when torch.cuda.is_available(), on CUDA too:
@@ -24,6 +25,9 @@ on the CPU and, when torch.cuda.is_available(), on CUDA too:
 `spectral`: tsv, iso_c and iso_cts, or --methods (N = 2, 4, 8; square and Llama-like
   shapes): peak extra memory through the adapter against N + 6, and the merge's time
   against task_arithmetic's (`--methods wudi_cfs ace --counts 4`: ace against wudi_cfs).
+`trim`: the magnitude trim before a solve (`density` 0.3, N = 4 task vectors, float32 and
+  float64) against wudi_cfs's own solve of the same tensors and against the same trim
+  selected with torch.kthvalue (which copies |t| and allocates int64 indices).
 `e2e`: `mergekit-yaml` wall time and peak RSS of each method against task_arithmetic on
   one Llama-like family (bf16 checkpoints, 3 fine-tunes).
 
@@ -419,6 +423,37 @@ def spectral_table(args) -> None:
             print(f"| {out_features}x{in_features} | {count} | {memory} | {count + 6} | {times} |", flush=True)
 
 
+def trim_table(args) -> None:
+    """The trim's time against wudi_cfs's solve it precedes and against torch.kthvalue's selection."""
+    from mergekit_wudi.solvers.numerics import prepare_task_vectors
+    from mergekit_wudi.solvers.trim import trimmed
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [(576, 1536)] if args.quick else [(576, 1536), (1024, 2816), (2048, 2048), (2048, 8192)]
+    density = 0.3
+    print(f"machine: {machine()}")
+    print("| shape | N | dtype | trim | trim / wudi_cfs solve | kthvalue trim / trim |")
+    print("|---|---|---|---|---|---|")
+    for out_features, in_features in shapes:
+        for dtype in (torch.float32, torch.float64):
+            tv = task_vectors(4, out_features, in_features, device).to(dtype)
+            prepared = prepare_task_vectors(tv)
+
+            def by_kthvalue():
+                for task in tv:
+                    magnitude = task.abs().reshape(-1)
+                    kth = magnitude.numel() - int(magnitude.numel() * density)
+                    task * (task.abs() >= torch.kthvalue(magnitude, kth).values)
+
+            times = interleaved({
+                "trim": lambda: trimmed(prepared, [density] * 4, overwrite=False),
+                "cfs": lambda: WudiCfsSolver().solve(tv),
+                "kthvalue": by_kthvalue,
+            }, device, 1 if args.quick else 3)
+            print(f"| {out_features}x{in_features} | 4 | {str(dtype).removeprefix('torch.')} | {times['trim'] * 1e3:.0f} ms "
+                  f"| {times['trim'] / times['cfs']:.2f}x | {times['kthvalue'] / times['trim']:.1f}x |", flush=True)
+
+
 # --- end to end ------------------------------------------------------------------------------------
 
 
@@ -538,6 +573,8 @@ def main() -> None:
     spectral.add_argument("--quick", action="store_true", help="one small shape (a smoke test)")
     spectral.add_argument("--methods", nargs="+", default=["tsv", "iso_c", "iso_cts"])
     spectral.add_argument("--spread", action="store_true", help=f"per-model weights {SPREAD}, repeated")
+    trim = commands.add_parser("trim", help="the density trim against the solve and torch.kthvalue")
+    trim.add_argument("--quick", action="store_true", help="one small shape (a smoke test)")
     e2e = commands.add_parser("e2e", help="mergekit-yaml wall time and peak RSS")
     e2e.add_argument("--hidden", type=int, default=512)
     e2e.add_argument("--intermediate", type=int, default=1408)
@@ -566,6 +603,8 @@ def main() -> None:
         memory_table(args)
     elif args.command == "spectral":
         spectral_table(args)
+    elif args.command == "trim":
+        trim_table(args)
     else:
         e2e_table(args)
 

@@ -16,6 +16,9 @@ from mergekit_wudi.solvers.numerics import TaskVectors
 
 __all__ = ["kth_smallest_bits", "trim_mask", "trim_mask_of_magnitudes", "trimmed"]
 
+_RADIX_BITS = 16  # kth_smallest_bits reads the value this many bits at a time
+_CHUNK = 1 << 20  # entries per histogram pass: a 4 MB buffer for float32 magnitudes
+
 
 def trimmed(prepared: TaskVectors, density: Sequence[float], overwrite: bool) -> TaskVectors:
     """Each task vector with only |t_i| >= its (d - floor(d * density_i))-th smallest |t_i| kept.
@@ -61,17 +64,30 @@ def _magnitude_bits(magnitude: torch.Tensor) -> torch.Tensor:
 
 
 def kth_smallest_bits(bits: torch.Tensor, kth: int) -> int:
-    """The k-th smallest of non-negative integers (1-based), by bisection on the value.
+    """The k-th smallest of non-negative integers (1-based), by radix selection.
 
-    Equal to torch.kthvalue(bits.view(-1), kth), which copies its input and allocates
-    int64 indices (3 tensors of float32 size on top of |t|); this allocates one bool
-    tensor per pass and makes at most bit-width passes (31 for float32 magnitudes).
+    Equal to torch.kthvalue(bits.view(-1), kth), which copies its input and allocates int64
+    indices (3 tensors of float32 size on top of |t|). This reads the value 16 bits at a time
+    from the top: a histogram of the next 16 bits among the entries that share the bits
+    already found picks the bucket that holds the k-th, and k becomes its rank in that bucket.
+    Two passes over float32 magnitudes (31 bits), four over float64 ones, each in chunks of
+    2^20 entries, so the only buffers are one chunk and one histogram.
     """
-    low, high = 0, int(bits.max())  # the answer lies in [low, high]
-    while low < high:
-        middle = (low + high) // 2
-        if int(torch.count_nonzero(bits <= middle)) >= kth:
-            high = middle
-        else:
-            low = middle + 1
-    return low
+    flat = bits.reshape(-1)
+    top = shift = 8 * bits.element_size() - 1  # the sign bit is 0: the value lies below 2^top
+    prefix = 0  # the value's bits above `shift`, found so far
+    while shift > 0:
+        low = max(shift - _RADIX_BITS, 0)
+        buckets = 1 << (shift - low)
+        histogram = torch.zeros(buckets, dtype=torch.int64, device=bits.device)
+        for start in range(0, flat.numel(), _CHUNK):
+            chunk = flat[start:start + _CHUNK]
+            if shift < top:  # only the entries whose higher bits are the prefix found
+                chunk = chunk[(chunk >> shift) == prefix]
+            histogram += torch.bincount((chunk >> low) & (buckets - 1), minlength=buckets)
+        cumulative = torch.cumsum(histogram, 0)
+        digit = int(torch.searchsorted(cumulative, kth))  # the first bucket whose count reaches kth
+        kth -= int(cumulative[digit - 1]) if digit else 0
+        prefix = (prefix << (shift - low)) | digit
+        shift = low
+    return prefix

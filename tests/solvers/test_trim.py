@@ -6,7 +6,7 @@ import torch
 from reference import trimmed as trimmed_by_hand
 from tensors import full_rank_task_vectors, low_rank_task_vectors
 
-from mergekit_wudi.solvers import SOLVERS, DogeSolver, WudiCfsSolver, WudiSolver
+from mergekit_wudi.solvers import SOLVERS, DogeSolver, WudiCfsSolver, WudiSolver, trim
 from mergekit_wudi.solvers.numerics import prepare_task_vectors
 from mergekit_wudi.solvers.trim import trimmed
 
@@ -83,3 +83,21 @@ def test_doge_takes_its_density_in_its_config():
     with pytest.raises(ValueError, match="doge trims inside its solve"):
         DogeSolver(density=0.3)
     DogeSolver(density=1.0)  # the no-trim value is what the adapter passes it
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("spread", ["wide", "below 2^16", "one bucket"])
+def test_kth_smallest_bits_over_several_chunks(generator, monkeypatch, dtype, spread):
+    # The radix selection reads 16 bits at a time over chunks; against torch.kthvalue, with
+    # values whose high bits are all zero (the first digit 0) or all equal (one bucket).
+    monkeypatch.setattr(trim, "_CHUNK", 97)
+    top = 2**31 - 1 if dtype == torch.int32 else 2**63 - 1  # the largest non-negative value
+    if spread == "wide":
+        values = torch.randint(0, top, (1000,), generator=generator, dtype=torch.int64)
+    elif spread == "below 2^16":
+        values = torch.randint(0, 2**16, (1000,), generator=generator, dtype=torch.int64)
+    else:
+        values = top // 3 + torch.randint(0, 50, (1000,), generator=generator, dtype=torch.int64)
+    bits = values.to(dtype).view(20, 50)
+    for kth in [1, 2, 97, 500, 999, 1000]:
+        assert trim.kth_smallest_bits(bits, kth) == int(torch.kthvalue(bits.flatten(), kth).values), kth
