@@ -107,7 +107,8 @@ def test_bf16_input_is_solved_in_float32(generator):
 @pytest.mark.parametrize("shape", [(300, 260), (260, 300)], ids=["tall", "wide"])
 def test_same_bits_at_one_and_two_threads(generator, shape):
     # over solve_threads's one-thread size; the row prior's addmv_ on both of its paths
-    # (an Intel Xeon rounded it differently on 2 threads, an AMD EPYC did not)
+    # (an Intel Xeon rounded it differently on 2 threads, an AMD EPYC did not), and the
+    # refinement's row blocks of T Sbar (another AMD EPYC rounded the last, 5 rows, differently)
     tv = spread(generator, shape).float()
     first, second = solve_at_one_and_two_threads(AceSolver().solve, tv)
     assert torch.equal(first, second)
