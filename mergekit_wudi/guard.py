@@ -22,7 +22,7 @@ Why. A LoRA update B A reads A's row space, and A stays near its random initiali
   task_arithmetic at 0.3, and level with it at 1/sqrt(N) (K = N there). iso_c and iso_cts are
   not capped there: their merge is as large, but at lambda 1 they were the best methods on
   SmolLM2's such set and level on MiniLM's. Where full fine-tunes are merged with adapters,
-  wudi, wudi_cfs, tsv and ace also trim the full ones (ExpertKinds.full_beside_adapters; adapter.py).
+  every method but doge also trims the full ones (ExpertKinds.full_beside_adapters; adapter.py).
 docs/benchmarks.md, "The adapter guard", has the numbers.
 
 What. Once per process and set of models: the first SAMPLE linear weights that the base and every

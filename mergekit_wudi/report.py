@@ -348,7 +348,7 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
         "L(t) = sum_i ||(t - t_i) t_i^T||_F^2 / ||t_i||_F^2 (arXiv:2503.08099, Eq. 21), at the vectors added "
         "to W0: task arithmetic's t = lambda sum_i t_i and the solved t = lambda c t_m (c: the `calibrate` rule's scale, 1 without one; "
         "lambda: the one the merge uses, the config's capped where adapter_guard acts); t_i = weight_i (W_i - W0), untrimmed: "
-        "where the method trims before its solve (`density` under 1: by default wudi, wudi_cfs, tsv and ace trim full fine-tunes "
+        "where the method trims before its solve (`density` under 1: by default every method but doge trims full fine-tunes "
         "merged with LoRA adapters), L of the solved t "
         "also counts the entries the trim dropped, so it can exceed task arithmetic's. "
         "Effective rank: exp of the entropy of the normalised singular values (Roy & Vetterli 2007).",

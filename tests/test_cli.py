@@ -76,7 +76,8 @@ def test_methods_json_lists_own_parameters_with_defaults():
     # issue 23: the trim before the solve, by default only of full fine-tunes merged with LoRA adapters
     assert "(default 0.3 for fine-tunes that look like full fine-tunes beside LoRA adapters, else 1;" in trims["wudi_cfs"]
     assert "(default 0.3 for fine-tunes that look like full" in trims["wudi"]
-    assert "(default 0.3 for fine-tunes that look like full" in trims["tsv"] and "(default 1;" in trims["iso_c"]
+    assert "(default 0.3 for fine-tunes that look like full" in trims["tsv"]
+    assert "(default 0.3 for fine-tunes that look like full" in trims["iso_c"]
     scopes = {p["name"]: p["scope"] for p in described["doge"]["parameters"]}
     assert scopes["weight"] == "per-model" and scopes["density"] == "per-model" and scopes["eta"] == "shared"
     scopes = {p["name"]: p["scope"] for p in described["iso_cts"]["parameters"]}

@@ -14,10 +14,10 @@ TRIMMING = [cls for cls in SOLVERS if cls.density is not None]  # every method b
 
 
 def test_the_yaml_defaults():
-    # issue 23: the methods that sum disjoint updates trim full fine-tunes beside adapters at 0.3
-    # (DOGE's value; adapter.trim_densities); the Iso methods never by default; doge trims itself.
+    # issue 23: every method trims full fine-tunes beside adapters at 0.3 (DOGE's value;
+    # adapter.trim_densities); doge trims itself, after its solve.
     assert {cls.name: cls.density for cls in SOLVERS} == {
-        "ace": 0.3, "doge": None, "iso_c": 1.0, "iso_cts": 1.0, "tsv": 0.3, "wudi": 0.3, "wudi_cfs": 0.3}
+        "ace": 0.3, "doge": None, "iso_c": 0.3, "iso_cts": 0.3, "tsv": 0.3, "wudi": 0.3, "wudi_cfs": 0.3}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
