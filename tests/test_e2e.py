@@ -290,6 +290,29 @@ def test_solve_filter_sends_down_proj_to_the_fallback(family, task_arithmetic, t
             assert not torch.equal(tensor, task_arithmetic[name]), name
 
 
+def test_a_density_scoped_by_filter_reaches_the_fallback_only(family, tmp_path):
+    # examples/wudi_filters.yml's pattern: down_proj goes to a ties fallback at density 0.5, and
+    # density, also the method's own trim, is 1 on the tensors it solves. Those then match a run
+    # with no density (full fine-tunes: no trim by default), down_proj a run with 0.5 everywhere.
+    base, *models = family
+
+    def run(name, per_model_density=None, shared=None):
+        parameters = {"fallback": "ties", "solve": [{"filter": "down_proj", "value": False}, {"value": True}], **(shared or {})}
+        model_parameters = [{"weight": w, **({"density": per_model_density} if per_model_density else {})} for w in WEIGHTS]
+        mergekit_yaml(write_config(tmp_path / f"{name}.yml", "wudi_cfs", base, models, parameters, model_parameters), tmp_path / name)
+        return load_model(tmp_path / name)
+
+    scoped = run("scoped", [{"filter": "down_proj", "value": 0.5}, {"value": 1.0}])
+    unset, everywhere = run("unset"), run("everywhere", shared={"density": 0.5})
+    linear = [name for name in scoped if is_llama_linear(name)]
+    assert any("down_proj" in name for name in linear) and any("down_proj" not in name for name in linear)
+    for name in linear:
+        if "down_proj" in name:
+            assert torch.equal(scoped[name], everywhere[name]) and not torch.equal(scoped[name], unset[name]), name
+        else:
+            assert torch.equal(scoped[name], unset[name]) and not torch.equal(scoped[name], everywhere[name]), name
+
+
 def test_bad_parameter_fails_before_writing(family, tmp_path):
     base, *models = family
     config = write_config(tmp_path / "bad.yml", "wudi", base, models, {"lr": -1.0})

@@ -40,6 +40,12 @@ def test_recipe_is_valid(path):
         if path.name == "wudi_filters.yml":
             assert shared["solve"] is ("down_proj" not in tensor)
             assert shared["lambda"] == pytest.approx(1.0)  # the middle of the gradient
+        if config.merge_method != "doge":
+            # a density set for every tensor would trim the solved ones too, not only reach the
+            # fallback (wudi_filters.yml scopes its density by filter: test_e2e checks it merged)
+            for block, parameters in [("parameters", config.parameters)] + [(m.model, m.parameters) for m in config.models]:
+                density = (parameters or {}).get("density")
+                assert density is None or isinstance(density, list), (path.name, block)
 
 
 def test_recipes_cover_the_documented_cases():
