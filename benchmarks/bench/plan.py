@@ -50,8 +50,7 @@ def other_calibrations(method: str) -> list:
 
 def other_trim(method: str) -> list:
     """A method of ours that trims before its solve: every fine-tune trimmed at `density` 0.3
-    (issue 23; its default trims none, or for wudi and wudi_cfs only full fine-tunes beside
-    LoRA adapters)."""
+    (issue 23; its default trims only full fine-tunes beside LoRA adapters)."""
     from mergekit_wudi.solvers import SOLVERS
 
     default = next((s.density for s in SOLVERS if s.name == method), None)

@@ -48,8 +48,7 @@ class AceConfig:
 
 
 class AceSolver(
-    Solver, name="ace", pretty_name="ACE-Merging", paper="https://arxiv.org/abs/2603.02945", config=AceConfig,
-    density=0.3,
+    Solver, name="ace", pretty_name="ACE-Merging", paper="https://arxiv.org/abs/2603.02945", config=AceConfig
 ):
     """ACE per tensor, c_i = t_i - 1 m_i^T (column-centred), G_i = c_i^T c_i (in, in):
 

@@ -46,7 +46,7 @@ class Solver:
     `adapter_guard` (default True): the YAML default of `adapter_guard` (guard.py: lambda capped
     at 1/N where the fine-tunes look like LoRA adapters trained from one seed, and at 1/sqrt(K)
     where K >= 2 of them look like adapters with a seed each and `sums_disjoint`).
-    `density` (default 1.0): the density of `density`'s YAML default for full fine-tunes merged
+    `density` (default 0.3, DOGE's value): the density of `density`'s YAML default for full fine-tunes merged
     with LoRA adapters (adapter.trim_densities; everything else: 1), the fraction of each task
     vector's entries kept by the magnitude trim before the solve (trim.py); None for a method
     that trims inside its own solve and declares `density` in its config (doge). A solver built
@@ -65,7 +65,7 @@ class Solver:
     calibration: ClassVar[str] = "none"
     sums_disjoint: ClassVar[bool] = True
     adapter_guard: ClassVar[bool] = True
-    density: ClassVar[Optional[float]] = 1.0
+    density: ClassVar[Optional[float]] = 0.3
 
     def __init_subclass__(cls, *, name: Optional[str] = None, pretty_name: Optional[str] = None,
                           paper: Optional[str] = None, config: Optional[type] = None, one_thread: Optional[bool] = None,

@@ -65,7 +65,7 @@ class IsoCConfig:
 
 class IsoCSolver(
     Solver, name="iso_c", pretty_name="Iso-C", paper="https://arxiv.org/abs/2502.04959", config=IsoCConfig, one_thread=True,
-    calibration="sum_norm", sums_disjoint=False, density=0.3,
+    calibration="sum_norm", sums_disjoint=False,
 ):
     """Iso-C per tensor: the flattened spectrum of the sum,
 
@@ -101,7 +101,7 @@ class IsoCtsConfig:
 
 class IsoCtsSolver(
     Solver, name="iso_cts", pretty_name="Iso-CTS", paper="https://arxiv.org/abs/2502.04959", config=IsoCtsConfig, one_thread=True,
-    calibration="sum_norm", sums_disjoint=False, density=0.3,
+    calibration="sum_norm", sums_disjoint=False,
 ):
     """Iso-CTS per tensor, r = min(out, in), f = common_space_fraction:
 

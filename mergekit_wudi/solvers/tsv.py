@@ -25,8 +25,7 @@ class TsvConfig:
 
 
 class TsvSolver(
-    Solver, name="tsv", pretty_name="TSV-Merge", paper="https://arxiv.org/abs/2412.00081", config=TsvConfig, one_thread=True,
-    density=0.3,
+    Solver, name="tsv", pretty_name="TSV-Merge", paper="https://arxiv.org/abs/2412.00081", config=TsvConfig, one_thread=True
 ):
     """TSV-M per tensor, r = min(out, in), k = floor(r / N):
 

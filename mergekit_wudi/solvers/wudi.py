@@ -52,8 +52,7 @@ class WudiConfig:
 
 
 class WudiSolver(
-    Solver, name="wudi", pretty_name="WUDI-Merging", paper="https://arxiv.org/abs/2503.08099", config=WudiConfig,
-    density=0.3,
+    Solver, name="wudi", pretty_name="WUDI-Merging", paper="https://arxiv.org/abs/2503.08099", config=WudiConfig
 ):
     """WUDI-Merging (Eq. 21), solved with Adam from t_m = sum_i t_i:
 

@@ -36,8 +36,7 @@ class WudiCfsConfig:
 
 
 class WudiCfsSolver(
-    Solver, name="wudi_cfs", pretty_name="WUDI-Merging (closed form)", paper="https://arxiv.org/abs/2503.08099", config=WudiCfsConfig,
-    density=0.3,
+    Solver, name="wudi_cfs", pretty_name="WUDI-Merging (closed form)", paper="https://arxiv.org/abs/2503.08099", config=WudiCfsConfig
 ):
     """WUDI-Merging's closed form (Eq. 20), the minimiser of
     sum_i a_i (||(t_m - t_i) t_i^T||_F^2 + r ||t_m - t_i||_F^2),  a_i = 1/||t_i||_F^2:
