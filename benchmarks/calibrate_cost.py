@@ -3,11 +3,11 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/calibrate_cost.py [--quick] [--methods iso_c iso_cts]
 
 Per Llama-3.2-1B linear shape (float32, N = 4 full-rank task vectors, as full fine-tunes have),
-each method's solve with `calibrate: none`, `input_space` and `sum_norm` (the best of two solves,
+each method's solve under every `calibrate` rule (the best of two solves,
 the rules taken in turn), and the time of a whole Llama-3.2-1B layer (q, k, v, o, gate, up, down)
 summed from them. The ratios against `none` are what to compare: absolute times depend on the
 machine and its load. (The mergekit-yaml merge adds reading and writing, which no rule changes.)
-Under `sum_norm` iso_c and iso_cts also count the task vectors' ranks on the first 12 tensors of
+Under a rule other than input_space iso_c and iso_cts also count the task vectors' ranks on the first 12 tensors of
 a run, for their mixed-rank warning (solvers/iso.py, RANK_SAMPLE); the times here are those of
 every later tensor, with that sample used up first, and the sample's cost is printed apart.
 """
@@ -63,14 +63,15 @@ def main() -> None:
             iso._RANKS_READ[method] = iso.RANK_SAMPLE  # the sample used up
             seconds = {rule: best_time(classes[method](calibration=rule), vectors) for rule in CALIBRATIONS}
             iso._RANKS_READ[method] = 0  # then one solve that counts ranks
-            sampled[(method, shape)] = best_time(classes[method](calibration="sum_norm"), vectors, repeats=1) / seconds["sum_norm"]
+            default = classes[method].calibration  # their YAML default
+            sampled[(method, shape)] = best_time(classes[method](calibration=default), vectors, repeats=1) / seconds[default]
             for rule, value in seconds.items():
                 layer[rule] += per_layer * value
             print(f"| {method} | {shape[0]}x{shape[1]} | " + " | ".join(f"{seconds[r]:.2f}" for r in CALIBRATIONS) + " | "
                   + " | ".join(f"{seconds[r] / seconds['none']:.2f}x" for r in CALIBRATIONS[1:]) + " |", flush=True)
         print(f"| {method} | one layer | " + " | ".join(f"{layer[r]:.2f}" for r in CALIBRATIONS) + " | "
               + " | ".join(f"{layer[r] / layer['none']:.2f}x" for r in CALIBRATIONS[1:]) + " |", flush=True)
-    print("\nsum_norm with the rank sample (the first 12 tensors of a run) / without: "
+    print("\nthe default rule with the rank sample (the first 12 tensors of a run) / without: "
           + ", ".join(f"{method} {shape[0]}x{shape[1]} {ratio:.2f}x" for (method, shape), ratio in sampled.items()))
 
 

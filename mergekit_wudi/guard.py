@@ -39,7 +39,10 @@ size beside the merge's own), and the median number of directions compared (k).
   rank-2 random deltas reached 2-4).
 Where any fine-tune is "one seed", every solved tensor's lambda becomes min(lambda, 1/N) (and
 `calibrate: none` becomes sum_cap, where lambda was above 1/N); else
-where K >= 2 are "a seed each", min(lambda, 1/sqrt(K)) for the methods that sum. The sample is fixed
+where K >= 2 are "a seed each", min(lambda, 1/sqrt(K)) for the methods that sum. Where any fine-tune is
+an adapter of either kind, `calibrate: first_order` (Iso's default) becomes sum_norm: first_order
+counts each task's gain along its own update, and an adapter's random input space makes its update
+act on every task's inputs (docs/methods.md, "calibrate"). The sample is fixed
 by the names, not by the order mergekit merges tensors in, so runs, shards and thread counts
 agree. `adapter_guard: false` keeps lambda as given (and warns instead).
 
@@ -70,6 +73,7 @@ SEED_EACH = "lora"  # solvers.overlap.expert_kind's word; the guard also asks fo
 TRAINED_OUTPUT = 2.0  # median output overlap (times chance) from which a "lora" fine-tune looks trained
 MIN_RANK = 4  # median k (directions compared) under which the overlaps cannot tell trained from random
 ONE_SEED_CALIBRATION = "sum_cap"  # what `calibrate: none` becomes under the one-seed cap
+ADAPTER_CALIBRATIONS = {"first_order": "sum_norm"}  # what a rule becomes where any fine-tune looks like an adapter
 
 _MEASURED: Dict[Tuple[Any, ...], Optional[ExpertKinds]] = {}
 _LOCK = threading.Lock()
@@ -102,9 +106,15 @@ class ExpertKinds:
     def full_beside_adapters(self) -> Tuple[int, ...]:
         """The fine-tunes that look like full fine-tunes, where others look like LoRA adapters (of
         either kind); () where none does. `density`'s default trims these (adapter.trim_densities)."""
-        if not (self.one_seed or self.seed_each):
+        if not self.adapters:
             return ()
         return tuple(i for i, kind in enumerate(self.kinds) if kind == FULL)
+
+    @property
+    def adapters(self) -> Tuple[int, ...]:
+        """The fine-tunes that look like LoRA adapters of either kind (where there are any,
+        calibrate's first_order becomes sum_norm: ADAPTER_CALIBRATIONS)."""
+        return tuple(sorted({*self.one_seed, *self.seed_each}))
 
     def cap(self, count: int, sums_disjoint: bool) -> Optional[Tuple[float, Tuple[int, ...]]]:
         """(the lambda cap, the fine-tunes that set it) for a method that sums disjoint updates or
@@ -183,12 +193,21 @@ def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], 
     the solve then take them)."""
     strength, one_seed = guarded_lambda(method, group, parameters["lambda"], parameters["adapter_guard"], sums_disjoint,
                                         warn=warn)
-    if strength == parameters["lambda"]:
-        return parameters
     guarded = {**parameters, "lambda": strength}
     if one_seed and parameters["calibrate"] == "none":
         guarded["calibrate"] = ONE_SEED_CALIBRATION
-    return guarded
+    rule = parameters["calibrate"]
+    if rule in ADAPTER_CALIBRATIONS and parameters["adapter_guard"] and len(group.non_base) >= 2:
+        kinds = expert_kinds(group.base.id, [entry.id for entry in group.non_base], group.base.tensor.device)
+        if kinds is not None and kinds.adapters:
+            guarded["calibrate"] = ADAPTER_CALIBRATIONS[rule]
+            warn_once(logger, "adapter calibration", method,
+                      "%s: %d of the %d fine-tunes look like LoRA adapters (%s; adapter_guard's sample), so calibrate: "
+                      "%s becomes %s, the plain sum's energy: %s counts each task's gain along its own update only, "
+                      "and an adapter's random input space makes its update act on every task's inputs (set "
+                      "adapter_guard: false to keep %s).", method, len(kinds.adapters), len(kinds.kinds),
+                      ", ".join(kinds.models[i] for i in kinds.adapters), rule, guarded["calibrate"], rule, rule)
+    return guarded if guarded != parameters else parameters
 
 
 def expert_kinds(base: Any, models: Sequence[Any], device: Any = "cpu") -> Optional[ExpertKinds]:

@@ -110,8 +110,9 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
     yield declare("lambda", float, shared, 1.0, "scales the merged task vector")
     yield declare("calibrate", str, shared, method.solver_cls.calibration,
                   "merge strength rule before lambda: 'none', 'input_space' (no task gets more than its own update "
-                  "in its own input space), 'sum_norm' (the merge takes the norm of the task vectors' sum) or 'sum_cap' "
-                  "(the merge no larger than that sum)",
+                  "in its own input space), 'sum_norm' (the merge takes the norm of the task vectors' sum), 'sum_cap' "
+                  "(the merge no larger than that sum) or 'first_order' (the tasks' summed first-order gain, "
+                  "sum_i <t_i, c t_m>, equals the experts' sum_i ||t_i||^2)",
                   check=functools.partial(check_choice(*CALIBRATIONS), "calibrate"))
     yield declare("adapter_guard", bool, shared, method.solver_cls.adapter_guard,
                   "cap lambda where the fine-tunes look like LoRA adapters: at 1/N for adapters trained from one seed"

@@ -163,11 +163,23 @@ def sum_cap_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor) -> float:
     return min(1.0, sum_norm_scale(tasks, merged))
 
 
-SCALES = {"input_space": input_space_scale, "sum_norm": sum_norm_scale, "sum_cap": sum_cap_scale}
+def first_order_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor) -> float:
+    """calibrate: first_order, from its definition: c = min(sum_i ||t_i||^2, ||T||^2) / <M, T>,
+    T = sum_i t_i, or sum_norm's c where that inner product is not positive."""
+    tasks = [t.double() for t in tasks]
+    total = sum(tasks)
+    delivered = float((merged.double() * total).sum())
+    if delivered <= 0:
+        return sum_norm_scale(tasks, merged)
+    return min(sum(float(t.square().sum()) for t in tasks), float(total.square().sum())) / delivered
 
 
-def calibrated(reference, rule: str = "sum_norm"):
-    """reference, scaled by the calibrate rule (default sum_norm: the YAML default of iso_c and
+SCALES = {"input_space": input_space_scale, "sum_norm": sum_norm_scale, "sum_cap": sum_cap_scale,
+          "first_order": first_order_scale}
+
+
+def calibrated(reference, rule: str = "first_order"):
+    """reference, scaled by the calibrate rule (default first_order: the YAML default of iso_c and
     iso_cts); zero task vectors take no part, as in the solvers."""
 
     def merge(task_vectors: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ def merge(method, tensors, name="model.layers.0.mlp.up_proj.weight", **parameter
 @pytest.mark.parametrize(
     "method, solver",
     [("wudi", WudiSolver()), ("wudi_cfs", WudiCfsSolver()), ("doge", DogeSolver()), ("tsv", TsvSolver()),
-     ("iso_c", IsoCSolver(calibration="sum_norm")), ("iso_cts", IsoCtsSolver(calibration="sum_norm"))],
+     ("iso_c", IsoCSolver(calibration="first_order")), ("iso_cts", IsoCtsSolver(calibration="first_order"))],
 )  # each at its YAML defaults: iso_c and iso_cts calibrate (docs/methods.md), the others do not
 def test_linear_weight_is_base_plus_lambda_times_solution(generator, method, solver):
     tensors = family(generator)

@@ -60,8 +60,8 @@ def test_methods_json_lists_own_parameters_with_defaults():
         "doge": {**common, "adapter_guard": False, "eta": DogeConfig().eta, "lr": DogeConfig().lr, "steps": DogeConfig().steps,
                  "density": None, "subspace": DogeConfig().subspace},
         "tsv": common,
-        "iso_c": {**common, "calibrate": "sum_norm"},  # issue 23: the default strength of both iso methods
-        "iso_cts": {**common, "calibrate": "sum_norm", "common_space_fraction": 0.8},  # config/method/iso_cts.yaml of the official code
+        "iso_c": {**common, "calibrate": "first_order"},  # issue 23: the default strength of both iso methods
+        "iso_cts": {**common, "calibrate": "first_order", "common_space_fraction": 0.8},  # config/method/iso_cts.yaml of the official code
     }
     assert expected["wudi"]["steps"] == 300 and expected["wudi"]["lr"] == 1e-5 and expected["wudi_cfs"]["omega"] == 0.1
     for name, parameters in expected.items():

@@ -121,6 +121,40 @@ def test_the_one_seed_cap_also_keeps_the_merge_within_the_sum(tmp_path, calibrat
     assert guarded(seed_each, 1.0, calibrate) == {"lambda": pytest.approx(3 ** -0.5), "calibrate": calibrate, "adapter_guard": True}
 
 
+def test_first_order_becomes_sum_norm_where_any_fine_tune_looks_like_an_adapter(tmp_path):
+    # iso_c's first_order counts each task's gain along its own update only; where a fine-tune
+    # is an adapter (of either kind) the guard gives it the sum's energy instead. Not for rank-2
+    # random deltas (neither kind: under MIN_RANK), not with the guard off, not for another rule.
+    from types import SimpleNamespace
+
+    from mergekit_wudi.guard import with_guarded_lambda
+
+    def group_of(paths):
+        entry = lambda path: SimpleNamespace(id=ModelReference.parse(str(path)), tensor=torch.zeros(1))  # noqa: E731
+        return SimpleNamespace(base=entry(paths[0]), non_base=[entry(p) for p in paths[1:]])
+
+    def rule_of(group, rule="first_order", guard=True):
+        parameters = {"lambda": 1.0, "calibrate": rule, "adapter_guard": guard}
+        return with_guarded_lambda("iso_c", group, parameters, sums_disjoint=False, warn=True)["calibrate"]
+
+    seed_each = group_of(make_seed_each_family(tmp_path / "seed_each"))
+    one_seed = group_of(make_one_seed_family(tmp_path / "one_seed"))
+    random_deltas = group_of(make_family(tmp_path / "random", rank=2))
+    assert rule_of(seed_each) == rule_of(one_seed) == "sum_norm"
+    assert rule_of(random_deltas) == "first_order"
+    assert rule_of(seed_each, guard=False) == "first_order"
+    assert rule_of(seed_each, "input_space") == "input_space"
+
+    def found(kinds):
+        return ExpertKinds(tensors=("t",), models=tuple("abc"), inputs=(2.0,) * 3, outputs=(3.0,) * 3, kinds=kinds, rank=8.0)
+
+    assert found(("lora", "lora, one seed", "lora")).adapters == (0, 1, 2)
+    assert found(("lora", "full", "full")).adapters == (0,)  # a mixed set: sum_norm too
+    assert found(("full", "full", "")).adapters == ()  # full fine-tunes (one not measured) keep first_order
+    assert ExpertKinds(tensors=("t",), models=("a", "b"), inputs=(2.0,) * 2, outputs=(3.0,) * 2,
+                       kinds=("lora",) * 2, rank=2.0).adapters == ()  # under MIN_RANK: not trained adapters
+
+
 @pytest.mark.parametrize("kinds, cap", [
     (("lora",) * 4, 1 / 2),  # every fine-tune an adapter with a seed each: 1/sqrt(N), as before
     (("full", "lora", "full", "lora"), 2 ** -0.5),  # a mixed set: 1/sqrt(K), K = 2 adapters

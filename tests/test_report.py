@@ -17,7 +17,7 @@ from models import (
     make_seed_each_family,
     write_config,
 )
-from reference import calibrated, doge, input_space_scale, usable, wudi_adam, wudi_closed_form, wudi_loss
+from reference import SCALES, calibrated, doge, usable, wudi_adam, wudi_closed_form, wudi_loss
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from runner import mergekit_wudi_cli
 
@@ -78,10 +78,12 @@ def test_report_matches_float64_reference(family, cfs_report):
             assert float(row["ratio"]) == pytest.approx(float(row["objective_solved"]) / ta, rel=1e-4)
 
 
-def test_report_shows_the_calibrated_scale_of_every_tensor(family, tmp_path):
+@pytest.mark.parametrize("rule, bindings", [("input_space", ("t_1", "t_2", "t_3", "norm")), (None, ("gain", "sum"))],
+                         ids=["input_space", "default"])  # iso_c's default: first_order
+def test_report_shows_the_calibrated_scale_of_every_tensor(family, tmp_path, rule, bindings):
     base, *models = family
     weights = [{"weight": w} for w in (1.0, 0.5, 2.0)]
-    config = write_config(tmp_path / "iso.yml", "iso_c", base, models, {"calibrate": "input_space"}, weights)
+    config = write_config(tmp_path / "iso.yml", "iso_c", base, models, {"calibrate": rule} if rule else {}, weights)
     result = mergekit_wudi_cli("report", config, "--out", tmp_path / "report", "--quiet")
     assert result.exit_code == 0, result.output
     rows = read_csv(tmp_path / "report" / "report.csv")
@@ -89,8 +91,9 @@ def test_report_shows_the_calibrated_scale_of_every_tensor(family, tmp_path):
     for name in dict.fromkeys(row["name"] for row in rows):
         row = next(r for r in rows if r["name"] == name)
         tv = task_vectors(family, name, [1.0, 0.5, 2.0])
-        assert float(row["calibration"]) == pytest.approx(input_space_scale(list(tv), iso_c(tv, eps=EPS32)), rel=1e-5)
-        assert row["calibration_binding"] in ("t_1", "t_2", "t_3", "norm")
+        expected = SCALES[rule or "first_order"](list(tv), iso_c(tv, eps=EPS32))
+        assert float(row["calibration"]) == pytest.approx(expected, rel=1e-5)
+        assert row["calibration_binding"] in bindings
     assert "calibrate c (bound by)" in (tmp_path / "report" / "report.md").read_text()
 
 

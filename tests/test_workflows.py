@@ -13,6 +13,7 @@ import torch
 import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
+from mergekit.merge_methods import merge_tensors
 from mergekit.options import MergeOptions
 from models import (
     is_llama_linear,
@@ -296,16 +297,29 @@ def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, normed, low
     assert_wudi_cfs_merged_at(tmp_path / "below", base, models, lowered)
 
 
-def test_iso_c_is_not_capped_for_adapters_with_a_seed_each(tmp_path):
-    # Only the methods that return the sum of disjoint updates get the 1/sqrt(K) cap (guard.py):
-    # iso_c's default merge is its merge with the guard off, bit for bit, and says nothing.
+def test_iso_c_on_adapters_takes_the_sums_energy_and_no_cap(tmp_path):
+    # Only the methods that return the sum of disjoint updates get the 1/sqrt(K) cap (guard.py).
+    # iso_c's calibrate: first_order becomes sum_norm where fine-tunes look like adapters, said
+    # once: bit for bit the merge that names sum_norm. With the guard off it stays first_order:
+    # bit for bit merge_tensors (no models, so no guard) on each solved tensor.
     base, *models = make_seed_each_family(tmp_path / "seed_each")
     result = mergekit_yaml(write_config(tmp_path / "iso.yml", "iso_c", base, models), tmp_path / "iso")
-    assert "look like LoRA adapters" not in result.stderr
+    assert "trained with a seed each" not in result.stderr and "lambda is capped" not in result.stderr
+    assert result.stderr.count("iso_c: 3 of the 3 fine-tunes look like LoRA adapters") == 1
+    assert "calibrate: first_order becomes sum_norm" in result.stderr
+    named = write_config(tmp_path / "named.yml", "iso_c", base, models, {"calibrate": "sum_norm"})
+    assert mergekit_yaml_in_process(named, tmp_path / "named").exit_code == 0
     iso_off = write_config(tmp_path / "iso_off.yml", "iso_c", base, models, {"adapter_guard": False})
     assert mergekit_yaml_in_process(iso_off, tmp_path / "iso_off").exit_code == 0
-    iso, iso_off = load_model(tmp_path / "iso"), load_model(tmp_path / "iso_off")
-    assert iso.keys() == iso_off.keys() and all(torch.equal(iso[name], iso_off[name]) for name in iso)
+    iso, named, iso_off = (load_model(tmp_path / name) for name in ("iso", "named", "iso_off"))
+    assert iso.keys() == named.keys() and all(torch.equal(iso[name], named[name]) for name in iso)
+    inputs = [load_model(path) for path in (base, *models)]
+    solved = [name for name in iso if name.endswith("proj.weight") and not torch.equal(inputs[0][name], inputs[1][name])]
+    assert solved
+    for name in solved:
+        api = merge_tensors([m[name] for m in inputs], "iso_c", base_index=0, name=name)
+        assert torch.equal(iso_off[name], api.to(iso_off[name].dtype)), name
+        assert not torch.equal(iso[name], iso_off[name]), name
 
 
 def test_mixed_full_and_adapters_cap_lambda_at_one_over_sqrt_k(tmp_path):
@@ -329,11 +343,14 @@ def test_mixed_full_and_adapters_cap_lambda_at_one_over_sqrt_k(tmp_path):
 def test_iso_trims_the_full_fine_tunes_of_a_mixed_set(tmp_path):
     # iso_c on the mixed family: the two full ones trimmed at 0.3 by default, the adapters whole,
     # bit for bit the merge of those densities set in the YAML; lambda not capped (Iso's merge
-    # does not sum disjoint updates); density 1 merges something else.
+    # does not sum disjoint updates), calibrate first_order becomes sum_norm (adapters among
+    # them); density 1 merges something else.
     base, *models = make_mixed_family(tmp_path / "family")
     result = mergekit_yaml(write_config(tmp_path / "iso.yml", "iso_c", base, models), tmp_path / "iso")
     assert f"iso_c: {models[0]}, {models[1]} look like full fine-tunes beside LoRA adapters" in result.stderr
     assert "lambda is capped" not in result.stderr
+    assert "iso_c: 2 of the 4 fine-tunes look like LoRA adapters" in result.stderr
+    assert "calibrate: first_order becomes sum_norm" in result.stderr
     given = [{"density": 0.3}, {"density": 0.3}, {"density": 1.0}, {"density": 1.0}]
     mergekit_yaml(write_config(tmp_path / "given.yml", "iso_c", base, models, model_parameters=given), tmp_path / "given")
     mergekit_yaml(write_config(tmp_path / "whole.yml", "iso_c", base, models, {"density": 1.0}), tmp_path / "whole")

@@ -5,6 +5,7 @@ told from the weights, bf16 included? (docs/research/lora-inputs.md, section 5)
     python benchmarks/research/expert_kind.py alignment llm|minilm SET_DIR...
     python benchmarks/research/expert_kind.py size llm|minilm SET_DIR... [mixed] [--layers K]
     python benchmarks/research/expert_kind.py calibrate llm|minilm SET_DIR... [mixed] [--layers K]
+    python benchmarks/research/expert_kind.py first_order llm|minilm SET_DIR... [mixed] [--layers K]
 
 SET_DIR: a folder name under the benchmark's expert cache (~/.cache/mergekit-wudi-bench/BENCH/);
 `mixed` combines the `full-*` and `lora-*` folders as benchmarks/bench/plan.mixed_members does.
@@ -25,6 +26,10 @@ changed, with float32 task vectors and with base and fine-tune rounded to bf16 f
   calibrate: for iso_c and iso_cts at lambda 1 (uncalibrated merge M), the two bounds of
              `calibrate: input_space` (1 / max_i rho_i and ||sum_i t_i|| / ||M||), how often each
              binds, and the c it picks (solvers/calibrate.py). --layers as for size.
+  first_order: for iso_c and iso_cts at lambda 1 (uncalibrated merge M; `mixed` with its full
+             members trimmed at 0.3, as the default does), `calibrate: first_order`'s c (its
+             target min(sum_i ||t_i||^2, ||T||^2), T = sum_i t_i), sum_norm's c and their ratio,
+             and sum_i ||t_i||^2 / ||T||^2 (above 1: the tasks cancel and the sum's gain binds).
 """
 
 from __future__ import annotations
@@ -183,6 +188,34 @@ def calibration(bench: str, base: dict, set_name: str, layers=None) -> None:
               f"c median {median(scales):5.2f}; the task bound binds in {tasks_bind}", flush=True)
 
 
+def first_order(bench: str, base: dict, set_name: str, layers=None) -> None:
+    from mergekit_wudi.solvers import SOLVERS
+    from mergekit_wudi.solvers.calibrate import calibrate
+    from mergekit_wudi.solvers.trim import trim_mask
+
+    vectors, kinds = load_set(bench, base, set_name)
+    if set_name == "mixed":
+        vectors = {task: {name: t * trim_mask(t, 0.3) for name, t in tensors.items()} if kinds[task] == "full" else tensors
+                   for task, tensors in vectors.items()}
+    solvers = {cls.name: cls() for cls in SOLVERS if cls.name in ("iso_c", "iso_cts")}  # calibrate: none
+    rows = {name: ([], []) for name in solvers}
+    cancel = []
+    for _, ts in shared_tensors(vectors, layers):
+        total = ts.double().sum(0)
+        cancel.append(float(ts.double().square().sum()) / float(total.square().sum()))
+        for method, solver in solvers.items():
+            merged = solver.solve(ts)
+            rows[method][0].append(calibrate(ts, merged, "first_order").scale)
+            rows[method][1].append(float(total.norm()) / float(merged.double().norm()))
+    print(f"{bench} {set_name}: {len(cancel)} tensors; sum_i ||t_i||^2 / ||T||^2 median {median(cancel):.3f}, max "
+          f"{max(cancel):.3f}, above 1 in {sum(value > 1 for value in cancel)}", flush=True)
+    for method, (orders, norms) in rows.items():
+        ratios = [o / n for o, n in zip(orders, norms)]
+        print(f"  {method:8s} first_order c median {median(orders):5.2f} (p10 {quantile(orders, 0.1):5.2f}, p90 "
+              f"{quantile(orders, 0.9):5.2f}); sum_norm c median {median(norms):5.2f}; first_order / sum_norm median "
+              f"{median(ratios):5.2f} (p10 {quantile(ratios, 0.1):5.2f}, p90 {quantile(ratios, 0.9):5.2f})", flush=True)
+
+
 def main() -> None:
     command, bench, *sets = sys.argv[1:]
     layers = None
@@ -197,6 +230,8 @@ def main() -> None:
             size(bench, base, set_name, layers)
         elif command == "calibrate":
             calibration(bench, base, set_name, layers)
+        elif command == "first_order":
+            first_order(bench, base, set_name, layers)
         else:
             {"overlap": overlap, "alignment": alignment}[command](bench, base, set_name)
 

@@ -153,7 +153,7 @@ def measure(path: Path, quick: bool, max_elements: int) -> None:
         vectors = torch.randn(COUNT, *shape, generator=generator) * 1e-3
         for method in METHODS:
             cls = next(cls for cls in SOLVERS if cls.name == method)
-            solver = cls(calibration=cls.calibration)  # the YAML default (iso_c, iso_cts: sum_norm)
+            solver = cls(calibration=cls.calibration)  # the YAML default (iso_c, iso_cts: first_order)
             seconds = min(_timed(lambda: solver.solve(vectors)) for _ in range(2 if shape in fit_shapes else 1))
             result["solves"].append({"method": method, "shape": list(shape), "seconds": seconds})
             print(f"{method} {shape}: {seconds:.2f} s", flush=True)

@@ -38,8 +38,8 @@ class Solver:
     `pretty_name`, `paper` (a URL), `config` (a frozen dataclass of `config_field`s), and
     `one_thread` (True: the whole solve runs on one CPU thread, so results do not depend
     on the thread count; False: only tensors under ONE_THREAD_ELEMENTS do), and
-    `calibration`, the YAML default of `calibrate` for the method (calibrate.py: "none" or
-    "input_space"). A solver built directly applies the rule it is given, "none" unless told.
+    `calibration`, the YAML default of `calibrate` for the method (calibrate.CALIBRATIONS). A
+    solver built directly applies the rule it is given, "none" unless told.
     `sums_disjoint` (default True): at lambda 1 the merge of task vectors with disjoint row
     spaces is their sum, so lambda alone sets its strength (False for methods that normalise
     or flatten it: adapter_guard's 1/sqrt(N) cap and the adapter's LoRA warning do not apply to them).

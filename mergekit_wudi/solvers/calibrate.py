@@ -18,8 +18,16 @@ values instead of their mean).
 `sum_cap`: c = min(1, ||sum_i t_i||_F / ||M||_F): the merge no larger than the plain sum, never
 enlarged (what adapter_guard's one-seed cap sets where `calibrate` is none, guard.py).
 
+`first_order`: c = min(sum_i ||t_i||_F^2, ||T||_F^2) / <M, T>_F, T = sum_i t_i: the tasks' summed
+first-order gain along their own updates, sum_i <t_i, c M> = <T, c M>, equals what the experts
+got, sum_i ||t_i||_F^2, or, where the tasks cancel (||T|| below that), what the plain sum gets,
+||T||_F^2 (binding "gain" or "sum"). For Iso-C, M = s_bar polar(T) and c M = (that target /
+||T||_*) polar(T): the flat spectrum at the tasks' energy over the sum's nuclear norm. Where
+<M, T> <= 0 no positive c gives any gain, and sum_norm's c is taken (binding "norm").
+adapter_guard turns it into sum_norm where any fine-tune looks like a LoRA adapter (guard.py).
+
 All are one scalar per tensor: they never change a method's direction or spectrum. N = 1
-gives c = 1 for any method that returns t_1; input_space and sum_norm are homogeneous
+gives c = 1 for any method that returns t_1; input_space, sum_norm and first_order are homogeneous
 (c(a M) a M = c(M) M) and do not depend on a strength the method used inside. Pure torch
 (scipy's LAPACK through numerics), float64 accumulation, one CPU thread: bits do not depend
 on the thread count.
@@ -44,7 +52,7 @@ from mergekit_wudi.solvers.numerics import (
     side_by_side,
 )
 
-CALIBRATIONS = ("none", "input_space", "sum_norm", "sum_cap")
+CALIBRATIONS = ("none", "input_space", "sum_norm", "sum_cap", "first_order")
 # What the calibration may hold at once beside the task vectors and the merge, in tensors of
 # the (out, in) size: the memory bound's SOLVE_EXTRA_TENSORS less the merge and fixed buffers.
 CALIBRATION_SPARE = SOLVE_EXTRA_TENSORS - 2
@@ -53,7 +61,8 @@ CALIBRATION_SPARE = SOLVE_EXTRA_TENSORS - 2
 @dataclass(frozen=True)
 class Calibration:
     """What calibrate() chose for one tensor: the scale c, the largest rho_i and the task
-    (index among the task vectors given) it belongs to; binding is "task" or "norm"."""
+    (index among the task vectors given) it belongs to; binding is "task", "norm", "gain" or
+    "sum" (first_order's two targets) or "none"."""
 
     scale: float
     rho: float
@@ -64,14 +73,20 @@ class Calibration:
 
 def calibrate(vectors: torch.Tensor, merged: torch.Tensor, rule: str = "input_space") -> Calibration:
     """c for the merge `merged` (out, in) of the task vectors `vectors` (N, out, in), none zero,
-    by `rule`: "input_space" (above), "sum_norm" (c = ||sum_i t_i||_F / ||M||_F alone) or
-    "sum_cap" (c = min(1, ||sum_i t_i||_F / ||M||_F))."""
+    by `rule`: "input_space" (above), "sum_norm" (c = ||sum_i t_i||_F / ||M||_F alone),
+    "sum_cap" (c = min(1, ||sum_i t_i||_F / ||M||_F)) or "first_order"
+    (c = min(sum_i ||t_i||_F^2, ||sum_i t_i||_F^2) / <M, sum_i t_i>_F)."""
     if rule not in CALIBRATIONS[1:]:
         raise ValueError(f"calibrate: no rule {rule!r} to apply (one of {', '.join(CALIBRATIONS[1:])})")
     with one_cpu_thread(merged.device):
         merged_norm = float(torch.linalg.vector_norm(merged, dtype=torch.float64))
         if merged_norm == 0.0 or vectors.shape[0] == 0:
             return Calibration(1.0, 0.0, -1, "none")
+        if rule == "first_order":
+            own, summed, delivered = _first_order_terms(vectors, merged)
+            if delivered > 0.0:
+                return Calibration(min(own, summed) / delivered, 0.0, -1, "gain" if own <= summed else "sum")
+            return Calibration(math.sqrt(summed) / merged_norm, 0.0, -1, "norm")  # no positive c: sum_norm's
         if rule in ("sum_norm", "sum_cap"):
             scale = _sum_norm(vectors) / merged_norm
             binds = rule == "sum_norm" or scale < 1.0
@@ -123,6 +138,18 @@ def _own_space_elements(shape: Tuple[int, int], count: int) -> int:
     smaller, top = min(shape), max(1, min(shape) // max(1, count))
     right = in_features * top if in_features > out_features else 0
     return 2 * (smaller * smaller + smaller * top + right) + 4 * out_features * in_features // 16
+
+
+def _first_order_terms(vectors: torch.Tensor, merged: torch.Tensor) -> Tuple[float, float, float]:
+    """(sum_i ||t_i||_F^2, ||T||_F^2, <M, T>_F), T = sum_i t_i, in float64, a row block at a time."""
+    own = summed = delivered = 0.0
+    for block in row_blocks(vectors.shape[1]):
+        rows = vectors[:, block].double()
+        total = rows.sum(dim=0)
+        own += float(rows.square().sum())
+        summed += float(total.square().sum())
+        delivered += float((total * merged[block].double()).sum())
+    return own, summed, delivered
 
 
 def _sum_norm(vectors: torch.Tensor) -> float:

@@ -113,11 +113,13 @@ def test_plan_covers_every_method_and_grid():
     assert set(plan.methods()) == {*plan.BUILTINS, *(m.method_name for m in MERGE_METHODS)}
     assert plan.stage_one("ties") == [{}] + [{"density": d, "normalize": n} for d in (0.2, 0.5, 0.8) for n in (True, False)]
     assert plan.stage_one("wudi") == [{}, {"calibrate": "input_space"}, {"calibrate": "sum_norm"},
-                                      {"calibrate": "sum_cap"}, {"density": 0.3}]  # its defaults: none, auto
+                                      {"calibrate": "sum_cap"}, {"calibrate": "first_order"},
+                                      {"density": 0.3}]  # its defaults: none, auto
     assert plan.stage_one("iso_c") == [{}, {"calibrate": "none"}, {"calibrate": "input_space"},
-                                       {"calibrate": "sum_cap"}, {"density": 0.3}]  # its defaults: sum_norm, 1
+                                       {"calibrate": "sum_norm"}, {"calibrate": "sum_cap"},
+                                       {"density": 0.3}]  # its defaults: first_order, auto
     assert plan.stage_one("doge") == [{}, {"calibrate": "input_space"}, {"calibrate": "sum_norm"},
-                                      {"calibrate": "sum_cap"}]  # its density is its own
+                                      {"calibrate": "sum_cap"}, {"calibrate": "first_order"}]  # its density is its own
     assert plan.stage_one("wudi", quick=True) == [{}]
     assert [c["lambda"] for c in plan.stage_two({})] == [0.1, 0.2, 0.3, 0.5, 0.7, 1.5]
     assert plan.mixed_members(["a", "b", "c", "d", "e"]) == {"a": "full", "b": "lora", "c": "full", "d": "lora", "e": "full"}
@@ -164,13 +166,13 @@ def test_the_estimate_counts_the_full_plan(result):
     from bench import estimate
 
     assert estimate.merges_per_set("task_arithmetic") == 7 and estimate.merges_per_set("ties") == 13
-    assert estimate.merges_per_set("wudi") == 11
+    assert estimate.merges_per_set("wudi") == 12
     data, _ = result
     seconds = estimate.estimate(data, {"wudi": 100.0})
     assert set(seconds) == set(plan.methods())
-    # wudi: 11 merges (defaults, three other calibrate rules, density 0.3, 6 more lambdas) x 4 sets + test scoring
+    # wudi: 12 merges (defaults, four other calibrate rules, density 0.3, 6 more lambdas) x 4 sets + test scoring
     # of 2 rows x 4 sets + 2 replicate merges scored on both splits
-    assert seconds["wudi"] == pytest.approx(11 * 100 * 4 + 2 * 100 * 1.0 * 4 + 2 * 100 * 2.0)
+    assert seconds["wudi"] == pytest.approx(12 * 100 * 4 + 2 * 100 * 1.0 * 4 + 2 * 100 * 2.0)
 
 
 def test_resume_reuses_only_rows_made_by_the_same_code(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """calibrate: input_space (solvers/calibrate.py) against its definition computed with a float64
-SVD (tests/reference.py), sum_norm against the float64 sum's norm and, for Iso-C, the flat
-spectrum at the root mean square singular value; their limit cases, and through every solver."""
+SVD (tests/reference.py), sum_norm against the float64 sum's norm and first_order against float64
+inner products, and, for Iso-C, the flat spectrum they give; their limit cases, and through
+every solver."""
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def test_every_method_takes_it_and_stays_thread_count_independent(generator, sol
 
 
 def test_a_bad_rule_is_refused(generator):
-    with pytest.raises(ValueError, match="calibrate must be one of none, input_space, sum_norm, sum_cap"):
+    with pytest.raises(ValueError, match="calibrate must be one of none, input_space, sum_norm, sum_cap, first_order"):
         WudiCfsSolver(calibration="auto")
     t = full_rank_task_vectors(generator, 2, 8, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match="no rule 'none' to apply"):  # the function applies a rule; none is the caller's
@@ -123,6 +124,67 @@ def test_sum_norm_limit_cases(generator):
     assert calibrate(copies, copies.sum(0), "sum_norm").scale == pytest.approx(1.0, abs=1e-9)  # the sum is kept
     assert calibrate(copies, 3 * copies.sum(0), "sum_norm").scale * 3 == pytest.approx(1.0, rel=1e-6)  # homogeneous (3 M rounded in float32)
     assert calibrate(copies, torch.zeros(40, 60), "sum_norm").scale == 1.0  # nothing to scale
+
+
+@pytest.mark.parametrize("solver_cls", SOLVERS, ids=lambda c: c.name)
+def test_first_order_gives_the_tasks_their_experts_summed_gain(generator, solver_cls):
+    # sum_i <t_i, c M> = sum_i ||t_i||^2, in float64 from the solver's own merge
+    tv = low_rank_task_vectors(generator, 3, 40, 72, rank=6, scale=1e-2, dtype=torch.float32)
+    quick = {"steps": 5} if "steps" in solver_cls.config_cls.__dataclass_fields__ else {}
+    config = solver_cls.config_cls(**quick)
+    plain = solver_cls(config).solve(tv)
+    solver = solver_cls(config, calibration="first_order")
+    scaled = solver.solve(tv)
+    tasks = tv.double()
+    assert float((scaled.double() * tasks.sum(0)).sum()) == pytest.approx(float(tasks.square().sum()), rel=1e-5)
+    assert solver.last_calibration.binding == "gain"
+    torch.testing.assert_close(scaled, plain * solver.last_calibration.scale, rtol=1e-6, atol=0)  # one scalar
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["wide", "tall", "square"])
+def test_iso_c_at_first_order_is_the_flat_spectrum_at_the_energy_over_the_nuclear_norm(generator, shape):
+    # Iso-C at first_order: <s_bar U V^T, T> = s_bar ||T||_*, so c s_bar = sum_i ||t_i||^2 / ||T||_*
+    # (T = sum_i t_i): float64 SVD of the sum, every singular value replaced by it. The tasks
+    # share a component, so that the experts' gain is the target (not the sum's: below).
+    shared = full_rank_task_vectors(generator, 1, *shape, dtype=torch.float32)
+    tv = full_rank_task_vectors(generator, 4, *shape, dtype=torch.float32) + 0.5 * shared
+    u, s, vh = torch.linalg.svd(tv.double().sum(0), full_matrices=False)
+    own = float(tv.double().square().sum())
+    assert own < float(s.square().sum())
+    level = own / float(s.sum())
+    assert abs(level / float(s.square().mean().sqrt()) - 1) > 0.05  # apart from sum_norm's level
+    torch.testing.assert_close(IsoCSolver(calibration="first_order").solve(tv).double(), level * (u @ vh),
+                               rtol=1e-5, atol=1e-6 * float(s[0]))
+
+
+def test_first_order_limit_cases(generator):
+    t = full_rank_task_vectors(generator, 3, 40, 60, dtype=torch.float32)
+    assert calibrate(t[:1], t[0], "first_order").scale == pytest.approx(1.0, rel=1e-9)  # N = 1, the task itself
+    copies = t[:1].repeat(4, 1, 1)
+    assert calibrate(copies, copies.sum(0), "first_order").scale == pytest.approx(0.25, rel=1e-6)  # copies: their average
+    orthogonal = torch.zeros(2, 40, 60)
+    orthogonal[0, :20], orthogonal[1, 20:] = t[0, :20], t[1, 20:]  # disjoint rows: the sum is kept
+    assert calibrate(orthogonal, orthogonal.sum(0), "first_order").scale == pytest.approx(1.0, rel=1e-6)
+    merged = t.sum(0)
+    assert calibrate(t, 3 * merged, "first_order").scale * 3 == pytest.approx(calibrate(t, merged, "first_order").scale, rel=1e-6)
+    assert calibrate(t, torch.zeros(40, 60), "first_order").scale == 1.0  # nothing to scale
+    against = calibrate(t, -merged, "first_order")  # no positive c gives the gain: sum_norm's c
+    assert (against.scale, against.binding) == (pytest.approx(1.0, rel=1e-6), "norm")
+
+
+def test_first_order_never_gives_more_gain_than_the_plain_sum_where_tasks_cancel(generator):
+    # t_2 = -t_1 + a small residue: the sum is the residue, and the experts' gain would need
+    # c = sum_i ||t_i||^2 / <M, T>, hundreds of times the residue's size, for Iso-C's flat
+    # spectrum of it. The plain sum's gain, ||T||^2, bounds it: c = ||T||^2 / <M, T>.
+    t = full_rank_task_vectors(generator, 2, 40, 60, dtype=torch.float64)
+    cancelling = torch.stack([t[0], -t[0] + 1e-2 * t[1]])
+    total = cancelling.sum(0)
+    merged = IsoCSolver().solve(cancelling)
+    chosen = calibrate(cancelling, merged, "first_order")
+    assert chosen.binding == "sum"
+    assert chosen.scale == pytest.approx(float(total.square().sum()) / float((merged * total).sum()), rel=1e-12)
+    assert float((chosen.scale * merged).norm()) < 2 * float(total.norm())  # the residue's size, not the tasks'
+    assert float(cancelling.square().sum()) / float((merged * total).sum()) > 1e3  # what the experts' gain would ask
 
 
 def test_sum_cap_shrinks_a_merge_larger_than_the_sum_and_never_enlarges_one(generator):
