@@ -188,9 +188,10 @@ def capped_lambda(base: Any, models: Sequence[Any], strength: float, device: Any
 
 def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], *, sums_disjoint: bool,
                         warn: bool) -> Mapping[str, Any]:
-    """The resolved parameters of a solved tensor with `lambda` replaced by guarded_lambda's and,
-    where that is the one-seed cap, `calibrate: none` by ONE_SEED_CALIBRATION (the cache key and
-    the solve then take them)."""
+    """The resolved parameters of a solved tensor with `lambda` replaced by guarded_lambda's,
+    where that is the one-seed cap `calibrate: none` by ONE_SEED_CALIBRATION, and, where the guard
+    is on and the sample shows any adapter, a rule of ADAPTER_CALIBRATIONS by its replacement
+    (the cache key and the solve then take them)."""
     strength, one_seed = guarded_lambda(method, group, parameters["lambda"], parameters["adapter_guard"], sums_disjoint,
                                         warn=warn)
     guarded = {**parameters, "lambda": strength}
