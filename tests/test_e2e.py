@@ -132,7 +132,7 @@ def test_doge(family, task_arithmetic, tmp_path):
 # Largest relative error of a linear tensor, solvers on these inputs: 7.0e-7 (tsv),
 # 6.1e-7 (iso_c, iso_cts); 1e-5 leaves room for another BLAS.
 # At their YAML defaults iso_c and iso_cts also apply calibrate: first_order (the references
-# scaled by the float64 sum_i ||t_i||^2 / <M, sum_i t_i>; these rank-2 fine-tunes are not
+# scaled by the float64 min(sum_i ||t_i||^2, ||T||^2) / <M, T>; these rank-2 fine-tunes are not
 # adapters to adapter_guard, which keeps the rule); with calibrate: none they are the papers' math.
 SPECTRAL = [
     ("tsv", {}, lambda tv: tsv_merge(tv, eps=EPS32)),
