@@ -342,9 +342,9 @@ def test_mixed_full_and_adapters_cap_lambda_at_one_over_sqrt_k(tmp_path):
 
 def test_iso_trims_the_full_fine_tunes_of_a_mixed_set(tmp_path):
     # iso_c on the mixed family: the two full ones trimmed at 0.3 by default, the adapters whole,
-    # bit for bit the merge of those densities set in the YAML; lambda not capped (Iso's merge
-    # does not sum disjoint updates), calibrate first_order becomes sum_norm (adapters among
-    # them); density 1 merges something else.
+    # and calibrate first_order becomes sum_norm (adapters among them): bit for bit the merge of
+    # those densities and sum_norm set in the YAML; lambda not capped (Iso's merge does not sum
+    # disjoint updates); density 1 merges something else.
     base, *models = make_mixed_family(tmp_path / "family")
     result = mergekit_yaml(write_config(tmp_path / "iso.yml", "iso_c", base, models), tmp_path / "iso")
     assert f"iso_c: {models[0]}, {models[1]} look like full fine-tunes beside LoRA adapters" in result.stderr
@@ -352,7 +352,8 @@ def test_iso_trims_the_full_fine_tunes_of_a_mixed_set(tmp_path):
     assert "iso_c: 2 of the 4 fine-tunes look like LoRA adapters" in result.stderr
     assert "calibrate: first_order becomes sum_norm" in result.stderr
     given = [{"density": 0.3}, {"density": 0.3}, {"density": 1.0}, {"density": 1.0}]
-    mergekit_yaml(write_config(tmp_path / "given.yml", "iso_c", base, models, model_parameters=given), tmp_path / "given")
+    mergekit_yaml(write_config(tmp_path / "given.yml", "iso_c", base, models, {"calibrate": "sum_norm"}, model_parameters=given),
+                  tmp_path / "given")
     mergekit_yaml(write_config(tmp_path / "whole.yml", "iso_c", base, models, {"density": 1.0}), tmp_path / "whole")
     iso, given, whole = (load_model(tmp_path / name) for name in ("iso", "given", "whole"))
     solved = [name for name in iso if name.endswith("proj.weight")]
