@@ -221,7 +221,7 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
     if task.parameters.get("adapter_guard"):  # the lambda the merge uses (guard.py)
         scale, _ = capped_lambda(base_model, non_base, scale, device, recording_method.solver_cls.sums_disjoint)
     binding = "" if calibration is None or calibration.binding == "none" else (
-        calibration.binding if calibration.binding in ("norm", "gain", "sum") else f"t_{calibration.task + 1}")
+        f"t_{calibration.task + 1}" if calibration.binding == "task" else calibration.binding)
     inputs, outputs = subspace_overlap(task_vectors) if ranks else ((math.nan,) * len(task_vectors),) * 2
     return TensorReport(
         name=name,

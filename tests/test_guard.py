@@ -1,5 +1,7 @@
 """guard.py: which tensors the adapter guard samples, what it calls each family, and where it cannot act."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from mergekit.common import ModelReference
@@ -7,12 +9,27 @@ from mergekit.merge_methods import merge_tensors
 from models import make_family, make_one_seed_family, make_seed_each_family
 from reference import wudi_closed_form
 
-from mergekit_wudi.guard import MIN_RANK, SAMPLE, TRAINED_OUTPUT, ExpertKinds, expert_kinds, sample_order
+from mergekit_wudi.guard import (
+    MIN_RANK,
+    SAMPLE,
+    TRAINED_OUTPUT,
+    ExpertKinds,
+    expert_kinds,
+    sample_order,
+    with_guarded_lambda,
+)
 
 
 def kinds_of(paths):
     """expert_kinds of [base, fine-tune, ...] saved under these paths."""
     return expert_kinds(ModelReference.parse(str(paths[0])), [ModelReference.parse(str(m)) for m in paths[1:]])
+
+
+def group_of(paths):
+    """A stand-in for the mergekit TensorGroup of [base, fine-tune, ...] saved under these paths:
+    what with_guarded_lambda reads (the models' ids, the base tensor's device)."""
+    entry = lambda path: SimpleNamespace(id=ModelReference.parse(str(path)), tensor=torch.zeros(1))  # noqa: E731
+    return SimpleNamespace(base=entry(paths[0]), non_base=[entry(p) for p in paths[1:]])
 
 
 def test_sample_order_is_layer_order_of_the_linear_weights_all_models_hold():
@@ -102,14 +119,6 @@ def test_the_one_seed_cap_also_keeps_the_merge_within_the_sum(tmp_path, calibrat
     # Where the one-seed cap lowers lambda, calibrate: none becomes sum_cap (a rule the YAML
     # names is kept); with lambda already at or under 1/N, or for adapters with a seed each,
     # nothing changes. (What sum_cap does to a merge: tests/solvers/test_calibrate.py.)
-    from types import SimpleNamespace
-
-    from mergekit_wudi.guard import with_guarded_lambda
-
-    def group_of(paths):
-        entry = lambda path: SimpleNamespace(id=ModelReference.parse(str(path)), tensor=torch.zeros(1))  # noqa: E731
-        return SimpleNamespace(base=entry(paths[0]), non_base=[entry(p) for p in paths[1:]])
-
     def guarded(group, strength, rule):
         parameters = {"lambda": strength, "calibrate": rule, "adapter_guard": True}
         return dict(with_guarded_lambda("wudi_cfs", group, parameters, sums_disjoint=True, warn=True))
@@ -125,14 +134,6 @@ def test_first_order_becomes_sum_norm_where_any_fine_tune_looks_like_an_adapter(
     # iso_c's first_order counts each task's gain along its own update only; where a fine-tune
     # is an adapter (of either kind) the guard gives it the sum's energy instead. Not for rank-2
     # random deltas (neither kind: under MIN_RANK), not with the guard off, not for another rule.
-    from types import SimpleNamespace
-
-    from mergekit_wudi.guard import with_guarded_lambda
-
-    def group_of(paths):
-        entry = lambda path: SimpleNamespace(id=ModelReference.parse(str(path)), tensor=torch.zeros(1))  # noqa: E731
-        return SimpleNamespace(base=entry(paths[0]), non_base=[entry(p) for p in paths[1:]])
-
     def rule_of(group, rule="first_order", guard=True):
         parameters = {"lambda": 1.0, "calibrate": rule, "adapter_guard": guard}
         return with_guarded_lambda("iso_c", group, parameters, sums_disjoint=False, warn=True)["calibrate"]
