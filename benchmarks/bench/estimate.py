@@ -1,6 +1,10 @@
 """The full plan's wall time, estimated from the per-merge times measured in a results.json.
 
-    python benchmarks/bench/estimate.py benchmarks/real_model/results.json [--times METHOD=SECONDS ...]
+    python benchmarks/bench/estimate.py OUT/results.json [--times METHOD=SECONDS ...]
+
+OUT/results.json: one written by run_all.py (a --quick run's will do) or research/probe.py, whose
+"evaluations" carry each merge's wall and scoring time; the committed benchmarks/*/results.json
+are the 0.1.0 tables and carry none.
 
 For every method: (mean measured merge s + mean validation-scoring s) x merges in the full plan
 per expert set, plus test scoring of the defaults and tuned rows; x the primary expert sets,
@@ -50,7 +54,11 @@ def main() -> None:
     parser.add_argument("--times", nargs="*", default=[], help="METHOD=SECONDS per merge (merge + validation scoring)")
     args = parser.parse_args()
     extra = {k: float(v) for k, v in (item.split("=") for item in args.times)}
-    seconds = estimate(json.loads(args.results.read_text()), extra)
+    report = json.loads(args.results.read_text())
+    if "evaluations" not in report:
+        parser.error(f"{args.results} has no per-merge times ('evaluations'): give a results.json written by "
+                     "run_all.py or research/probe.py")
+    seconds = estimate(report, extra)
     for method, s in seconds.items():
         print(f"{method:18s} {merges_per_set(method):3d} merges/set  {s / 3600:6.2f} h")
     print(f"total {sum(seconds.values()) / 3600:.1f} h (without expert training)")
