@@ -175,6 +175,17 @@ def test_the_estimate_counts_the_full_plan(result):
     assert seconds["wudi"] == pytest.approx(12 * 100 * 4 + 2 * 100 * 1.0 * 4 + 2 * 100 * 2.0)
 
 
+
+def test_the_estimate_rejects_a_results_file_without_merge_times(tmp_path, monkeypatch, capsys):
+    from bench import estimate
+
+    old = tmp_path / "results.json"
+    old.write_text(json.dumps({"model": "m", "merges": []}))  # the 0.1.0 tables' layout
+    monkeypatch.setattr("sys.argv", ["estimate.py", str(old)])
+    with pytest.raises(SystemExit) as exit_info:
+        estimate.main()
+    assert exit_info.value.code == 2 and "no per-merge times" in capsys.readouterr().err
+
 def test_resume_reuses_only_rows_made_by_the_same_code(tmp_path, monkeypatch):
     from bench import provenance
 
