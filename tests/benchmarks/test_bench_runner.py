@@ -175,7 +175,6 @@ def test_the_estimate_counts_the_full_plan(result):
     assert seconds["wudi"] == pytest.approx(12 * 100 * 4 + 2 * 100 * 1.0 * 4 + 2 * 100 * 2.0)
 
 
-
 def test_the_estimate_rejects_a_results_file_without_merge_times(tmp_path, monkeypatch, capsys):
     from bench import estimate
 
@@ -185,6 +184,7 @@ def test_the_estimate_rejects_a_results_file_without_merge_times(tmp_path, monke
     with pytest.raises(SystemExit) as exit_info:
         estimate.main()
     assert exit_info.value.code == 2 and "no per-merge times" in capsys.readouterr().err
+
 
 def test_resume_reuses_only_rows_made_by_the_same_code(tmp_path, monkeypatch):
     from bench import provenance
