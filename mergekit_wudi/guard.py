@@ -5,10 +5,17 @@ Why. A LoRA update B A reads A's row space, and A stays near its random initiali
   space: each acts on every task's inputs alike, and the methods that separate tasks by their
   input spaces (WUDI's premise) cannot. At lambda 1 their merge adds N updates where each task
   expects one: every method but doge broke SmolLM2's one-seed set (13-24 against 52 for
-  task_arithmetic at 0.2). Cap: 1/N, their average (every method but doge). Over one shared
+  task_arithmetic at 0.2), and doge fell short of its own lambda 0.7 (41.6 against 49.9, test).
+  Cap: 1/N, their average. Over one shared
   input space some methods return more than the sum (wudi_cfs and ace about 1.2-1.5 times its
   norm on both benchmarks' one-seed sets), and 1/N of that is more than the average: so where
   `calibrate` is none, it becomes sum_cap there, and the merge is no larger than the average.
+  doge's merge is not the sum's size but about one task vector's whatever N (Solver.task_sized:
+  each t_i weighted eta / ||t_i||, and delta fitted to each task's own row dots; 1.4 and 2.1 times
+  the adapters' mean, medians on SmolLM2's and MiniLM's one-seed sets), so 1/N would shrink it
+  twice: for doge lambda is capped at 1 instead and, where `calibrate` is none, it becomes
+  mean_cap, the merge no larger than the adapters' mean (docs/benchmarks.md, "doge on one-seed
+  adapters").
 - Adapters with a seed each read random, nearly disjoint input spaces, so the methods that
   return the sum of task vectors with disjoint row spaces (Solver.sums_disjoint: wudi, wudi_cfs,
   tsv, ace) return about the sum of the K adapters' updates (measured: sqrt(N) times one task
@@ -38,7 +45,8 @@ size beside the merge's own), and the median number of directions compared (k).
   least MIN_RANK = 4 (below it random subspaces' overlaps are too noisy to tell: rank-1 and
   rank-2 random deltas reached 2-4).
 Where any fine-tune is "one seed", every solved tensor's lambda becomes min(lambda, 1/N) (and
-`calibrate: none` becomes sum_cap, where lambda was above 1/N); else
+`calibrate: none` becomes sum_cap, where lambda was above 1/N; for a task-sized method, doge,
+min(lambda, 1) and mean_cap); else
 where K >= 2 are "a seed each", min(lambda, 1/sqrt(K)) for the methods that sum. Where any fine-tune is
 an adapter of either kind, `calibrate: first_order` (Iso's default) becomes sum_norm: first_order
 counts each task's gain along its own update, and an adapter's random input space makes its update
@@ -73,6 +81,7 @@ SEED_EACH = "lora"  # solvers.overlap.expert_kind's word; the guard also asks fo
 TRAINED_OUTPUT = 2.0  # median output overlap (times chance) from which a "lora" fine-tune looks trained
 MIN_RANK = 4  # median k (directions compared) under which the overlaps cannot tell trained from random
 ONE_SEED_CALIBRATION = "sum_cap"  # what `calibrate: none` becomes under the one-seed cap
+TASK_SIZED_CALIBRATION = "mean_cap"  # the same for a task-sized method (doge), whose lambda the rule keeps
 ADAPTER_CALIBRATIONS = {"first_order": "sum_norm"}  # what a rule becomes where any fine-tune looks like an adapter
 
 _MEASURED: Dict[Tuple[Any, ...], Optional[ExpertKinds]] = {}
@@ -116,31 +125,34 @@ class ExpertKinds:
         calibrate's first_order becomes sum_norm: ADAPTER_CALIBRATIONS)."""
         return tuple(sorted({*self.one_seed, *self.seed_each}))
 
-    def cap(self, count: int, sums_disjoint: bool) -> Optional[Tuple[float, Tuple[int, ...]]]:
+    def cap(self, count: int, sums_disjoint: bool, task_sized: bool = False) -> Optional[Tuple[float, Tuple[int, ...]]]:
         """(the lambda cap, the fine-tunes that set it) for a method that sums disjoint updates or
-        not; None where no cap applies."""
+        not, and whose merge is one task vector's size or not (Solver.task_sized: 1, not 1/N, under
+        the one-seed rule; its merge is then capped at the mean instead); None where no cap applies."""
         if self.one_seed:
-            return 1.0 / count, self.one_seed
+            return (1.0 if task_sized else 1.0 / count), self.one_seed
         if sums_disjoint and len(self.seed_each) >= 2:
             return 1.0 / math.sqrt(len(self.seed_each)), self.seed_each
         return None
 
 
 def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_disjoint: bool, *,
-                   warn: bool = True) -> Tuple[float, bool]:
+                   warn: bool = True, task_sized: bool = False) -> Tuple[float, bool]:
     """(the lambda a solved tensor of `group` (a mergekit TensorGroup) gets, whether the one-seed
-    cap set it): capped where the guard is on and the fine-tunes look like LoRA adapters (the
-    module docstring), else strength. With the guard off, `warn` says so once where it would have
-    capped (doge, whose default is off: not)."""
+    rule applies to it): capped where the guard is on and the fine-tunes look like LoRA adapters (the
+    module docstring), else strength. For a task-sized method (doge) the one-seed rule keeps lambda
+    (at most 1) and caps the merge at the mean instead (with_guarded_lambda). With the guard off,
+    `warn` says so once where it would have applied."""
     if not (guard or warn):
         return strength, False
     models = [entry.id for entry in group.non_base]
-    capped, kinds = capped_lambda(group.base.id, models, strength, group.base.tensor.device, sums_disjoint)
-    if capped == strength:
-        return strength, False
+    capped, kinds = capped_lambda(group.base.id, models, strength, group.base.tensor.device, sums_disjoint, task_sized)
     count = len(models)
-    cap, found = kinds.cap(count, sums_disjoint)
-    one_seed = bool(kinds.one_seed)
+    decided = None if kinds is None else kinds.cap(count, sums_disjoint, task_sized)
+    one_seed = decided is not None and bool(kinds.one_seed)
+    if decided is None or (capped == strength and not (one_seed and task_sized)):
+        return strength, False
+    cap, found = decided
     names = ", ".join(kinds.models[i] for i in found)
     if one_seed:
         evidence = (
@@ -150,8 +162,15 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
             f"{len(kinds.tensors)} tensors; full fine-tunes gave 0.9-3.5 times on this package's benchmarks). Such "
             "adapters all read one random input space, so each acts on every task's inputs"
         )
-        rule, measured = "1/N", "on SmolLM2's one-seed set the solved methods at lambda 1 scored 13-24 against 52 for task_arithmetic at 0.2"
-        extra = ", and calibrate: none becomes sum_cap, so that the merge is no larger than the adapters' average"
+        if task_sized:
+            rule, measured = "1", (f"on SmolLM2's one-seed set {method} scored 41.6 at lambda 1 and 48.7 with its merge "
+                                   "capped at the mean (test)")
+            extra = (f" and, where calibrate is none, each merged tensor is capped at the adapters' mean (mean_cap: "
+                     f"{method}'s merge is about one task vector's size whatever N, 1.4-2.1 times the mean's on this "
+                     "package's one-seed sets)")
+        else:
+            rule, measured = "1/N", "on SmolLM2's one-seed set the solved methods at lambda 1 scored 13-24 against 52 for task_arithmetic at 0.2"
+            extra = ", and calibrate: none becomes sum_cap, so that the merge is no larger than the adapters' average"
     else:
         evidence = (
             f"{len(found)} of the {count} fine-tunes look like LoRA adapters trained with a seed each ({names}: median "
@@ -164,39 +183,43 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
         rule, measured = f"1/sqrt({len(found)})", "on MiniLM's such set wudi_cfs at lambda 1 was 3.5 points below task_arithmetic at 0.3"
         extra = ""
     if not guard:
+        advice = ("calibrate: mean_cap (the merge no larger than the adapters' mean) is the safer start" if task_sized
+                  else f"Lambda {cap:.2g} ({rule}) is the safer start")
         warn_once(logger, "adapters", method,
-                  "%s: %s; adapter_guard is off, so lambda stays %.3g: %s. Lambda %.2g (%s) is the safer start; "
-                  "`mergekit-wudi report` shows each model's overlaps.", method, evidence, strength, measured, cap, rule)
+                  "%s: %s; adapter_guard is off, so lambda stays %.3g: %s. %s; `mergekit-wudi report` shows each "
+                  "model's overlaps.", method, evidence, strength, measured, advice)
         return strength, False
     warn_once(logger, "adapters", method,
-              "%s: %s. lambda is capped at %s = %.3g for every solved tensor%s (adapter_guard; set adapter_guard: "
-              "false to keep lambda %.3g).", method, evidence, rule, cap, extra, strength)
+              "%s: %s. lambda is capped at %s for every solved tensor%s (adapter_guard; set adapter_guard: "
+              "false to keep lambda %.3g).", method, evidence, rule if task_sized and one_seed else f"{rule} = {cap:.3g}",
+              extra, strength)
     return capped, one_seed
 
 
 def capped_lambda(base: Any, models: Sequence[Any], strength: float, device: Any = "cpu",
-                  sums_disjoint: bool = True) -> Tuple[float, Optional[ExpertKinds]]:
+                  sums_disjoint: bool = True, task_sized: bool = False) -> Tuple[float, Optional[ExpertKinds]]:
     """(strength capped as the module docstring says for a method that sums disjoint updates or
-    not, else strength; the sample's verdict, None where none was needed or possible)."""
+    not and is task-sized or not, else strength; the sample's verdict, None where none was needed
+    or possible)."""
     count = len(models)
     if count < 2 or strength <= 1.0 / count:
         return strength, None
     kinds = expert_kinds(base, models, device)
-    cap = None if kinds is None else kinds.cap(count, sums_disjoint)
+    cap = None if kinds is None else kinds.cap(count, sums_disjoint, task_sized)
     return (strength if cap is None else min(strength, cap[0])), kinds
 
 
 def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], *, sums_disjoint: bool,
-                        warn: bool) -> Mapping[str, Any]:
+                        warn: bool, task_sized: bool = False) -> Mapping[str, Any]:
     """The resolved parameters of a solved tensor with `lambda` replaced by guarded_lambda's,
-    where that is the one-seed cap `calibrate: none` by ONE_SEED_CALIBRATION, and, where the guard
-    is on and the sample shows any adapter, a rule of ADAPTER_CALIBRATIONS by its replacement
-    (the cache key and the solve then take them)."""
+    where the one-seed rule applies `calibrate: none` by ONE_SEED_CALIBRATION (TASK_SIZED_CALIBRATION
+    for a task-sized method), and, where the guard is on and the sample shows any adapter, a rule
+    of ADAPTER_CALIBRATIONS by its replacement (the cache key and the solve then take them)."""
     strength, one_seed = guarded_lambda(method, group, parameters["lambda"], parameters["adapter_guard"], sums_disjoint,
-                                        warn=warn)
+                                        warn=warn, task_sized=task_sized)
     guarded = {**parameters, "lambda": strength}
     if one_seed and parameters["calibrate"] == "none":
-        guarded["calibrate"] = ONE_SEED_CALIBRATION
+        guarded["calibrate"] = TASK_SIZED_CALIBRATION if task_sized else ONE_SEED_CALIBRATION
     rule = parameters["calibrate"]
     if rule in ADAPTER_CALIBRATIONS and parameters["adapter_guard"] and len(group.non_base) >= 2:
         kinds = expert_kinds(group.base.id, [entry.id for entry in group.non_base], group.base.tensor.device)

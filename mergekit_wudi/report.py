@@ -219,7 +219,8 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
     non_base = [model for model in task.model_order if model != base_model]
     scale = float(task.parameters["lambda"])
     if task.parameters.get("adapter_guard"):  # the lambda the merge uses (guard.py)
-        scale, _ = capped_lambda(base_model, non_base, scale, device, recording_method.solver_cls.sums_disjoint)
+        solver_cls = recording_method.solver_cls
+        scale, _ = capped_lambda(base_model, non_base, scale, device, solver_cls.sums_disjoint, solver_cls.task_sized)
     binding = "" if calibration is None or calibration.binding == "none" else (
         f"t_{calibration.task + 1}" if calibration.binding == "task" else calibration.binding)
     inputs, outputs = subspace_overlap(task_vectors) if ranks else ((math.nan,) * len(task_vectors),) * 2
@@ -387,9 +388,10 @@ KIND_ADVICE = {
             "at 1/sqrt(K), K such adapters among the fine-tunes (adapter_guard, docs/methods.md): at lambda 1 they "
             "were 0.4-3.8 points below the best built-in on the benchmarks' two LoRA sets, at 1/sqrt(K) level with it.",
     "lora, one seed": "at lambda 1 wudi, wudi_cfs, tsv, ace and iso_c broke SmolLM2's such set (13-24 against 52 "
-                      "for task_arithmetic at lambda 0.2; doge 42), so every method but doge caps lambda at 1/N where "
-                      "the first 12 linear weights look like this, and with calibrate: none keeps the merge within the "
-                      "sum (sum_cap; adapter_guard, docs/methods.md).",
+                      "for task_arithmetic at lambda 0.2; doge 42), so where the first 12 linear weights look like "
+                      "this every method caps lambda at 1/N, and with calibrate: none keeps the merge within the sum "
+                      "(sum_cap), except doge, whose merge is one task vector's size: lambda at 1, and the merge "
+                      "within the adapters' mean (mean_cap; adapter_guard, docs/methods.md).",
 }
 
 

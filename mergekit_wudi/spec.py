@@ -111,11 +111,14 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
     yield declare("calibrate", str, shared, method.solver_cls.calibration,
                   "merge strength rule before lambda: 'none', 'input_space' (no task gets more than its own update "
                   "in its own input space), 'sum_norm' (the merge takes the norm of the task vectors' sum), 'sum_cap' "
-                  "(the merge no larger than that sum) or 'first_order' (the tasks' summed first-order gain, "
+                  "(the merge no larger than that sum), 'mean_cap' (no larger than the task vectors' mean) or "
+                  "'first_order' (the tasks' summed first-order gain, "
                   "sum_i <t_i, c t_m>, equals the experts' sum_i ||t_i||^2)",
                   check=functools.partial(check_choice(*CALIBRATIONS), "calibrate"))
     yield declare("adapter_guard", bool, shared, method.solver_cls.adapter_guard,
-                  "cap lambda where the fine-tunes look like LoRA adapters: at 1/N for adapters trained from one seed"
+                  "cap lambda where the fine-tunes look like LoRA adapters: at "
+                  + ("1 with the merge no larger than their mean (mean_cap)" if method.solver_cls.task_sized else "1/N")
+                  + " for adapters trained from one seed"
                   + (", at 1/sqrt(K) for K >= 2 adapters with a seed each" if method.solver_cls.sums_disjoint else "")
                   + " (guard.py); false keeps lambda")
     if method.solver_cls.density is not None:  # doge declares its own, in its config

@@ -163,6 +163,12 @@ def sum_cap_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor) -> float:
     return min(1.0, sum_norm_scale(tasks, merged))
 
 
+def mean_cap_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor, count: Optional[int] = None) -> float:
+    """calibrate: mean_cap, from its definition: c = min(1, ||sum t_i|| / (N ||M||)), N = count
+    (the task vectors given, zero ones too) or len(tasks)."""
+    return min(1.0, sum_norm_scale(tasks, merged) / (count or len(tasks)))
+
+
 def first_order_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor) -> float:
     """calibrate: first_order, from its definition: c = min(sum_i ||t_i||^2, ||T||^2) / <M, T>,
     T = sum_i t_i, or sum_norm's c where that inner product is not positive."""
@@ -175,7 +181,7 @@ def first_order_scale(tasks: Sequence[torch.Tensor], merged: torch.Tensor) -> fl
 
 
 SCALES = {"input_space": input_space_scale, "sum_norm": sum_norm_scale, "sum_cap": sum_cap_scale,
-          "first_order": first_order_scale}
+          "mean_cap": mean_cap_scale, "first_order": first_order_scale}
 
 
 def calibrated(reference, rule: str = "first_order"):
@@ -185,6 +191,7 @@ def calibrated(reference, rule: str = "first_order"):
     def merge(task_vectors: torch.Tensor) -> torch.Tensor:
         merged = reference(task_vectors)
         tasks = [t for t in task_vectors.double() if t.norm() > 0]
-        return SCALES[rule](tasks, merged) * merged if tasks and merged.norm() > 0 else merged
+        scale = mean_cap_scale(tasks, merged, len(task_vectors)) if rule == "mean_cap" else SCALES[rule](tasks, merged)
+        return scale * merged if tasks and merged.norm() > 0 else merged
 
     return merge

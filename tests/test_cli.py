@@ -57,7 +57,7 @@ def test_methods_json_lists_own_parameters_with_defaults():
     expected = {
         "wudi": {**common, "steps": WudiConfig().steps, "lr": WudiConfig().lr},
         "wudi_cfs": {**common, "omega": WudiCfsConfig().omega},
-        "doge": {**common, "adapter_guard": False, "eta": DogeConfig().eta, "lr": DogeConfig().lr, "steps": DogeConfig().steps,
+        "doge": {**common, "eta": DogeConfig().eta, "lr": DogeConfig().lr, "steps": DogeConfig().steps,
                  "density": None, "subspace": DogeConfig().subspace},
         "tsv": common,
         "iso_c": {**common, "calibrate": "first_order"},  # issue 23: the default strength of both iso methods

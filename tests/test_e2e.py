@@ -182,7 +182,7 @@ def test_a_bad_calibrate_value_fails_before_writing(family, tmp_path):
     config = write_config(tmp_path / "bad.yml", "iso_c", base, models, {"calibrate": "auto"})
     result = mergekit_yaml(config, tmp_path / "out", check=False)
     assert result.returncode != 0
-    assert "calibrate must be one of none, input_space, sum_norm, sum_cap, first_order" in result.stderr
+    assert "calibrate must be one of none, input_space, sum_norm, sum_cap, mean_cap, first_order" in result.stderr
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 

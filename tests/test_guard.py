@@ -112,6 +112,9 @@ def test_adapters_with_a_seed_each_are_told_from_independent_random_deltas(tmp_p
     # One seed wins over a seed each: 1/N for every method.
     one_seed = kinds_of(make_one_seed_family(tmp_path / "one_seed"))
     assert one_seed.cap(3, sums_disjoint=True) == one_seed.cap(3, sums_disjoint=False) == (1 / 3, (0, 1, 2))
+    # but 1 for a task-sized method (doge), whose merge the one-seed rule caps at the mean instead
+    assert one_seed.cap(3, sums_disjoint=False, task_sized=True) == (1.0, (0, 1, 2))
+    assert seed_each.cap(3, sums_disjoint=False, task_sized=True) is None
 
 
 @pytest.mark.parametrize("calibrate, expected", [("none", "sum_cap"), ("input_space", "input_space")])
@@ -128,6 +131,23 @@ def test_the_one_seed_cap_also_keeps_the_merge_within_the_sum(tmp_path, calibrat
     assert guarded(one_seed, 0.25, calibrate)["calibrate"] == calibrate  # under the cap: untouched
     seed_each = group_of(make_seed_each_family(tmp_path / "seed_each"))
     assert guarded(seed_each, 1.0, calibrate) == {"lambda": pytest.approx(3 ** -0.5), "calibrate": calibrate, "adapter_guard": True}
+
+
+@pytest.mark.parametrize("calibrate, expected", [("none", "mean_cap"), ("sum_norm", "sum_norm")])
+def test_the_one_seed_rule_caps_a_task_sized_merge_at_the_mean_and_lambda_at_1(tmp_path, calibrate, expected):
+    # doge (task-sized): lambda at most 1, not 1/N, and calibrate: none becomes mean_cap (a rule
+    # the YAML names is kept); at or under 1/N, or for adapters with a seed each, nothing changes.
+    def guarded(group, strength, rule):
+        parameters = {"lambda": strength, "calibrate": rule, "adapter_guard": True}
+        return dict(with_guarded_lambda("doge", group, parameters, sums_disjoint=False, task_sized=True, warn=True))
+
+    one_seed = group_of(make_one_seed_family(tmp_path / "one_seed"))
+    assert guarded(one_seed, 1.0, calibrate) == {"lambda": 1.0, "calibrate": expected, "adapter_guard": True}
+    assert guarded(one_seed, 1.5, calibrate) == {"lambda": 1.0, "calibrate": expected, "adapter_guard": True}
+    assert guarded(one_seed, 0.5, calibrate)["calibrate"] == expected
+    assert guarded(one_seed, 1 / 3, calibrate) == {"lambda": 1 / 3, "calibrate": calibrate, "adapter_guard": True}
+    seed_each = group_of(make_seed_each_family(tmp_path / "seed_each"))
+    assert guarded(seed_each, 1.0, calibrate) == {"lambda": 1.0, "calibrate": calibrate, "adapter_guard": True}
 
 
 def test_first_order_becomes_sum_norm_where_any_fine_tune_looks_like_an_adapter(tmp_path):

@@ -23,7 +23,7 @@ from models import (
     make_seed_each_family,
     write_config,
 )
-from reference import SCALES, trimmed, wudi_closed_form
+from reference import SCALES, doge, mean_cap_scale, trimmed, wudi_closed_form
 from runner import mergekit_yaml, mergekit_yaml_in_process
 
 from mergekit_wudi.config_check import check_config_keys
@@ -295,6 +295,49 @@ def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, normed, low
     below = write_config(tmp_path / "below.yml", "wudi_cfs", base, models, {"lambda": lowered})
     assert mergekit_yaml_in_process(below, tmp_path / "below").exit_code == 0
     assert_wudi_cfs_merged_at(tmp_path / "below", base, models, lowered)
+
+
+def doge_references(base, models, steps):
+    """name -> (W0, the float64 DOGE-TA merge t_m of the models' task vectors, mean_cap's c for it
+    from its definition), for every linear weight."""
+    base_tensors, tuned = load_model(base), [load_model(m) for m in models]
+    references = {}
+    for name, w0 in base_tensors.items():
+        if is_llama_linear(name):
+            w0 = w0.double()
+            task_vectors = torch.stack([t[name].double() - w0 for t in tuned])
+            solved = doge(task_vectors, [0.3] * len(models), steps=steps)
+            references[name] = w0, solved, mean_cap_scale(list(task_vectors), solved, len(models))
+    return references
+
+
+def test_doge_on_one_seed_adapters_is_capped_at_their_mean(tmp_path):
+    # doge's merge is about one task vector's size whatever N (each t_i weighted eta / ||t_i||,
+    # delta fitted to each task's row dots), so the one-seed rule keeps its lambda (at most 1) and
+    # caps each merged tensor at the adapters' mean, ||sum t_i|| / N (calibrate: none becomes
+    # mean_cap), said once; lambda 1.5 gives the same merge; adapter_guard: false keeps lambda
+    # and the plain merge, and says what the guard would do.
+    base, *models = make_one_seed_family(tmp_path / "family")
+    steps = {"steps": 50}
+    result = mergekit_yaml(write_config(tmp_path / "default.yml", "doge", base, models, steps), tmp_path / "out")
+    assert result.stderr.count("doge: 3 of the 3 fine-tunes look like LoRA adapters trained from one seed") == 1
+    assert "lambda is capped at 1 for every solved tensor and, where calibrate is none, each merged tensor is " \
+        "capped at the adapters' mean (mean_cap" in result.stderr
+    above = write_config(tmp_path / "above.yml", "doge", base, models, {**steps, "lambda": 1.5})
+    assert mergekit_yaml_in_process(above, tmp_path / "above").exit_code == 0
+    off = write_config(tmp_path / "off.yml", "doge", base, models, {**steps, "adapter_guard": False})
+    result = mergekit_yaml(off, tmp_path / "off")
+    assert result.stderr.count("adapter_guard is off, so lambda stays 1") == 1
+    assert "calibrate: mean_cap (the merge no larger than the adapters' mean) is the safer start" in result.stderr
+
+    default, higher, plain = (load_model(tmp_path / name) for name in ("out", "above", "off"))
+    references = doge_references(base, models, steps["steps"])
+    for name, (w0, solved, scale) in references.items():
+        for merged, c in ((default, scale), (plain, 1.0)):
+            expected = w0 + c * solved
+            assert (merged[name].double() - expected).norm() / (expected - w0).norm() < 1e-4, (name, c)
+        assert torch.equal(default[name], higher[name]), name
+    assert min(scale for _, _, scale in references.values()) < 0.9  # the cap binds on this family
 
 
 def test_iso_c_on_adapters_takes_the_sums_energy_and_no_cap(tmp_path):

@@ -39,13 +39,18 @@ def methods(quick: bool = False) -> tuple:
     return tuple(m for m in every if m in QUICK_METHODS) if quick else every
 
 
+# Not tried in stage one: for a merge the sum's size it is lambda about 1/N, which the lambda grid
+# covers, and adapter_guard applies it where it is doge's rule (one-seed adapters).
+GRID_COVERS = ("mean_cap",)
+
+
 def other_calibrations(method: str) -> list:
-    """A method of ours: the `calibrate` rules other than its default (issue 23)."""
+    """A method of ours: the `calibrate` rules other than its default (issue 23), but GRID_COVERS."""
     from mergekit_wudi.solvers import SOLVERS
     from mergekit_wudi.solvers.calibrate import CALIBRATIONS
 
     default = next((s.calibration for s in SOLVERS if s.name == method), None)
-    return [] if default is None else [c for c in CALIBRATIONS if c != default]
+    return [] if default is None else [c for c in CALIBRATIONS if c != default and c not in GRID_COVERS]
 
 
 def other_trim(method: str) -> list:

@@ -46,6 +46,10 @@ class Solver:
     `adapter_guard` (default True): the YAML default of `adapter_guard` (guard.py: lambda capped
     at 1/N where the fine-tunes look like LoRA adapters trained from one seed, and at 1/sqrt(K)
     where K >= 2 of them look like adapters with a seed each and `sums_disjoint`).
+    `task_sized` (default False): the merge at lambda 1 is about one task vector's size whatever
+    N, not the sum's (doge: each t_i weighted eta / ||t_i||, and delta fitted to every task's own
+    row dots), so adapter_guard's one-seed rule caps the merge at the task vectors' mean
+    (`calibrate: none` becomes mean_cap) and lambda at 1, rather than lambda at 1/N.
     `density` (default 0.3, DOGE's value): the density of `density`'s YAML default for full fine-tunes merged
     with LoRA adapters (adapter.trim_densities; everything else: 1), the fraction of each task
     vector's entries kept by the magnitude trim before the solve (trim.py); None for a method
@@ -65,19 +69,20 @@ class Solver:
     calibration: ClassVar[str] = "none"
     sums_disjoint: ClassVar[bool] = True
     adapter_guard: ClassVar[bool] = True
+    task_sized: ClassVar[bool] = False
     density: ClassVar[Optional[float]] = 0.3
 
     def __init_subclass__(cls, *, name: Optional[str] = None, pretty_name: Optional[str] = None,
                           paper: Optional[str] = None, config: Optional[type] = None, one_thread: Optional[bool] = None,
                           calibration: Optional[str] = None, sums_disjoint: Optional[bool] = None,
-                          adapter_guard: Optional[bool] = None, density: Optional[float] = None,
-                          trims_itself: bool = False, **kwargs: Any):
+                          adapter_guard: Optional[bool] = None, task_sized: Optional[bool] = None,
+                          density: Optional[float] = None, trims_itself: bool = False, **kwargs: Any):
         """`class XSolver(Solver, name=..., pretty_name=..., paper=..., config=XConfig)`; what a
         subclass does not give, it inherits."""
         super().__init_subclass__(**kwargs)
         given = {"name": name, "pretty_name": pretty_name, "paper": paper, "config_cls": config, "one_thread": one_thread,
                  "calibration": None if calibration is None else check_choice(*CALIBRATIONS)("calibration", calibration),
-                 "sums_disjoint": sums_disjoint, "adapter_guard": adapter_guard,
+                 "sums_disjoint": sums_disjoint, "adapter_guard": adapter_guard, "task_sized": task_sized,
                  "density": None if density is None else check_fraction("density", density)}
         for attribute, value in given.items():
             if value is not None:
@@ -113,7 +118,7 @@ class Solver:
             kept = {name: tuple(given[i] for i in prepared.indices) for name, given in values.items()}
             merged = self._solve(prepared, **kept)
             if self.rule != "none":
-                chosen = calibrate(prepared.vectors, merged, self.rule)  # its task: an index among the kept ones
+                chosen = calibrate(prepared.vectors, merged, self.rule, count)  # its task: an index among the kept ones
                 self.last_calibration = dataclasses.replace(chosen, task=prepared.indices[chosen.task] if chosen.task >= 0 else -1)
                 shares_input = merged.untyped_storage().data_ptr() == prepared.vectors.untyped_storage().data_ptr()
                 merged = merged * self.last_calibration.scale if shares_input else merged.mul_(self.last_calibration.scale)

@@ -18,6 +18,11 @@ values instead of their mean).
 `sum_cap`: c = min(1, ||sum_i t_i||_F / ||M||_F): the merge no larger than the plain sum, never
 enlarged (what adapter_guard's one-seed cap sets where `calibrate` is none, guard.py).
 
+`mean_cap`: c = min(1, ||sum_i t_i||_F / (N ||M||_F)): the merge no larger than the task vectors'
+mean, never enlarged; N counts the task vectors given, zero ones too (a fine-tune that left the
+tensor alone is still one of the N models averaged). What adapter_guard's one-seed rule sets for
+doge, whose merge is about one task vector's size whatever N, where `calibrate` is none (guard.py).
+
 `first_order`: c = min(sum_i ||t_i||_F^2, ||T||_F^2) / <M, T>_F, T = sum_i t_i: the tasks' summed
 first-order gain along their own updates, sum_i <t_i, c M> = <T, c M>, equals what the experts
 got, sum_i ||t_i||_F^2, or, where the tasks cancel (||T|| below that), what the plain sum gets,
@@ -37,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -52,7 +57,7 @@ from mergekit_wudi.solvers.numerics import (
     side_by_side,
 )
 
-CALIBRATIONS = ("none", "input_space", "sum_norm", "sum_cap", "first_order")
+CALIBRATIONS = ("none", "input_space", "sum_norm", "sum_cap", "mean_cap", "first_order")
 # What the calibration may hold at once beside the task vectors and the merge, in tensors of
 # the (out, in) size: the memory bound's SOLVE_EXTRA_TENSORS less the merge and fixed buffers.
 CALIBRATION_SPARE = SOLVE_EXTRA_TENSORS - 2
@@ -71,10 +76,13 @@ class Calibration:
     ranks: Tuple[int, ...] = ()  # each task vector's numerical rank
 
 
-def calibrate(vectors: torch.Tensor, merged: torch.Tensor, rule: str = "input_space") -> Calibration:
+def calibrate(vectors: torch.Tensor, merged: torch.Tensor, rule: str = "input_space",
+              count: Optional[int] = None) -> Calibration:
     """c for the merge `merged` (out, in) of the task vectors `vectors` (N, out, in), none zero,
     by `rule`: "input_space" (above), "sum_norm" (c = ||sum_i t_i||_F / ||M||_F alone),
-    "sum_cap" (c = min(1, ||sum_i t_i||_F / ||M||_F)) or "first_order"
+    "sum_cap" (c = min(1, ||sum_i t_i||_F / ||M||_F)), "mean_cap" (c = min(1, ||sum_i t_i||_F /
+    (count ||M||_F)), count the task vectors given before the zero ones were dropped, N by
+    default) or "first_order"
     (c = min(sum_i ||t_i||_F^2, ||sum_i t_i||_F^2) / <M, sum_i t_i>_F)."""
     if rule not in CALIBRATIONS[1:]:
         raise ValueError(f"calibrate: no rule {rule!r} to apply (one of {', '.join(CALIBRATIONS[1:])})")
@@ -87,8 +95,8 @@ def calibrate(vectors: torch.Tensor, merged: torch.Tensor, rule: str = "input_sp
             if delivered > 0.0:
                 return Calibration(min(own, summed) / delivered, 0.0, -1, "gain" if own <= summed else "sum")
             return Calibration(math.sqrt(summed) / merged_norm, 0.0, -1, "norm")  # no positive c: sum_norm's
-        if rule in ("sum_norm", "sum_cap"):
-            scale = _sum_norm(vectors) / merged_norm
+        if rule in ("sum_norm", "sum_cap", "mean_cap"):
+            scale = _sum_norm(vectors) / merged_norm / ((count or vectors.shape[0]) if rule == "mean_cap" else 1)
             binds = rule == "sum_norm" or scale < 1.0
             return Calibration(scale if rule == "sum_norm" else min(1.0, scale), 0.0, -1, "norm" if binds else "none")
         count = vectors.shape[0]

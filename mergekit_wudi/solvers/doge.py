@@ -49,7 +49,7 @@ class DogeConfig:
 
 class DogeSolver(
     Solver, name="doge", pretty_name="DOGE-TA", paper="https://arxiv.org/abs/2501.01230", config=DogeConfig,
-    sums_disjoint=False, adapter_guard=False, trims_itself=True,
+    sums_disjoint=False, task_sized=True, trims_itself=True,
 ):
     """DOGE-TA (Sec. 4, Alg. 1), per tensor:
 

@@ -76,7 +76,7 @@ def test_every_method_takes_it_and_stays_thread_count_independent(generator, sol
 
 
 def test_a_bad_rule_is_refused(generator):
-    with pytest.raises(ValueError, match="calibrate must be one of none, input_space, sum_norm, sum_cap, first_order"):
+    with pytest.raises(ValueError, match="calibrate must be one of none, input_space, sum_norm, sum_cap, mean_cap, first_order"):
         WudiCfsSolver(calibration="auto")
     t = full_rank_task_vectors(generator, 2, 8, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match="no rule 'none' to apply"):  # the function applies a rule; none is the caller's
@@ -185,6 +185,25 @@ def test_first_order_never_gives_more_gain_than_the_plain_sum_where_tasks_cancel
     assert chosen.scale == pytest.approx(float(total.square().sum()) / float((merged * total).sum()), rel=1e-12)
     assert float((chosen.scale * merged).norm()) < 2 * float(total.norm())  # the residue's size, not the tasks'
     assert float(cancelling.square().sum()) / float((merged * total).sum()) > 1e3  # what the experts' gain would ask
+
+
+def test_mean_cap_shrinks_a_merge_larger_than_the_mean_counting_zero_task_vectors(generator):
+    t = full_rank_task_vectors(generator, 3, 40, 60, dtype=torch.float32)
+    mean = float(t.double().sum(0).norm()) / 3
+    larger = calibrate(t, t.sum(0), "mean_cap")  # the sum: three times the mean
+    assert larger.scale == pytest.approx(1 / 3, rel=1e-6) and larger.binding == "norm"
+    smaller = calibrate(t, t.mean(0) / 2, "mean_cap")
+    assert smaller.scale == 1.0 and smaller.binding == "none"
+    # Through a solver, with a fourth fine-tune that left the tensor alone: it takes no part in
+    # the solve, but the mean is over the four models, ||sum t_i|| / 4.
+    with_zero = torch.cat([t, torch.zeros_like(t[:1])])
+    solver = WudiCfsSolver(calibration="mean_cap")
+    capped = solver.solve(with_zero)
+    uncapped = WudiCfsSolver().solve(t)
+    assert solver.last_calibration.scale == pytest.approx(min(1.0, 3 * mean / 4 / float(uncapped.double().norm())), rel=1e-5)
+    assert solver.last_calibration.scale < 1.0
+    torch.testing.assert_close(capped, uncapped * solver.last_calibration.scale, rtol=1e-6, atol=0)
+    assert float(capped.double().norm()) == pytest.approx(3 * mean / 4, rel=1e-5)
 
 
 def test_sum_cap_shrinks_a_merge_larger_than_the_sum_and_never_enlarges_one(generator):
