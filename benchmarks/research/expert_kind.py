@@ -18,10 +18,12 @@ changed, with float32 task vectors and with base and fine-tune rounded to bf16 f
   alignment: in ||t W0^T||^2 / (||t||^2 ||W0||^2), how far t's rows follow W0's input energy
              (1: random rows). Dropped: it does not separate the kinds.
   size:      the merged update's size at lambda 1 against one task vector's, ||t_m|| / rms_i ||t_i||,
-             per method at its YAML defaults (wudi_cfs, tsv, ace, iso_c; float32) and for the plain sum
-             (task_arithmetic at lambda 1), against sqrt(N),
+             per method at its solver's defaults (wudi_cfs, tsv, ace, iso_c, doge; float32; no
+             adapter_guard) and for the plain sum (task_arithmetic at lambda 1), against sqrt(N),
              the size of a sum of N mutually orthogonal task vectors of equal norm: what
-             adapter_guard's 1/sqrt(N) cap assumes for adapters with a seed each (guard.py).
+             adapter_guard's 1/sqrt(N) cap assumes for adapters with a seed each (guard.py); and
+             each method's against the plain sum's, ||t_m|| / ||sum_i t_i|| (times N: against
+             the mean's, what doge's one-seed rule caps; guard.py).
              --layers K: only tensors of blocks 0..K-1 (SmolLM2 has 30).
   calibrate: for iso_c and iso_cts at lambda 1 (uncalibrated merge M), the two bounds of
              `calibrate: input_space` (1 / max_i rho_i and ||sum_i t_i|| / ||M||), how often each
@@ -29,7 +31,9 @@ changed, with float32 task vectors and with base and fine-tune rounded to bf16 f
   first_order: for iso_c and iso_cts at lambda 1 (uncalibrated merge M; `mixed` with its full
              members trimmed at 0.3, as the default does), `calibrate: first_order`'s c (its
              target min(sum_i ||t_i||^2, ||T||^2), T = sum_i t_i), sum_norm's c and their ratio,
-             and sum_i ||t_i||^2 / ||T||^2 (above 1: the tasks cancel and the sum's gain binds).
+             and sum_i ||t_i||^2 / ||T||^2 (above 1: the tasks cancel and the sum's gain binds);
+             on `mixed`, also the full fine-tunes' share of sum_i ||t_i||^2 and first_order's c
+             with its target and delivery over the full fine-tunes alone, against sum_norm's.
 """
 
 from __future__ import annotations
@@ -150,19 +154,28 @@ def size(bench: str, base: dict, set_name: str, layers=None) -> None:
 
     vectors, _ = load_set(bench, base, set_name)
     tasks = list(vectors)
-    methods = [s for s in SOLVERS if s.name in ("wudi_cfs", "tsv", "ace", "iso_c")]
+    methods = [s for s in SOLVERS if s.name in ("wudi_cfs", "tsv", "ace", "iso_c", "doge")]
     solvers = {cls.name: cls(calibration=cls.calibration) for cls in methods}
     ratios = {name: [] for name in ("sum", *solvers)}
+    to_sum = {name: [] for name in solvers}  # ||t_m|| / ||sum_i t_i||, per tensor
+    norms = []  # rms_i ||t_i||, per tensor
     for _, ts in shared_tensors(vectors, layers):
         rms = float(ts.flatten(1).norm(dim=1).pow(2).mean().sqrt())
-        ratios["sum"].append(float(ts.sum(0).norm()) / rms)  # task_arithmetic at lambda 1
+        norms.append(rms)
+        total = float(ts.sum(0).norm())
+        ratios["sum"].append(total / rms)  # task_arithmetic at lambda 1
         for method, solver in solvers.items():
-            ratios[method].append(float(solver.solve(ts).norm()) / rms)
+            merged = float(solver.solve(ts).norm())
+            ratios[method].append(merged / rms)
+            to_sum[method].append(merged / total)
     count = len(next(iter(ratios.values())))
-    print(f"{bench} {set_name}: N {len(tasks)}, sqrt(N) {len(tasks) ** 0.5:.2f}, {count} tensors")
+    print(f"{bench} {set_name}: N {len(tasks)}, sqrt(N) {len(tasks) ** 0.5:.2f}, {count} tensors, "
+          f"rms ||t_i|| median {median(norms):.3g} (p10 {quantile(norms, 0.1):.3g}, p90 {quantile(norms, 0.9):.3g})")
     for method, values in ratios.items():
+        against = "" if method == "sum" else (f"   / ||sum t_i||  median {median(to_sum[method]):5.2f}  "
+                                               f"p10 {quantile(to_sum[method], 0.1):5.2f}  p90 {quantile(to_sum[method], 0.9):5.2f}")
         print(f"  {method:9s} ||t_m|| / rms ||t_i||  median {median(values):5.2f}  p10 {quantile(values, 0.1):5.2f}  "
-              f"p90 {quantile(values, 0.9):5.2f}")
+              f"p90 {quantile(values, 0.9):5.2f}{against}")
 
 
 def calibration(bench: str, base: dict, set_name: str, layers=None) -> None:
@@ -198,22 +211,35 @@ def first_order(bench: str, base: dict, set_name: str, layers=None) -> None:
         vectors = {task: {name: t * trim_mask(t, 0.3) for name, t in tensors.items()} if kinds[task] == "full" else tensors
                    for task, tensors in vectors.items()}
     solvers = {cls.name: cls() for cls in SOLVERS if cls.name in ("iso_c", "iso_cts")}  # calibrate: none
-    rows = {name: ([], []) for name in solvers}
-    cancel = []
+    full = [i for i, task in enumerate(vectors) if kinds[task] == "full"]
+    rows = {name: ([], [], []) for name in solvers}
+    cancel, shares = [], []
     for _, ts in shared_tensors(vectors, layers):
-        total = ts.double().sum(0)
-        cancel.append(float(ts.double().square().sum()) / float(total.square().sum()))
+        tasks = ts.double()
+        total = tasks.sum(0)
+        cancel.append(float(tasks.square().sum()) / float(total.square().sum()))
+        shares.append(float(tasks[full].square().sum()) / float(tasks.square().sum()))
         for method, solver in solvers.items():
             merged = solver.solve(ts)
             rows[method][0].append(calibrate(ts, merged, "first_order").scale)
             rows[method][1].append(float(total.norm()) / float(merged.double().norm()))
+            if set_name == "mixed":  # first_order over the full fine-tunes alone
+                rows[method][2].append(float(tasks[full].square().sum()) / float((merged.double() * tasks[full].sum(0)).sum()))
     print(f"{bench} {set_name}: {len(cancel)} tensors; sum_i ||t_i||^2 / ||T||^2 median {median(cancel):.3f}, max "
           f"{max(cancel):.3f}, above 1 in {sum(value > 1 for value in cancel)}", flush=True)
-    for method, (orders, norms) in rows.items():
+    if set_name == "mixed":
+        print(f"  the full fine-tunes' share of sum_i ||t_i||^2: median {median(shares):.2f} (p10 {quantile(shares, 0.1):.2f}, "
+              f"p90 {quantile(shares, 0.9):.2f})", flush=True)
+    for method, (orders, norms, fulls) in rows.items():
         ratios = [o / n for o, n in zip(orders, norms)]
-        print(f"  {method:8s} first_order c median {median(orders):5.2f} (p10 {quantile(orders, 0.1):5.2f}, p90 "
-              f"{quantile(orders, 0.9):5.2f}); sum_norm c median {median(norms):5.2f}; first_order / sum_norm median "
-              f"{median(ratios):5.2f} (p10 {quantile(ratios, 0.1):5.2f}, p90 {quantile(ratios, 0.9):5.2f})", flush=True)
+        line = (f"  {method:8s} first_order c median {median(orders):5.2f} (p10 {quantile(orders, 0.1):5.2f}, p90 "
+                f"{quantile(orders, 0.9):5.2f}); sum_norm c median {median(norms):5.2f}; first_order / sum_norm median "
+                f"{median(ratios):5.2f} (p10 {quantile(ratios, 0.1):5.2f}, p90 {quantile(ratios, 0.9):5.2f})")
+        if fulls:
+            only = [f / n for f, n in zip(fulls, norms)]
+            line += (f"; over the full fine-tunes alone / sum_norm median {median(only):5.2f} (p10 {quantile(only, 0.1):5.2f}, "
+                     f"p90 {quantile(only, 0.9):5.2f})")
+        print(line, flush=True)
 
 
 def main() -> None:
