@@ -111,7 +111,7 @@ class SolverMergeMethod(GroupMergeMethod):
             PROGRESS.skipped(self.method_name, name)
             return merge_by_fallback(self.method_name, group, parameters)
         parameters = with_guarded_lambda(self.method_name, group, parameters, sums_disjoint=self.solver_cls.sums_disjoint,
-                                         task_sized=self.solver_cls.task_sized, warn=self.solver_cls.adapter_guard)
+                                         task_sized=self.solver_cls.task_sized)
         if self.solver_cls.sums_disjoint:
             warn_lora_adapters(self.method_name, group.non_base, parameters["lambda"])
         densities = trim_densities(self.solver_cls, group, parameters)  # once: the key and the solve take them

@@ -137,20 +137,18 @@ class ExpertKinds:
 
 
 def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_disjoint: bool, *,
-                   warn: bool = True, task_sized: bool = False) -> Tuple[float, bool]:
+                   task_sized: bool = False) -> Tuple[float, bool]:
     """(the lambda a solved tensor of `group` (a mergekit TensorGroup) gets, whether the one-seed
     rule applies to it): capped where the guard is on and the fine-tunes look like LoRA adapters (the
     module docstring), else strength. For a task-sized method (doge) the one-seed rule keeps lambda
     (at most 1) and caps the merge at the mean instead (with_guarded_lambda). With the guard off,
-    `warn` says so once where it would have applied."""
-    if not (guard or warn):
-        return strength, False
+    it says so once where it would have applied."""
     models = [entry.id for entry in group.non_base]
     capped, kinds = capped_lambda(group.base.id, models, strength, group.base.tensor.device, sums_disjoint, task_sized)
     count = len(models)
     decided = None if kinds is None else kinds.cap(count, sums_disjoint, task_sized)
     one_seed = decided is not None and bool(kinds.one_seed)
-    if decided is None or (capped == strength and not (one_seed and task_sized)):
+    if decided is None or (capped == strength and not one_seed):  # the one-seed rule always acts (capped_lambda)
         return strength, False
     cap, found = decided
     names = ", ".join(kinds.models[i] for i in found)
@@ -210,13 +208,13 @@ def capped_lambda(base: Any, models: Sequence[Any], strength: float, device: Any
 
 
 def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], *, sums_disjoint: bool,
-                        warn: bool, task_sized: bool = False) -> Mapping[str, Any]:
+                        task_sized: bool = False) -> Mapping[str, Any]:
     """The resolved parameters of a solved tensor with `lambda` replaced by guarded_lambda's,
     where the one-seed rule applies `calibrate: none` by ONE_SEED_CALIBRATION (TASK_SIZED_CALIBRATION
     for a task-sized method), and, where the guard is on and the sample shows any adapter, a rule
     of ADAPTER_CALIBRATIONS by its replacement (the cache key and the solve then take them)."""
     strength, one_seed = guarded_lambda(method, group, parameters["lambda"], parameters["adapter_guard"], sums_disjoint,
-                                        warn=warn, task_sized=task_sized)
+                                        task_sized=task_sized)
     guarded = {**parameters, "lambda": strength}
     if one_seed and parameters["calibrate"] == "none":
         guarded["calibrate"] = TASK_SIZED_CALIBRATION if task_sized else ONE_SEED_CALIBRATION

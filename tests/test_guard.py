@@ -124,7 +124,7 @@ def test_the_one_seed_cap_also_keeps_the_merge_within_the_sum(tmp_path, calibrat
     # nothing changes. (What sum_cap does to a merge: tests/solvers/test_calibrate.py.)
     def guarded(group, strength, rule):
         parameters = {"lambda": strength, "calibrate": rule, "adapter_guard": True}
-        return dict(with_guarded_lambda("wudi_cfs", group, parameters, sums_disjoint=True, warn=True))
+        return dict(with_guarded_lambda("wudi_cfs", group, parameters, sums_disjoint=True))
 
     one_seed = group_of(make_one_seed_family(tmp_path / "one_seed"))
     assert guarded(one_seed, 1.0, calibrate) == {"lambda": pytest.approx(1 / 3), "calibrate": expected, "adapter_guard": True}
@@ -139,7 +139,7 @@ def test_the_one_seed_rule_caps_a_task_sized_merge_at_the_mean_and_lambda_at_1(t
     # the YAML names is kept); at or under 1/N, or for adapters with a seed each, nothing changes.
     def guarded(group, strength, rule):
         parameters = {"lambda": strength, "calibrate": rule, "adapter_guard": True}
-        return dict(with_guarded_lambda("doge", group, parameters, sums_disjoint=False, task_sized=True, warn=True))
+        return dict(with_guarded_lambda("doge", group, parameters, sums_disjoint=False, task_sized=True))
 
     one_seed = group_of(make_one_seed_family(tmp_path / "one_seed"))
     assert guarded(one_seed, 1.0, calibrate) == {"lambda": 1.0, "calibrate": expected, "adapter_guard": True}
@@ -156,7 +156,7 @@ def test_first_order_becomes_sum_norm_where_any_fine_tune_looks_like_an_adapter(
     # random deltas (neither kind: under MIN_RANK), not with the guard off, not for another rule.
     def rule_of(group, rule="first_order", guard=True):
         parameters = {"lambda": 1.0, "calibrate": rule, "adapter_guard": guard}
-        return with_guarded_lambda("iso_c", group, parameters, sums_disjoint=False, warn=True)["calibrate"]
+        return with_guarded_lambda("iso_c", group, parameters, sums_disjoint=False)["calibrate"]
 
     seed_each = group_of(make_seed_each_family(tmp_path / "seed_each"))
     one_seed = group_of(make_one_seed_family(tmp_path / "one_seed"))
