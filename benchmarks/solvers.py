@@ -173,9 +173,18 @@ SPREAD = (1.0, 0.25, 4.0)
 
 
 def memory_child(method: str, count: int, out_features: int, in_features: int, device: str, spread: bool = False,
-                 calibrate: bool = False, density: Optional[float] = None) -> dict:
-    """Runs in the child: merge one tensor through the adapter, return peak extra bytes."""
+                 calibrate: bool = False, density: Optional[float] = None, by_kind: bool = False) -> dict:
+    """Runs in the child: merge one tensor through the adapter, return peak extra bytes. by_kind:
+    as the guard merges a mixed set for a by-kind method (guard.kind_parts), the even-numbered
+    task vectors as the full part (first_order), the others as the adapters' (sum_norm)."""
     from mergekit.merge_methods import merge_tensors, registry
+
+    if by_kind:  # merge_tensors has no models for the guard to read: its verdict, given
+        import mergekit_wudi.adapter
+        from mergekit_wudi.solvers.base import Part
+
+        parts = (Part(tuple(range(0, count, 2)), "first_order", "full"), Part(tuple(range(1, count, 2)), "sum_norm", "adapters"))
+        mergekit_wudi.adapter.kind_parts = lambda method, group, parameters: parts
 
     config_cls = getattr(registry.get(method), "config_cls", None)  # ours: an iterative one has `steps`
     names = {field.name for field in dataclasses.fields(config_cls)} if config_cls else set()
@@ -590,13 +599,14 @@ def main() -> None:
     child.add_argument("--spread", action="store_true")
     child.add_argument("--calibrate", action="store_true", help="calibrate: input_space")
     child.add_argument("--density", type=float, help="the trim before the solve")
+    child.add_argument("--by-kind", action="store_true", help="two parts, as the guard gives a mixed set (by-kind methods)")
     args = parser.parse_args()
     if args.command == "child":
         import mergekit_wudi
 
         mergekit_wudi.register()
         print(json.dumps(memory_child(args.method, args.count, args.out_features, args.in_features, args.device, args.spread,
-                                      args.calibrate, args.density)))
+                                      args.calibrate, args.density, args.by_kind)))
     elif args.command == "tensors":
         tensors_table(args)
     elif args.command == "memory":

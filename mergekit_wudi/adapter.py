@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from mergekit.merge_methods import registry
@@ -21,10 +21,10 @@ from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, Tenso
 from mergekit_wudi.cache import SolveCache
 from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.fallback import merge_by_fallback
-from mergekit_wudi.guard import expert_kinds, with_guarded_lambda
+from mergekit_wudi.guard import expert_kinds, kind_parts, with_guarded_lambda
 from mergekit_wudi.progress import PROGRESS, log_objective, objective_logged
 from mergekit_wudi.solvers import SOLVERS, compute_dtype
-from mergekit_wudi.solvers.base import warn_once
+from mergekit_wudi.solvers.base import Part, warn_once
 from mergekit_wudi.spec import build_spec
 from mergekit_wudi.tensor_kinds import OURS_MARKER, fallback_reason, is_input_major, is_ours
 
@@ -110,44 +110,32 @@ class SolverMergeMethod(GroupMergeMethod):
             logger.debug("%s: %s -> fallback %s (%s)", self.method_name, name, parameters["fallback"], reason)
             PROGRESS.skipped(self.method_name, name)
             return merge_by_fallback(self.method_name, group, parameters)
-        parameters = with_guarded_lambda(self.method_name, group, parameters, sums_disjoint=self.solver_cls.sums_disjoint,
-                                         task_sized=self.solver_cls.task_sized)
-        if self.solver_cls.sums_disjoint:
+        solver_cls = self.solver_cls
+        parameters = with_guarded_lambda(self.method_name, group, parameters, sums_disjoint=solver_cls.sums_disjoint,
+                                         task_sized=solver_cls.task_sized, by_kind=solver_cls.by_kind)
+        if solver_cls.sums_disjoint:
             warn_lora_adapters(self.method_name, group.non_base, parameters["lambda"])
-        densities = trim_densities(self.solver_cls, group, parameters)  # once: the key and the solve take them
+        densities = trim_densities(solver_cls, group, parameters)  # once: the key and the solve take them
+        parts = kind_parts(self.method_name, group, parameters) if solver_cls.by_kind else None
         with PROGRESS.solving(self.method_name, name):
             cache = SolveCache.from_environment()  # opt-in: MERGEKIT_WUDI_CACHE=DIR
             if cache is None:
-                return self._solve(group, parameters, densities)
+                return self._solve(group, parameters, densities, parts)
             inputs = [base.tensor, *(entry.tensor for entry in group.non_base)]
-            key_parameters = self._cache_key_parameters(parameters, group.non_base, densities)
+            key_parameters = cache_key_parameters(self.config_cls, parameters, group.non_base, densities, parts)
             return cache.solve(self.method_name, name, inputs, key_parameters,
-                               lambda: self._solve(group, parameters, densities))
+                               lambda: self._solve(group, parameters, densities, parts))
 
-    def _cache_key_parameters(self, parameters: Mapping[str, Any], entries, densities: Tuple[float, ...]) -> Dict[str, Any]:
-        """What a solved tensor depends on besides its inputs (the cache key): never `fallback`."""
-        config, per_model = solver_arguments(self.config_cls, parameters, entries)
-        key = {
-            "lambda": parameters["lambda"],
-            "calibrate": parameters["calibrate"],
-            "input_major": parameters["input_major"],
-            "weight": [parameters["weight"][entry.id] for entry in entries],
-            "density": list(densities),  # doge's: its config's, below
-        }
-        # The values the solver runs with: an unset parameter and its default share a key.
-        for field in dataclasses.fields(config):
-            value = getattr(config, field.name)
-            key[field.name] = per_model.get(field.name, [value] * len(entries)) if field.metadata.get("per_model") else value
-        return key
-
-    def _solve(self, group: TensorGroup, parameters: Mapping[str, Any], densities: Tuple[float, ...]) -> torch.Tensor:
+    def _solve(self, group: TensorGroup, parameters: Mapping[str, Any], densities: Tuple[float, ...],
+               parts: Optional[Tuple[Part, ...]] = None) -> torch.Tensor:
         name = group.metadata.name
         base = group.base.tensor
         entries = group.non_base
         transpose = is_input_major(name) if parameters["input_major"] is None else parameters["input_major"]
         base_c, task_vectors = _task_vectors(group, parameters["weight"], transpose)
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
-        solver = self.solver_cls(config, calibration=parameters["calibrate"], density=densities)
+        by_kind = {} if parts is None else {"parts": parts}  # only by-kind solvers get them (a subclass's own __init__)
+        solver = self.solver_cls(config, calibration=parameters["calibrate"], density=densities, **by_kind)
         try:  # the task vectors are ours; only -v's objective log reads them after the solve
             merged = solver.solve(task_vectors, overwrite=not objective_logged(), **per_model)  # (out, in)
         except torch.linalg.LinAlgError as error:
@@ -175,6 +163,26 @@ class SolverMergeMethod(GroupMergeMethod):
             "input-major" if transpose else "output-major",
         )
         return result.to(base.dtype)
+
+
+def cache_key_parameters(config_cls: type, parameters: Mapping[str, Any], entries, densities: Tuple[float, ...],
+                         parts: Optional[Tuple[Part, ...]] = None) -> Dict[str, Any]:
+    """What a solved tensor depends on besides its inputs (the cache key): never `fallback`."""
+    config, per_model = solver_arguments(config_cls, parameters, entries)
+    key = {
+        "lambda": parameters["lambda"],
+        "calibrate": parameters["calibrate"],
+        "input_major": parameters["input_major"],
+        "weight": [parameters["weight"][entry.id] for entry in entries],
+        "density": list(densities),  # doge's: its config's, below
+    }
+    if parts is not None:  # absent otherwise: the keys of every other merge as before
+        key["parts"] = [[list(part.indices), part.rule] for part in parts]
+    # The values the solver runs with: an unset parameter and its default share a key.
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        key[field.name] = per_model.get(field.name, [value] * len(entries)) if field.metadata.get("per_model") else value
+    return key
 
 
 def trim_densities(solver_cls: type, group: TensorGroup, parameters: Mapping[str, Any]) -> Tuple[float, ...]:

@@ -50,7 +50,9 @@ min(lambda, 1) and mean_cap); else
 where K >= 2 are "a seed each", min(lambda, 1/sqrt(K)) for the methods that sum. Where any fine-tune is
 an adapter of either kind, `calibrate: first_order` (Iso's default) becomes sum_norm: first_order
 counts each task's gain along its own update, and an adapter's random input space makes its update
-act on every task's inputs (docs/methods.md, "calibrate"). The sample is fixed
+act on every task's inputs (docs/methods.md, "calibrate"); for a method that merges by kind
+(Solver.by_kind: Iso) with full fine-tunes among them, the adapters' part takes sum_norm and the
+full fine-tunes' part first_order instead (kind_parts). The sample is fixed
 by the names, not by the order mergekit merges tensors in, so runs, shards and thread counts
 agree. `adapter_guard: false` keeps lambda as given (and warns instead).
 
@@ -67,7 +69,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from mergekit_wudi.solvers.base import warn_once
+from mergekit_wudi.solvers.base import Part, warn_once
 from mergekit_wudi.solvers.overlap import common_rank, model_kind, overlaps, task_subspaces
 from mergekit_wudi.tensor_kinds import is_input_major, will_solve
 
@@ -208,11 +210,13 @@ def capped_lambda(base: Any, models: Sequence[Any], strength: float, device: Any
 
 
 def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], *, sums_disjoint: bool,
-                        task_sized: bool = False) -> Mapping[str, Any]:
+                        task_sized: bool = False, by_kind: bool = False) -> Mapping[str, Any]:
     """The resolved parameters of a solved tensor with `lambda` replaced by guarded_lambda's,
     where the one-seed rule applies `calibrate: none` by ONE_SEED_CALIBRATION (TASK_SIZED_CALIBRATION
     for a task-sized method), and, where the guard is on and the sample shows any adapter, a rule
-    of ADAPTER_CALIBRATIONS by its replacement (the cache key and the solve then take them)."""
+    of ADAPTER_CALIBRATIONS by its replacement (the cache key and the solve then take them), unless
+    the method merges by kind (Solver.by_kind) and full fine-tunes are among them: kind_parts then
+    gives the adapters' part the replacement and the full fine-tunes' part the rule."""
     strength, one_seed = guarded_lambda(method, group, parameters["lambda"], parameters["adapter_guard"], sums_disjoint,
                                         task_sized=task_sized)
     guarded = {**parameters, "lambda": strength}
@@ -221,7 +225,7 @@ def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], 
     rule = parameters["calibrate"]
     if rule in ADAPTER_CALIBRATIONS and parameters["adapter_guard"] and len(group.non_base) >= 2:
         kinds = expert_kinds(group.base.id, [entry.id for entry in group.non_base], group.base.tensor.device)
-        if kinds is not None and kinds.adapters:
+        if kinds is not None and kinds.adapters and not (by_kind and kinds.full_beside_adapters):
             guarded["calibrate"] = ADAPTER_CALIBRATIONS[rule]
             warn_once(logger, "adapter calibration", method,
                       "%s: %d of the %d fine-tunes look like LoRA adapters (%s; adapter_guard's sample), so calibrate: "
@@ -230,6 +234,31 @@ def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], 
                       "adapter_guard: false to keep %s).", method, len(kinds.adapters), len(kinds.kinds),
                       ", ".join(kinds.models[i] for i in kinds.adapters), rule, guarded["calibrate"], rule, rule)
     return guarded if guarded != parameters else parameters
+
+
+def kind_parts(method: str, group: Any, parameters: Mapping[str, Any]) -> Optional[Tuple[Part, Part]]:
+    """For a method that merges by kind (Solver.by_kind), with the guard on, where the sample shows
+    full fine-tunes beside LoRA adapters: the full fine-tunes' part, calibrated by `calibrate`
+    (as a set of full fine-tunes is), and the others', by what the guard makes of it for adapters
+    (ADAPTER_CALIBRATIONS); said once. None elsewhere: one merge of all."""
+    if not parameters["adapter_guard"] or len(group.non_base) < 2:
+        return None
+    models = [entry.id for entry in group.non_base]
+    kinds = expert_kinds(group.base.id, models, group.base.tensor.device)
+    full = () if kinds is None else kinds.full_beside_adapters
+    if not full:
+        return None
+    rule = parameters["calibrate"]
+    others = tuple(index for index in range(len(models)) if index not in full)
+    parts = (Part(full, rule, "full"), Part(others, ADAPTER_CALIBRATIONS.get(rule, rule), "adapters"))
+    warn_once(logger, "by kind", method,
+              "%s: %s look like full fine-tunes beside LoRA adapters (%s; adapter_guard's sample), so each kind is "
+              "merged on its own (the full fine-tunes with calibrate: %s, the adapters with %s) and the two merges "
+              "are added: one flat spectrum over both would spread the adapters' few directions over the full "
+              "fine-tunes' many (set adapter_guard: false for one merge of all).", method,
+              ", ".join(kinds.models[i] for i in full), ", ".join(kinds.models[i] for i in others), parts[0].rule,
+              parts[1].rule)
+    return parts
 
 
 def expert_kinds(base: Any, models: Sequence[Any], device: Any = "cpu") -> Optional[ExpertKinds]:

@@ -53,8 +53,9 @@ class TensorReport:
     scale: float  # the lambda the merge uses for this tensor: the config's, capped by adapter_guard where it acts
     objective_task_arithmetic: float
     objective_solved: float
-    calibration: float = 1.0  # the calibrate rule's scale c (1 with calibrate: none); the merge adds lambda * c * t_m
-    binding: str = ""  # input_space: the task (t_j) whose own input space bound c, or "norm"
+    calibration: float = 1.0  # the calibrate rule's scale c (1 with calibrate: none; nan for a merge by kind, whose
+    # parts' c are in binding); the merge adds lambda * c * t_m
+    binding: str = ""  # what bound c: the task (t_j) under input_space, "norm", "gain", "sum"; by kind, each part's
     input_overlap: Tuple[float, ...] = ()  # per task, solvers.overlap.subspace_overlap (nan: not computed)
     output_overlap: Tuple[float, ...] = ()
 
@@ -221,8 +222,6 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
     if task.parameters.get("adapter_guard"):  # the lambda the merge uses (guard.py)
         solver_cls = recording_method.solver_cls
         scale, _ = capped_lambda(base_model, non_base, scale, device, solver_cls.sums_disjoint, solver_cls.task_sized)
-    binding = "" if calibration is None or calibration.binding == "none" else (
-        f"t_{calibration.task + 1}" if calibration.binding == "task" else calibration.binding)
     inputs, outputs = subspace_overlap(task_vectors) if ranks else ((math.nan,) * len(task_vectors),) * 2
     return TensorReport(
         name=name,
@@ -231,13 +230,25 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
         norms=tuple(float(torch.linalg.vector_norm(t)) for t in task_vectors),
         effective_ranks=tuple(effective_rank(t) if ranks else math.nan for t in task_vectors),
         scale=scale,
-        calibration=1.0 if calibration is None else calibration.scale,
-        binding=binding,
+        calibration=math.nan if calibration is not None and calibration.parts else
+        1.0 if calibration is None else calibration.scale,
+        binding=_bound_by(calibration),
         input_overlap=inputs,
         output_overlap=outputs,
         objective_task_arithmetic=wudi_objective(task_vectors, scale * task_vectors.sum(dim=0)),
         objective_solved=wudi_objective(task_vectors, scale * merged),
     )
+
+
+def _bound_by(calibration) -> str:
+    """What bound c: the task (t_j), "norm", "gain", "sum"; "" for none; for a merge by kind
+    (binding "parts"), each part's label, c and binding, e.g. "full 1.83 gain; adapters 1.02 norm"."""
+    if calibration is None or calibration.binding == "none":
+        return ""
+    if calibration.parts:
+        return "; ".join(f"{label} " + ("1 none" if part is None else f"{part.scale:.4g} {_bound_by(part) or 'none'}")
+                         for label, part in calibration.parts)
+    return f"t_{calibration.task + 1}" if calibration.binding == "task" else calibration.binding
 
 
 def _recording_solver(solver_cls: type, records: list) -> type:
@@ -373,12 +384,19 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
             ranks = ", ".join(f"{v:.3g}" for v in r.effective_ranks)
             lines.append(
                 f"| `{r.name}` | {r.shape[0]}x{r.shape[1]} | {r.count} | {norms} | {ranks} | "
-                f"{r.calibration:.4g}{f' ({r.binding})' if r.binding else ''} | "
+                f"{_calibration_cell(r)} | "
                 f"{r.objective_task_arithmetic:.6g} | {r.objective_solved:.6g} | {r.ratio:.4g} |"
             )
         lines += ["", "Models: " + "; ".join(f"t_{i + 1} = `{m}`" for i, m in enumerate(reports[0].models))]
         lines += expert_kinds_section(reports)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _calibration_cell(report: TensorReport) -> str:
+    """c and what bound it; a merge by kind (c nan) shows each part's."""
+    if math.isnan(report.calibration):
+        return f"by kind: {report.binding}"
+    return f"{report.calibration:.4g}{f' ({report.binding})' if report.binding else ''}"
 
 
 KIND_ADVICE = {

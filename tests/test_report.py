@@ -13,11 +13,12 @@ from models import (
     is_llama_linear,
     load_model,
     make_family,
+    make_mixed_family,
     make_one_seed_family,
     make_seed_each_family,
     write_config,
 )
-from reference import SCALES, calibrated, doge, mean_cap_scale, usable, wudi_adam, wudi_closed_form, wudi_loss
+from reference import SCALES, calibrated, doge, mean_cap_scale, trimmed, usable, wudi_adam, wudi_closed_form, wudi_loss
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from runner import mergekit_wudi_cli
 
@@ -209,6 +210,32 @@ def test_report_shows_doges_mean_cap_on_one_seed_adapters(tmp_path):
         assert float(row["calibration"]) == pytest.approx(scales[-1], rel=1e-5), name
         assert row["calibration_binding"] == ("norm" if scales[-1] < 1 else ""), name
     assert min(scales) < 0.9
+
+
+def test_report_shows_each_kinds_scale_where_iso_merges_by_kind(tmp_path):
+    # iso_c on the mixed family (guard.kind_parts): per tensor the full part's c (first_order, on the
+    # trimmed full task vectors) and the adapters' (sum_norm), each from its definition on the
+    # float64 Iso-C of that part; the CSV's calibration is nan (no one c), the Markdown says "by kind".
+    paths = make_mixed_family(tmp_path / "mixed")
+    config = write_config(tmp_path / "iso.yml", "iso_c", paths[0], paths[1:])
+    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out", "--filter", r"layers\.0\.", "--no-plots",
+                               "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = read_csv(tmp_path / "out" / "report.csv")
+    names = list(dict.fromkeys(row["name"] for row in rows))
+    assert len(names) == 7
+    for name in names:
+        row = next(r for r in rows if r["name"] == name)
+        tv = task_vectors(paths, name, [1.0] * 4)
+        full = torch.stack([trimmed(t.unsqueeze(0), 0.3)[0] for t in tv[:2]])
+        expected = [SCALES[rule](list(part), iso_c(part, EPS32)) for rule, part in (("first_order", full), ("sum_norm", tv[2:]))]
+        assert math.isnan(float(row["calibration"])), name
+        full_text, adapters_text = row["calibration_binding"].split("; ")
+        label, scale, binding = full_text.split()
+        assert label == "full" and binding in ("gain", "sum") and float(scale) == pytest.approx(expected[0], rel=1e-3), name
+        label, scale, binding = adapters_text.split()
+        assert (label, binding) == ("adapters", "norm") and float(scale) == pytest.approx(expected[1], rel=1e-3), name
+    assert "| by kind: full " in (tmp_path / "out" / "report.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from models import (
     write_config,
 )
 from reference import SCALES, doge, mean_cap_scale, trimmed, wudi_closed_form
+from reference_2025 import EPS32, iso_c, iso_cts
 from runner import mergekit_yaml, mergekit_yaml_in_process
 
 from mergekit_wudi.config_check import check_config_keys
@@ -383,22 +384,47 @@ def test_mixed_full_and_adapters_cap_lambda_at_one_over_sqrt_k(tmp_path):
     assert_wudi_cfs_merged_at(tmp_path / "whole", base, models, 2 ** -0.5)
 
 
-def test_iso_trims_the_full_fine_tunes_of_a_mixed_set(tmp_path):
-    # iso_c on the mixed family: the two full ones trimmed at 0.3 by default, the adapters whole,
-    # and calibrate first_order becomes sum_norm (adapters among them): bit for bit the merge of
-    # those densities and sum_norm set in the YAML; lambda not capped (Iso's merge does not sum
-    # disjoint updates); density 1 merges something else.
+ISO_REFERENCES = {"iso_c": lambda tasks: iso_c(tasks, eps=EPS32), "iso_cts": lambda tasks: iso_cts(tasks, 0.8, EPS32)}
+ISO_TOLERANCES = {"iso_c": 1e-5, "iso_cts": 1e-4}  # test_e2e's, float32 merges against float64
+
+
+def iso_by_kind(method, task_vectors, parts):
+    """Float64 Iso-C or Iso-CTS of each (indices, rule, density) part, trimmed at density and scaled
+    by the rule's c from its definition, added: guard.kind_parts' merge, from the definitions."""
+    merged = 0
+    for indices, rule, density in parts:
+        tasks = torch.stack([trimmed(task_vectors[i].unsqueeze(0), density)[0] for i in indices])
+        flat = ISO_REFERENCES[method](tasks)
+        merged = merged + SCALES[rule](list(tasks), flat) * flat
+    return merged
+
+
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
+def test_iso_merges_each_kind_of_a_mixed_set_on_its_own(tmp_path, method):
+    # Iso on the mixed family (two full fine-tune lookalikes, two adapters with a seed each): the
+    # full ones trimmed at 0.3 and flattened with calibrate: first_order, the adapters whole with
+    # sum_norm, the two merges added (guard.kind_parts), said once; lambda not capped. adapter_guard
+    # false: one flat spectrum of all four (still trimmed: density's default reads the sample either
+    # way), first_order kept.
     base, *models = make_mixed_family(tmp_path / "family")
-    result = mergekit_yaml(write_config(tmp_path / "iso.yml", "iso_c", base, models), tmp_path / "iso")
-    assert f"iso_c: {models[0]}, {models[1]} look like full fine-tunes beside LoRA adapters" in result.stderr
-    assert "lambda is capped" not in result.stderr
-    assert "iso_c: 2 of the 4 fine-tunes look like LoRA adapters" in result.stderr
-    assert "calibrate: first_order becomes sum_norm" in result.stderr
-    given = [{"density": 0.3}, {"density": 0.3}, {"density": 1.0}, {"density": 1.0}]
-    mergekit_yaml(write_config(tmp_path / "given.yml", "iso_c", base, models, {"calibrate": "sum_norm"}, model_parameters=given),
-                  tmp_path / "given")
-    mergekit_yaml(write_config(tmp_path / "whole.yml", "iso_c", base, models, {"density": 1.0}), tmp_path / "whole")
-    iso, given, whole = (load_model(tmp_path / name) for name in ("iso", "given", "whole"))
-    solved = [name for name in iso if name.endswith("proj.weight")]
-    assert solved and all(torch.equal(iso[name], given[name]) for name in iso)
-    assert all(not torch.equal(iso[name], whole[name]) for name in solved)
+    result = mergekit_yaml(write_config(tmp_path / "iso.yml", method, base, models), tmp_path / "iso")
+    assert result.stderr.count(f"{method}: {models[0]}, {models[1]} look like full fine-tunes beside LoRA adapters") == 2
+    assert result.stderr.count("each kind is merged on its own (the full fine-tunes with calibrate: first_order, "
+                               "the adapters with sum_norm)") == 1
+    assert "lambda is capped" not in result.stderr and "becomes sum_norm" not in result.stderr
+    off = write_config(tmp_path / "off.yml", method, base, models, {"adapter_guard": False})
+    result = mergekit_yaml(off, tmp_path / "off")
+    assert "each kind is merged on its own" not in result.stderr
+    w0s, tuned = load_model(base), [load_model(m) for m in models]
+    by_kind, one = load_model(tmp_path / "iso"), load_model(tmp_path / "off")
+    solved = [name for name in by_kind if is_llama_linear(name)]
+    assert solved
+    for name in solved:
+        w0 = w0s[name].double()
+        tv = torch.stack([t[name].double() - w0 for t in tuned])
+        expected = iso_by_kind(method, tv, [((0, 1), "first_order", 0.3), ((2, 3), "sum_norm", 1.0)])
+        assert (by_kind[name].double() - w0 - expected).norm() < ISO_TOLERANCES[method] * expected.norm(), name
+        everyone = torch.stack([trimmed(tv[i].unsqueeze(0), d)[0] for i, d in enumerate([0.3, 0.3, 1.0, 1.0])])
+        expected_one = iso_by_kind(method, everyone, [((0, 1, 2, 3), "first_order", 1.0)])
+        assert (one[name].double() - w0 - expected_one).norm() < ISO_TOLERANCES[method] * expected_one.norm(), name
+        assert (expected - expected_one).norm() > 0.1 * expected.norm(), name  # the two rules differ here

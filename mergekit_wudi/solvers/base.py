@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, ClassVar, Optional, Sequence, Tuple, Union
+from typing import Any, ClassVar, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from mergekit_wudi.solvers.calibrate import CALIBRATIONS, Calibration, calibrate
 from mergekit_wudi.solvers.checks import check_choice, check_fraction, per_model_values
-from mergekit_wudi.solvers.numerics import SOLVE_EXTRA_TENSORS, TaskVectors, prepare_task_vectors, solve_threads
+from mergekit_wudi.solvers.numerics import (
+    SOLVE_EXTRA_TENSORS,
+    TaskVectors,
+    permute_rows_,
+    prepare_task_vectors,
+    solve_threads,
+)
 from mergekit_wudi.solvers.trim import trimmed
 
-__all__ = ["SOLVE_EXTRA_TENSORS", "Solver", "warn_once"]
+__all__ = ["SOLVE_EXTRA_TENSORS", "Part", "Solver", "warn_once"]
 
 _WARNED = set()  # (topic, method) pairs already warned in this process
 
@@ -29,6 +35,19 @@ def warn_once(logger: logging.Logger, topic: str, method: str, message: str, *ar
         return
     _WARNED.add((topic, method))
     logger.warning(message, *args)
+
+
+class Part(NamedTuple):
+    """Task vectors merged on their own (Solver(parts=...)): their positions among the N given,
+    the `calibrate` rule their merge takes, and a label for the report."""
+
+    indices: Tuple[int, ...]
+    rule: str
+    label: str
+
+
+def checked_part(part: Part) -> Part:
+    return Part(tuple(part.indices), check_choice(*CALIBRATIONS)("calibrate", part.rule), part.label)
 
 
 class Solver:
@@ -50,6 +69,12 @@ class Solver:
     N, not the sum's (doge: each t_i weighted eta / ||t_i||, and delta fitted to every task's own
     row dots), so adapter_guard's one-seed rule caps the merge at the task vectors' mean
     (`calibrate: none` becomes mean_cap) and lambda at 1, rather than lambda at 1/N.
+    `by_kind` (default False): where adapter_guard's sample shows full fine-tunes beside LoRA
+    adapters, the adapter gives the solver two `parts`, and the merge is the sum of the two
+    kinds' merges, each calibrated as a set of its kind is (guard.kind_parts; Iso, whose flat
+    spectrum would otherwise spread the adapters' few directions over the full fine-tunes' many).
+    A solver given `parts` solves each part's task vectors on their own, calibrated by the part's
+    rule, and returns the sum (every task vector in exactly one part; solve_parts).
     `density` (default 0.3, DOGE's value): the density of `density`'s YAML default for full fine-tunes merged
     with LoRA adapters (adapter.trim_densities; everything else: 1), the fraction of each task
     vector's entries kept by the magnitude trim before the solve (trim.py); None for a method
@@ -70,19 +95,21 @@ class Solver:
     sums_disjoint: ClassVar[bool] = True
     adapter_guard: ClassVar[bool] = True
     task_sized: ClassVar[bool] = False
+    by_kind: ClassVar[bool] = False
     density: ClassVar[Optional[float]] = 0.3
 
     def __init_subclass__(cls, *, name: Optional[str] = None, pretty_name: Optional[str] = None,
                           paper: Optional[str] = None, config: Optional[type] = None, one_thread: Optional[bool] = None,
                           calibration: Optional[str] = None, sums_disjoint: Optional[bool] = None,
                           adapter_guard: Optional[bool] = None, task_sized: Optional[bool] = None,
-                          density: Optional[float] = None, trims_itself: bool = False, **kwargs: Any):
+                          by_kind: Optional[bool] = None, density: Optional[float] = None, trims_itself: bool = False,
+                          **kwargs: Any):
         """`class XSolver(Solver, name=..., pretty_name=..., paper=..., config=XConfig)`; what a
         subclass does not give, it inherits."""
         super().__init_subclass__(**kwargs)
         given = {"name": name, "pretty_name": pretty_name, "paper": paper, "config_cls": config, "one_thread": one_thread,
                  "calibration": None if calibration is None else check_choice(*CALIBRATIONS)("calibration", calibration),
-                 "sums_disjoint": sums_disjoint, "adapter_guard": adapter_guard, "task_sized": task_sized,
+                 "sums_disjoint": sums_disjoint, "adapter_guard": adapter_guard, "task_sized": task_sized, "by_kind": by_kind,
                  "density": None if density is None else check_fraction("density", density)}
         for attribute, value in given.items():
             if value is not None:
@@ -91,9 +118,10 @@ class Solver:
             cls.density = None
 
     def __init__(self, config: Optional[Any] = None, calibration: str = "none",
-                 density: Union[float, Sequence[float]] = 1.0):
+                 density: Union[float, Sequence[float]] = 1.0, parts: Optional[Sequence[Part]] = None):
         self.config = config or self.config_cls()
         self.rule = check_choice(*CALIBRATIONS)("calibrate", calibration)
+        self.parts = None if parts is None else tuple(map(checked_part, parts))  # `calibration` then unused
         if self.density is None and any(value != 1.0 for value in (density if isinstance(density, (list, tuple)) else [density])):
             raise ValueError(f"{self.name} trims inside its solve: give density in its config, not to the solver")
         self.trim = density  # one value, or one per task vector; checked in solve
@@ -116,13 +144,11 @@ class Solver:
                 shares_input = prepared.vectors.untyped_storage().data_ptr() == task_vectors.untyped_storage().data_ptr()
                 prepared = trimmed(prepared, kept_density, overwrite=overwrite or not shares_input)
             kept = {name: tuple(given[i] for i in prepared.indices) for name, given in values.items()}
-            merged = self._solve(prepared, **kept)
-            if self.rule != "none":
-                chosen = calibrate(prepared.vectors, merged, self.rule, count)  # its task: an index among the kept ones
-                self.last_calibration = dataclasses.replace(chosen, task=prepared.indices[chosen.task] if chosen.task >= 0 else -1)
-                shares_input = merged.untyped_storage().data_ptr() == prepared.vectors.untyped_storage().data_ptr()
-                merged = merged * self.last_calibration.scale if shares_input else merged.mul_(self.last_calibration.scale)
-                self._calibrated(self.last_calibration, prepared.vectors)
+            if self.parts is not None:
+                own = overwrite or prepared.vectors.untyped_storage().data_ptr() != task_vectors.untyped_storage().data_ptr()
+                merged, self.last_calibration = solve_parts(self, self.parts, prepared, kept, count, own)
+                return merged
+            merged, self.last_calibration = solve_calibrated(self, prepared, kept, self.rule, count)
             return merged
 
     def _densities(self, count: int) -> Tuple[float, ...]:
@@ -139,3 +165,47 @@ class Solver:
 
     def _solve(self, prepared: TaskVectors, **per_model: Tuple[Any, ...]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def solve_calibrated(solver: Solver, prepared: TaskVectors, kept: Mapping[str, Tuple[Any, ...]], rule: str,
+                     count: int) -> Tuple[torch.Tensor, Optional[Calibration]]:
+    """(solver._solve's merge times `rule`'s c, what calibrate chose: None for "none")."""
+    merged = solver._solve(prepared, **kept)
+    if rule == "none":
+        return merged, None
+    chosen = calibrate(prepared.vectors, merged, rule, count)  # its task: an index among the kept ones
+    chosen = dataclasses.replace(chosen, task=prepared.indices[chosen.task] if chosen.task >= 0 else -1)
+    shares_input = merged.untyped_storage().data_ptr() == prepared.vectors.untyped_storage().data_ptr()
+    merged = merged * chosen.scale if shares_input else merged.mul_(chosen.scale)
+    solver._calibrated(chosen, prepared.vectors)
+    return merged, chosen
+
+
+def solve_parts(solver: Solver, parts: Sequence[Part], prepared: TaskVectors, kept: Mapping[str, Tuple[Any, ...]],
+                count: int, own: bool) -> Tuple[torch.Tensor, Calibration]:
+    """(sum over parts of c_part t_m(part), a Calibration with binding "parts"): each part solved and
+    calibrated by solve_calibrated on a contiguous slice of the stack (reordered in place where the
+    solve owns it, else in a copy)."""
+    positions = [index for part in parts for index in part.indices]
+    if sorted(positions) != list(range(count)):
+        raise ValueError(f"parts: {[list(part.indices) for part in parts]} do not cover the {count} task "
+                         "vectors once each")
+    row_of = {caller: row for row, caller in enumerate(prepared.indices)}  # usable vectors only
+    order = [row_of[index] for part in parts for index in part.indices if index in row_of]
+    vectors = permute_rows_(prepared.vectors, order) if own else prepared.vectors[order]  # ours either way
+    held, chosen, start = None, [], 0  # held: the parts so far, summed, in a stack row no solve still reads
+    for part in parts:
+        rows = order[start : start + sum(index in row_of for index in part.indices)]
+        end = start + len(rows)
+        if rows:
+            sub = TaskVectors(vectors[start:end], tuple(prepared.sq_norms[r] for r in rows),
+                              tuple(prepared.indices[r] for r in rows))
+            merged, calibration = solve_calibrated(
+                solver, sub, {name: tuple(given[r] for r in rows) for name, given in kept.items()}, part.rule, len(part.indices))
+            if held is not None:
+                merged.add_(held)
+            held = vectors[start].copy_(merged)  # this part's rows are read no more: one tensor fewer held
+            del merged
+            chosen.append((part.label, calibration))
+        start = end
+    return held.clone(), Calibration(1.0, 0.0, -1, "parts", parts=tuple(chosen))

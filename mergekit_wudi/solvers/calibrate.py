@@ -29,7 +29,8 @@ got, sum_i ||t_i||_F^2, or, where the tasks cancel (||T|| below that), what the 
 ||T||_F^2 (binding "gain" or "sum"). For Iso-C, M = s_bar polar(T) and c M = (that target /
 ||T||_*) polar(T): the flat spectrum at the tasks' energy over the sum's nuclear norm. Where
 <M, T> <= 0 no positive c gives any gain, and sum_norm's c is taken (binding "norm").
-adapter_guard turns it into sum_norm where any fine-tune looks like a LoRA adapter (guard.py).
+adapter_guard turns it into sum_norm where any fine-tune looks like a LoRA adapter (guard.py), or,
+for a method that merges by kind (Iso), into sum_norm for the adapters' part only.
 
 All are one scalar per tensor: they never change a method's direction or spectrum. N = 1
 gives c = 1 for any method that returns t_1; input_space, sum_norm and first_order are homogeneous
@@ -67,13 +68,16 @@ CALIBRATION_SPARE = SOLVE_EXTRA_TENSORS - 2
 class Calibration:
     """What calibrate() chose for one tensor: the scale c, the largest rho_i and the task
     (index among the task vectors given) it belongs to; binding is "task", "norm", "gain" or
-    "sum" (first_order's two targets) or "none"."""
+    "sum" (first_order's two targets), "none", or "parts" (below)."""
 
     scale: float
     rho: float
     task: int
     binding: str
     ranks: Tuple[int, ...] = ()  # each task vector's numerical rank
+    # binding "parts" (Solver(parts=...)): each part's label and its own Calibration (None: "none");
+    # the merge is the sum of the parts' calibrated merges, and scale is 1
+    parts: Tuple[Tuple[str, Optional[Calibration]], ...] = ()
 
 
 def calibrate(vectors: torch.Tensor, merged: torch.Tensor, rule: str = "input_space",

@@ -237,6 +237,27 @@ def row_chunks(rows: int, cols: int, chunk_elements: int) -> Iterator[slice]:
         yield slice(start, min(rows, start + step))
 
 
+def permute_rows_(stack: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """stack[i] := stack[order[i]] for a permutation `order` of stack's first axis, in place,
+    one cycle at a time through one row-sized buffer; returns stack."""
+    if sorted(order) != list(range(stack.shape[0])):
+        raise ValueError(f"order {list(order)} is not a permutation of {stack.shape[0]} rows")
+    buffer, done = None, [False] * len(order)
+    for start, source in enumerate(order):
+        if done[start] or source == start:
+            continue
+        buffer = torch.empty_like(stack[0]) if buffer is None else buffer
+        buffer.copy_(stack[start])
+        row = start
+        while order[row] != start:  # follow the cycle: each row takes its source's, the last the buffer's
+            stack[row].copy_(stack[order[row]])
+            done[row] = True
+            row = order[row]
+        stack[row].copy_(buffer)
+        done[row] = True
+    return stack
+
+
 def row_blocks(count: int, blocks: int = 16) -> Iterator[slice]:
     """`blocks` consecutive slices over `count` rows (fewer for small counts)."""
     return row_chunks(count, 1, -(-count // blocks))

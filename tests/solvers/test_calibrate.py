@@ -10,6 +10,7 @@ from registry import METHODS
 from tensors import full_rank_task_vectors, low_rank_task_vectors, solve_at_one_and_two_threads
 
 from mergekit_wudi.solvers import SOLVERS, IsoCSolver, TsvSolver, WudiCfsSolver
+from mergekit_wudi.solvers.base import Part
 from mergekit_wudi.solvers.calibrate import calibrate
 
 SHAPES = [(48, 80), (80, 48), (64, 64)]
@@ -218,3 +219,56 @@ def test_sum_cap_shrinks_a_merge_larger_than_the_sum_and_never_enlarges_one(gene
     solver = WudiCfsSolver(calibration="sum_cap")
     torch.testing.assert_close(solver.solve(t), WudiCfsSolver().solve(t) * solver.last_calibration.scale, rtol=1e-6, atol=0)
     assert solver.last_calibration.scale <= 1.0
+
+
+def flat_at(tasks: torch.Tensor, rule: str) -> torch.Tensor:
+    """Iso-C of float64 tasks by SVD, with `rule`'s c written out: first_order
+    min(sum_i ||t_i||^2, ||T||^2) / <M, T>, sum_norm ||T|| / ||M||."""
+    total = tasks.sum(0)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    keep = s > max(total.shape) * torch.finfo(torch.float32).eps * s[0]
+    merge = s[keep].mean() * (u[:, keep] @ vh[keep])
+    if rule == "first_order":
+        return merge * min(float(tasks.square().sum()), float(total.square().sum())) / float((merge * total).sum())
+    return merge * float(total.norm()) / float(merge.norm())
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_parts_merge_each_kind_on_its_own_and_add_the_two(generator, overwrite):
+    # Two full-rank and two rank-4 task vectors, interleaved: Iso-C of each part with its own
+    # rule, added (guard.kind_parts' merge of a mixed set), against a float64 SVD reference.
+    full = full_rank_task_vectors(generator, 2, 40, 72, dtype=torch.float32)
+    full[1] += 0.5 * full[0]  # tasks that agree: the experts' gain binds, not the sum's
+    low = low_rank_task_vectors(generator, 2, 40, 72, rank=4, scale=1e-2, dtype=torch.float32)
+    tv = torch.stack([full[0], low[0], full[1], low[1]])
+    given = tv.clone()
+    parts = [Part((0, 2), "first_order", "full"), Part((1, 3), "sum_norm", "adapters")]
+    solver = IsoCSolver(parts=parts)
+    merged = solver.solve(tv, overwrite=overwrite)
+    expected = flat_at(full.double(), "first_order") + flat_at(low.double(), "sum_norm")
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    if not overwrite:
+        assert torch.equal(tv, given)  # the caller's stack, not reordered
+    assert solver.last_calibration.binding == "parts" and solver.last_calibration.scale == 1.0
+    (label_f, full_c), (label_a, low_c) = solver.last_calibration.parts
+    assert (label_f, full_c.binding, label_a, low_c.binding) == ("full", "gain", "adapters", "norm")
+    alone = IsoCSolver(calibration="sum_norm")
+    alone.solve(low)
+    assert low_c.scale == alone.last_calibration.scale  # the part's c is the set's own
+    assert not torch.allclose(merged, IsoCSolver(calibration="first_order").solve(tv), rtol=1e-2)  # not one merge of all
+
+
+def test_parts_skip_zero_task_vectors_and_must_cover_each_task_vector_once(generator):
+    tv = full_rank_task_vectors(generator, 3, 30, 50, dtype=torch.float32)
+    with_zero = torch.cat([tv[:1], torch.zeros_like(tv[:1]), tv[1:]])  # positions 0, 2, 3 hold tasks
+    parts = [Part((1, 3), "sum_norm", "a"), Part((0, 2), "none", "b")]  # part a: the zero one and tv[2]
+    merged = IsoCSolver(parts=parts).solve(with_zero)
+    expected = flat_at(tv[2:].double(), "sum_norm") + IsoCSolver().solve(tv[:2]).double()
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    only_zero = [Part((1,), "sum_norm", "a"), Part((0, 2, 3), "none", "b")]  # a part with no task left
+    torch.testing.assert_close(IsoCSolver(parts=only_zero).solve(with_zero), IsoCSolver().solve(tv), rtol=0, atol=0)
+    for wrong in ([Part((0, 1), "none", "a"), Part((1, 2, 3), "none", "b")], [Part((0, 1), "none", "a")]):
+        with pytest.raises(ValueError, match="do not cover the 4 task vectors once each"):
+            IsoCSolver(parts=wrong).solve(with_zero)
+    with pytest.raises(ValueError, match="calibrate"):
+        IsoCSolver(parts=[Part((0,), "svd", "a")])

@@ -8,6 +8,7 @@ from mergekit_wudi.solvers.numerics import (
     SymmetricSpectrum,
     cholesky_,
     gram_terms,
+    permute_rows_,
     prepare_task_vectors,
     rank_cutoff,
     row_blocks,
@@ -134,3 +135,16 @@ def test_rank_cutoff_and_row_blocks():
     assert rank_cutoff(7, torch.float32, 2.0) == 7 * torch.finfo(torch.float32).eps * 2.0
     assert [(b.start, b.stop) for b in row_blocks(10, 4)] == [(0, 3), (3, 6), (6, 9), (9, 10)]
     assert [(b.start, b.stop) for b in row_blocks(3)] == [(0, 1), (1, 2), (2, 3)]
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4], [4, 3, 2, 1, 0], [1, 2, 3, 4, 0], [2, 0, 1, 4, 3], [0, 2, 4, 1, 3]])
+def test_permute_rows_in_place_is_fancy_indexing(order):
+    stack = torch.arange(5 * 6, dtype=torch.float32).reshape(5, 2, 3)
+    expected = stack[order]
+    assert permute_rows_(stack, order) is stack
+    assert torch.equal(stack, expected)
+
+
+def test_permute_rows_refuses_what_is_not_a_permutation():
+    with pytest.raises(ValueError, match="not a permutation of 3 rows"):
+        permute_rows_(torch.zeros(3, 2, 2), [0, 0, 1])
