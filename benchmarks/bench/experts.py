@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Dict, Sequence
 
 from bench import cache
-from bench.plan import mixed_members
+from bench.plan import MIXED_SETS, mixed_members
 
 logger = logging.getLogger(__name__)
 MARKERS = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
@@ -29,12 +29,14 @@ class BaseRecipe:
 
 
 def recipe_sets(recipe: type, lora: dict, aggressive: dict) -> dict:
-    """The four trained sets: full (seed 0), full_seed1, lora (alpha = r, a seed per adapter,
-    `lora` overrides) and lora_aggressive (one seed for all, `aggressive` overrides)."""
+    """The five trained sets: full (seed 0), full_seed1, lora (alpha = r, a seed per adapter,
+    `lora` overrides), lora_seed1 (the same with seed 1: adapter seeds 101 + task index) and
+    lora_aggressive (one seed for all, `aggressive` overrides)."""
     return {
         "full": recipe(),
         "full_seed1": recipe(seed=1),
         "lora": recipe(kind="lora", distinct_seeds=True, **lora),
+        "lora_seed1": recipe(kind="lora", distinct_seeds=True, seed=1, **lora),
         "lora_aggressive": recipe(kind="lora", **aggressive),
     }
 
@@ -60,9 +62,11 @@ class ExpertSets:
         return cache.set_dir(self.bench, set_name, recipe, self.split_definitions(), self.data_packages)
 
     def ensure(self, set_name: str) -> Dict[str, tuple]:
-        """Train what is missing of one set; {task: (kind, path, training s)}. `mixed` trains its members."""
-        if set_name == "mixed":
-            return {task: self.ensure(member)[task] for task, member in mixed_members(self.task_names).items()}
+        """Train what is missing of one set; {task: (kind, path, training s)}. `mixed` (and
+        `mixed_seed1`, of the seed-1 sets) trains its members."""
+        if set_name in MIXED_SETS:
+            members = mixed_members(self.task_names, MIXED_SETS[set_name])
+            return {task: self.ensure(member)[task] for task, member in members.items()}
         recipe, root = self.recipes[set_name], self.set_dir(set_name)
         out = {}
         for index, name in enumerate(self.task_names):

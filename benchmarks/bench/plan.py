@@ -8,9 +8,13 @@ EXPERT_SETS = ("full", "lora", "lora_aggressive", "mixed")  # each gets the whol
 REPLICATES = {"full_seed1": "full"}  # a second expert seed: the headline rows of its primary set again
 
 
-def mixed_members(task_names: Sequence[str]) -> Dict[str, str]:
-    """Half full, half LoRA: full experts (seed 0) on even-indexed tasks, conventional LoRA on odd ones."""
-    return {name: ("full" if index % 2 == 0 else "lora") for index, name in enumerate(task_names)}
+MIXED_SETS = {"mixed": "", "mixed_seed1": "_seed1"}  # a mixed set and the suffix of its members' sets
+
+
+def mixed_members(task_names: Sequence[str], suffix: str = "") -> Dict[str, str]:
+    """Half full, half LoRA: full experts (seed 0; `full_seed1` with suffix "_seed1") on
+    even-indexed tasks, conventional LoRA (`lora`, `lora_seed1`) on odd ones."""
+    return {name: ("full" if index % 2 == 0 else "lora") + suffix for index, name in enumerate(task_names)}
 
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5)  # issue 23: each method's own best lambda on 0.1..1.5
 NORMALIZE = (True, False)

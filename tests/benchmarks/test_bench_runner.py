@@ -123,6 +123,7 @@ def test_plan_covers_every_method_and_grid():
     assert plan.stage_one("wudi", quick=True) == [{}]
     assert [c["lambda"] for c in plan.stage_two({})] == [0.1, 0.2, 0.3, 0.5, 0.7, 1.5]
     assert plan.mixed_members(["a", "b", "c", "d", "e"]) == {"a": "full", "b": "lora", "c": "full", "d": "lora", "e": "full"}
+    assert plan.mixed_members(["a", "b"], plan.MIXED_SETS["mixed_seed1"]) == {"a": "full_seed1", "b": "lora_seed1"}
     assert not plan.better(0.5, 0.5) and plan.better(0.51, 0.5) and plan.better(0.0, None)
 
 
