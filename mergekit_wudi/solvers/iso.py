@@ -48,7 +48,7 @@ def warn_mixed_ranks(method: str, calibration: Calibration, vectors: torch.Tenso
         logger, "mixed ranks", method,
         "%s: the task vectors mix low and full rank (ranks %s of %d): LoRA-derived and fully fine-tuned "
         "models together, in one flat spectrum, which gives the low-rank ones little (SmolLM2 benchmark, 2 full + 2 "
-        "LoRA experts, test: iso_c 58.8 so, 75.1 with each kind merged on its own, as adapter_guard does where its "
+        "LoRA experts, test: iso_c 58.8 in one spectrum, 75.1 with each kind merged on its own, as adapter_guard does where its "
         "sample tells the kinds apart; wudi_cfs 80.2, docs/benchmarks.md); prefer wudi_cfs or doge here.",
         method, ", ".join(map(str, ranks)), width,
     )
