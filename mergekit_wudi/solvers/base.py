@@ -74,7 +74,8 @@ class Solver:
     kinds' merges, each calibrated as a set of its kind is (guard.kind_parts; Iso, whose flat
     spectrum would otherwise spread the adapters' few directions over the full fine-tunes' many).
     A solver given `parts` solves each part's task vectors on their own, calibrated by the part's
-    rule, and returns the sum (every task vector in exactly one part; solve_parts).
+    rule, and returns the sum (every task vector in exactly one part; solve_parts); a by-kind
+    subclass with its own `__init__` passes `parts` on.
     `density` (default 0.3, DOGE's value): the density of `density`'s YAML default for full fine-tunes merged
     with LoRA adapters (adapter.trim_densities; everything else: 1), the fraction of each task
     vector's entries kept by the magnitude trim before the solve (trim.py); None for a method
