@@ -186,7 +186,7 @@ def solve_parts(solver: Solver, parts: Sequence[Part], prepared: TaskVectors, ke
                 count: int, own: bool) -> Tuple[torch.Tensor, Calibration]:
     """(sum over parts of c_part t_m(part), a Calibration with binding "parts"): each part solved and
     calibrated by solve_calibrated on a contiguous slice of the stack (reordered in place where the
-    solve owns it, else in a copy)."""
+    solve owns it, else in a copy); the last part's merge, with the others added, is returned."""
     positions = [index for part in parts for index in part.indices]
     if sorted(positions) != list(range(count)):
         raise ValueError(f"parts: {[list(part.indices) for part in parts]} do not cover the {count} task "
@@ -205,8 +205,10 @@ def solve_parts(solver: Solver, parts: Sequence[Part], prepared: TaskVectors, ke
                 solver, sub, {name: tuple(given[r] for r in rows) for name, given in kept.items()}, part.rule, len(part.indices))
             if held is not None:
                 merged.add_(held)
+            chosen.append((part.label, calibration))
+            if end == len(order):  # the last part with task vectors: the sum is complete
+                return merged, Calibration(1.0, 0.0, -1, "parts", parts=tuple(chosen))
             held = vectors[start].copy_(merged)  # this part's rows are read no more: one tensor fewer held
             del merged
-            chosen.append((part.label, calibration))
         start = end
-    return held.clone(), Calibration(1.0, 0.0, -1, "parts", parts=tuple(chosen))
+    raise AssertionError("solve_parts: no part holds a task vector")  # solve returns before, with none
