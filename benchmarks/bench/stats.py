@@ -6,6 +6,9 @@ accuracies, mean_t (acc_t(A) - acc_t(B)).
 
 - `paired_bootstrap`: a 95% percentile interval of that difference, resampling examples
   within every task (the same draws for A and B), with a fixed seed.
+- `pooled_bootstrap`: the same for the mean difference of several pairs scored on the same
+  examples (for instance one pair per expert seed), resampling each example once for all
+  pairs. Its interval covers the examples' sampling only, not the spread between the pairs.
 - `mcnemar`: for one pooled 2x2 table (b = A right and B wrong, c = A wrong and B right, of n
   examples): the difference (b - c) / n, its normal-approximation 95% interval
   (b - c)/n ± z * sqrt(b + c - (b - c)^2 / n) / n, and the exact two-sided McNemar p-value
@@ -41,22 +44,34 @@ def mean_accuracy(correct: Dict[str, str]) -> float:
 
 def paired_bootstrap(a: Dict[str, str], b: Dict[str, str], draws: int = 2000, seed: int = 0, level: float = 0.95) -> Tuple[float, float, float]:
     """(difference, low, high) of mean_t acc_t(a) - acc_t(b), percentile interval over `draws` resamples."""
-    if a.keys() != b.keys():
-        raise ValueError(f"different tasks: {sorted(a)} and {sorted(b)}")
+    return pooled_bootstrap([(a, b)], draws=draws, seed=seed, level=level)
+
+
+def pooled_bootstrap(pairs: Sequence[Tuple[Dict[str, str], Dict[str, str]]], draws: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> Tuple[float, float, float]:
+    """(difference, low, high) of the mean over `pairs` of mean_t acc_t(a) - acc_t(b), every pair
+    scored on the same examples: each draw resamples a task's examples once for all pairs."""
+    if not pairs:
+        raise ValueError("no pairs")
+    tasks = pairs[0][0].keys()
+    for a, b in pairs:
+        if a.keys() != tasks or b.keys() != tasks:
+            raise ValueError(f"different tasks: {sorted(tasks)}, {sorted(a)} and {sorted(b)}")
     rng = np.random.default_rng(seed)
     total = np.zeros(draws)
     point = 0.0
-    for task in sorted(a):
-        delta = unbits(a[task]).astype(np.float64) - unbits(b[task]).astype(np.float64)
-        if len(a[task]) != len(b[task]):
-            raise ValueError(f"task {task}: {len(a[task])} and {len(b[task])} examples")
+    for task in sorted(tasks):
+        lengths = {len(c[task]) for pair in pairs for c in pair}
+        if len(lengths) != 1:
+            raise ValueError(f"task {task}: {sorted(lengths)} examples")
+        delta = np.mean([unbits(a[task]).astype(np.float64) - unbits(b[task]).astype(np.float64) for a, b in pairs], axis=0)
         point += delta.mean()
         index = rng.integers(0, len(delta), size=(draws, len(delta)))
         total += delta[index].mean(axis=1)
-    total /= len(a)
+    total /= len(tasks)
     tail = (1 - level) / 2
     low, high = np.quantile(total, [tail, 1 - tail])
-    return point / len(a), float(low), float(high)
+    return point / len(tasks), float(low), float(high)
 
 
 def mcnemar(b: int, c: int, n: int) -> Tuple[float, float, float, float]:

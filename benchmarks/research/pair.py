@@ -1,7 +1,11 @@
 """The paired test interval of one probe record against another, from two results.json files
 (probe.py's, when the baseline was scored in another --out folder):
 
-    python benchmarks/research/pair.py A/results.json SET METHOD 'JSON' B/results.json METHOD2 'JSON2'
+    python benchmarks/research/pair.py A/results.json SET METHOD 'JSON' B/results.json METHOD2 'JSON2' [...]
+
+More than one such group of seven (for instance one per expert seed, scored on the same test
+items) also prints the mean difference over the groups, its interval resampling each item once
+for all of them (bench.stats.pooled_bootstrap: the items' sampling, not the seeds' spread).
 """
 
 import json
@@ -24,12 +28,21 @@ def find(path: str, set_name: str, method: str, parameters: dict) -> dict:
 
 
 def main() -> None:
-    path_a, set_name, method_a, params_a, path_b, method_b, params_b = sys.argv[1:8]
-    a = find(path_a, set_name, method_a, json.loads(params_a))["correct"]["test"]
-    b = find(path_b, set_name, method_b, json.loads(params_b))["correct"]["test"]
-    diff, low, high = stats.paired_bootstrap(a, b)
-    print(f"{set_name} {method_a} {params_a} test {100 * stats.mean_accuracy(a):.1f} vs {method_b} {params_b} "
-          f"{100 * stats.mean_accuracy(b):.1f}: {100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+    arguments = sys.argv[1:]
+    if not arguments or len(arguments) % 7:
+        raise SystemExit(__doc__)
+    pairs = []
+    for start in range(0, len(arguments), 7):
+        path_a, set_name, method_a, params_a, path_b, method_b, params_b = arguments[start:start + 7]
+        a = find(path_a, set_name, method_a, json.loads(params_a))["correct"]["test"]
+        b = find(path_b, set_name, method_b, json.loads(params_b))["correct"]["test"]
+        pairs.append((a, b))
+        diff, low, high = stats.paired_bootstrap(a, b)
+        print(f"{set_name} {method_a} {params_a} test {100 * stats.mean_accuracy(a):.1f} vs {method_b} {params_b} "
+              f"{100 * stats.mean_accuracy(b):.1f}: {100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+    if len(pairs) > 1:
+        diff, low, high = stats.pooled_bootstrap(pairs)
+        print(f"mean of {len(pairs)}: {100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """The paired statistics against hand-computed cases."""
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from bench import stats
@@ -49,6 +53,20 @@ def test_paired_bootstrap_agrees_with_mcnemar_on_a_large_sample():
     assert low == pytest.approx(mlow, abs=0.01) and high == pytest.approx(mhigh, abs=0.01)
 
 
+def test_pooled_bootstrap_resamples_each_example_once_for_all_pairs():
+    # pair 1: A right everywhere B is wrong (+1); pair 2: equal (0): the mean is 0.5 whatever the draw
+    assert stats.pooled_bootstrap([({"x": "11"}, {"x": "00"}), ({"x": "10"}, {"x": "10"})]) == (0.5, 0.5, 0.5)
+    # two pairs that cancel example by example: 0 with no width, which resampling the pairs
+    # independently would not give
+    a, b = {"x": "1100", "y": "10"}, {"x": "0011", "y": "01"}
+    assert stats.pooled_bootstrap([(a, b), (b, a)], draws=500) == (0.0, 0.0, 0.0)
+    assert stats.paired_bootstrap(a, b, draws=500)[1] < 0  # each pair alone does vary
+    with pytest.raises(ValueError, match="examples"):
+        stats.pooled_bootstrap([({"x": "11"}, {"x": "00"}), ({"x": "1"}, {"x": "0"})])
+    with pytest.raises(ValueError):
+        stats.pooled_bootstrap([])
+
+
 def test_bits_round_trip_and_accuracy():
     assert stats.bits([True, False, True]) == "101"
     assert list(stats.unbits("101")) == [True, False, True]
@@ -57,3 +75,26 @@ def test_bits_round_trip_and_accuracy():
     with pytest.raises(ValueError):
         stats.paired_bootstrap({"a": "1"}, {"b": "1"})
     assert not math.isnan(stats.mean_accuracy({"a": "0"}))
+
+
+def test_pair_script_prints_each_pair_and_their_mean(tmp_path):
+    # two expert seeds, each a method against its baseline on the same four items of one task:
+    # seed 0 +0.5 (2 of 4 items better), seed 1 0.0: mean +0.25
+    def record(set_name, method, correct):
+        return {"set": set_name, "method": method, "parameters": {}, "correct": {"test": {"t": correct}}}
+
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"evaluations": [
+        record("lora", "wudi_cfs", "1111"), record("lora", "ties", "1100"),
+        record("lora_seed1", "wudi_cfs", "1010"), record("lora_seed1", "ties", "1010")]}))
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "research" / "pair.py"
+    def group(set_name):
+        return [str(results), set_name, "wudi_cfs", "{}", str(results), "ties", "{}"]
+
+    argv = group("lora") + group("lora_seed1")
+    lines = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines[0].startswith("lora wudi_cfs {} test 100.0 vs ties {} 50.0: +50.0 [")
+    assert lines[1] == "lora_seed1 wudi_cfs {} test 50.0 vs ties {} 50.0: +0.0 [+0.0, +0.0]"
+    assert lines[2].startswith("mean of 2: +25.0 [")
+    missing = subprocess.run([sys.executable, str(script), *argv[:6], '{"lambda": 1}'], capture_output=True, text=True)
+    assert missing.returncode != 0 and "no test record of lora ties" in missing.stderr
