@@ -11,19 +11,22 @@ for all of them (bench.stats.pooled_bootstrap: the items' sampling, not the seed
 import json
 import sys
 from pathlib import Path
+from typing import Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import stats  # noqa: E402
 
 
-def find(path: str, set_name: str, method: str, parameters: dict) -> dict:
+def find(path: str, set_name: str, method: str, parameters: dict) -> Tuple[dict, object]:
+    """The record and its file's `tasks` (split sizes and a first example per task: the items'
+    fingerprint; None where the file has none)."""
     report = json.loads(Path(path).read_text())
     records = report.get("evaluations", report)
     for record in records.values() if isinstance(records, dict) else records:
         if (isinstance(record, dict) and record.get("set") == set_name and record.get("method") == method
                 and record.get("parameters") == parameters and "test" in record.get("correct", {})):
-            return record
+            return record, report.get("tasks") if "evaluations" in report else None
     raise SystemExit(f"no test record of {set_name} {method} {parameters} in {path}")
 
 
@@ -31,11 +34,16 @@ def main() -> None:
     arguments = sys.argv[1:]
     if not arguments or len(arguments) % 7:
         raise SystemExit(__doc__)
-    pairs = []
+    pairs, splits = [], []
     for start in range(0, len(arguments), 7):
         path_a, set_name, method_a, params_a, path_b, method_b, params_b = arguments[start:start + 7]
-        a = find(path_a, set_name, method_a, json.loads(params_a))["correct"]["test"]
-        b = find(path_b, set_name, method_b, json.loads(params_b))["correct"]["test"]
+        record_a, tasks_a = find(path_a, set_name, method_a, json.loads(params_a))
+        record_b, tasks_b = find(path_b, set_name, method_b, json.loads(params_b))
+        splits += [tasks_a, tasks_b]
+        if any(tasks != splits[0] for tasks in splits):
+            raise SystemExit(f"{path_b if tasks_a == splits[0] else path_a}: its tasks (splits, examples) differ "
+                             f"from {arguments[0]}'s: not scored on the same items")
+        a, b = record_a["correct"]["test"], record_b["correct"]["test"]
         pairs.append((a, b))
         diff, low, high = stats.paired_bootstrap(a, b)
         print(f"{set_name} {method_a} {params_a} test {100 * stats.mean_accuracy(a):.1f} vs {method_b} {params_b} "

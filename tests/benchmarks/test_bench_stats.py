@@ -96,5 +96,10 @@ def test_pair_script_prints_each_pair_and_their_mean(tmp_path):
     assert lines[0].startswith("lora wudi_cfs {} test 100.0 vs ties {} 50.0: +50.0 [")
     assert lines[1] == "lora_seed1 wudi_cfs {} test 50.0 vs ties {} 50.0: +0.0 [+0.0, +0.0]"
     assert lines[2].startswith("mean of 2: +25.0 [")
+    other = tmp_path / "other.json"  # another split: refused, not pooled
+    other.write_text(json.dumps({"tasks": {"t": {"test": 4, "example": ["q", "a"]}},
+                                 "evaluations": json.loads(results.read_text())["evaluations"]}))
+    refused = subprocess.run([sys.executable, str(script), *argv[:7], str(other), *argv[8:]], capture_output=True, text=True)
+    assert refused.returncode != 0 and "not scored on the same items" in refused.stderr
     missing = subprocess.run([sys.executable, str(script), *argv[:6], '{"lambda": 1}'], capture_output=True, text=True)
     assert missing.returncode != 0 and "no test record of lora ties" in missing.stderr
