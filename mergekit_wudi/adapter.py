@@ -116,18 +116,19 @@ class SolverMergeMethod(GroupMergeMethod):
         if solver_cls.sums_disjoint:
             warn_lora_adapters(self.method_name, group.non_base, parameters["lambda"])
         densities = trim_densities(solver_cls, group, parameters)  # once: the key and the solve take them
+        shares = equalize_shares(solver_cls, group, parameters)
         parts = kind_parts(self.method_name, group, parameters) if solver_cls.by_kind else None
         with PROGRESS.solving(self.method_name, name):
             cache = SolveCache.from_environment()  # opt-in: MERGEKIT_WUDI_CACHE=DIR
             if cache is None:
-                return self._solve(group, parameters, densities, parts)
+                return self._solve(group, parameters, densities, parts, shares)
             inputs = [base.tensor, *(entry.tensor for entry in group.non_base)]
-            key_parameters = cache_key_parameters(self.config_cls, parameters, group.non_base, densities, parts)
+            key_parameters = cache_key_parameters(self.config_cls, parameters, group.non_base, densities, parts, shares)
             return cache.solve(self.method_name, name, inputs, key_parameters,
-                               lambda: self._solve(group, parameters, densities, parts))
+                               lambda: self._solve(group, parameters, densities, parts, shares))
 
     def _solve(self, group: TensorGroup, parameters: Mapping[str, Any], densities: Tuple[float, ...],
-               parts: Optional[Tuple[Part, ...]] = None) -> torch.Tensor:
+               parts: Optional[Tuple[Part, ...]] = None, shares: Optional[Tuple[float, ...]] = None) -> torch.Tensor:
         name = group.metadata.name
         base = group.base.tensor
         entries = group.non_base
@@ -135,7 +136,8 @@ class SolverMergeMethod(GroupMergeMethod):
         base_c, task_vectors = _task_vectors(group, parameters["weight"], transpose)
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
         by_kind = {} if parts is None else {"parts": parts}  # only by-kind solvers get them (a subclass's own __init__)
-        solver = self.solver_cls(config, calibration=parameters["calibrate"], density=densities, **by_kind)
+        solver = self.solver_cls(config, calibration=parameters["calibrate"], density=densities, equalize=shares,
+                                 **by_kind)
         try:  # the task vectors are ours; only -v's objective log reads them after the solve
             merged = solver.solve(task_vectors, overwrite=not objective_logged(), **per_model)  # (out, in)
         except torch.linalg.LinAlgError as error:
@@ -166,7 +168,8 @@ class SolverMergeMethod(GroupMergeMethod):
 
 
 def cache_key_parameters(config_cls: type, parameters: Mapping[str, Any], entries, densities: Tuple[float, ...],
-                         parts: Optional[Tuple[Part, ...]] = None) -> Dict[str, Any]:
+                         parts: Optional[Tuple[Part, ...]] = None,
+                         shares: Optional[Tuple[float, ...]] = None) -> Dict[str, Any]:
     """What a solved tensor depends on besides its inputs (the cache key): never `fallback`."""
     config, per_model = solver_arguments(config_cls, parameters, entries)
     key = {
@@ -178,6 +181,8 @@ def cache_key_parameters(config_cls: type, parameters: Mapping[str, Any], entrie
     }
     if parts is not None:  # absent otherwise: the keys of every other merge as before
         key["parts"] = [[list(part.indices), part.rule] for part in parts]
+    if shares is not None:  # likewise
+        key["equalize"] = list(shares)
     # The values the solver runs with: an unset parameter and its default share a key.
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
@@ -206,6 +211,35 @@ def trim_densities(solver_cls: type, group: TensorGroup, parameters: Mapping[str
                       "theirs whole). Set density to choose.", solver_cls.name, names, 100 * solver_cls.density,
                       solver_cls.density)
     return tuple(value if value is not None else solver_cls.density if i in auto else 1.0 for i, value in enumerate(given))
+
+
+def equalize_shares(solver_cls: type, group: TensorGroup, parameters: Mapping[str, Any]) -> Optional[Tuple[float, ...]]:
+    """equalize.equalized's shares per fine-tune (|weight| for one equalized, else 0), None where
+    fewer than two are: `equalize` where set; else, for a method that sums disjoint updates
+    (Solver.sums_disjoint), the fine-tunes that adapter_guard's sample shows as LoRA adapters with a
+    seed each, where it shows two or more and no adapter trained from one seed (the fine-tunes of its
+    1/sqrt(K) cap, guard.ExpertKinds.cap; decided with adapter_guard: false too, as density is);
+    docs/methods.md, "equalize"."""
+    entries = group.non_base
+    given = [parameters["equalize"][entry.id] for entry in entries]
+    auto = set()
+    if solver_cls.sums_disjoint and None in given and len(entries) >= 2:
+        kinds = expert_kinds(group.base.id, [entry.id for entry in entries], group.base.tensor.device)
+        decided = None if kinds is None else kinds.cap(len(entries), sums_disjoint=True)
+        if decided is not None and not kinds.one_seed:
+            auto = {i for i in decided[1] if given[i] is None}
+        if len(auto) >= 2:
+            warn_once(logger, "equalize", solver_cls.name,
+                      "%s: %s look like LoRA adapters with a seed each (adapter_guard's sample), so their task vectors "
+                      "are rescaled, per tensor, to one norm (the root mean square of theirs) before the solve: each "
+                      "adapter reads every task's inputs about as much as its own, and at their own sizes the one that "
+                      "moved least loses its task first. Set equalize: false to keep their sizes.", solver_cls.name,
+                      ", ".join(str(entries[i].id) for i in sorted(auto)))
+    chosen = [value if value is not None else i in auto for i, value in enumerate(given)]
+    if sum(chosen) < 2:  # one alone would come back unchanged
+        return None
+    weights = parameters["weight"]
+    return tuple(abs(float(weights[entry.id])) if on else 0.0 for entry, on in zip(entries, chosen))
 
 
 def solver_arguments(config_cls: type, parameters: Mapping[str, Any], entries) -> Tuple[Any, Dict[str, Any]]:

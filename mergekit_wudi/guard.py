@@ -30,6 +30,9 @@ Why. A LoRA update B A reads A's row space, and A stays near its random initiali
   not capped there: their merge is as large, but at lambda 1 they were the best methods on
   SmolLM2's such set and level on MiniLM's. Where full fine-tunes are merged with adapters,
   every method but doge also trims the full ones (ExpertKinds.full_beside_adapters; adapter.py).
+  The adapters that set the 1/sqrt(K) cap are also equalized first, each task vector rescaled to
+  the root mean square of their norms (adapter.equalize_shares; docs/methods.md, "equalize"): on
+  every task's inputs the K updates compete at their sizes, and the one that moved least lost its task.
 docs/benchmarks.md, "The adapter guard", has the numbers.
 
 What. Once per process and set of models: the first SAMPLE linear weights that the base and every

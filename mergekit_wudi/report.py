@@ -58,6 +58,7 @@ class TensorReport:
     binding: str = ""  # what bound c: the task (t_j) under input_space, "norm", "gain", "sum"; by kind, each part's
     input_overlap: Tuple[float, ...] = ()  # per task, solvers.overlap.subspace_overlap (nan: not computed)
     output_overlap: Tuple[float, ...] = ()
+    equalized: Tuple[float, ...] = ()  # per task, the factor `equalize` multiplied it by before the solve; (): none
 
     @property
     def count(self) -> int:
@@ -216,7 +217,7 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
     del tensors, base_tensor
     if not records:  # the adapter sent it to the fallback after all
         return None
-    task_vectors, merged, calibration = records.pop()
+    task_vectors, merged, calibration, equalization = records.pop()
     non_base = [model for model in task.model_order if model != base_model]
     scale = float(task.parameters["lambda"])
     if task.parameters.get("adapter_guard"):  # the lambda the merge uses (guard.py)
@@ -235,6 +236,7 @@ def _report_one(recording_method, records: list, task, *, device: str, ranks: bo
         binding=_bound_by(calibration),
         input_overlap=inputs,
         output_overlap=outputs,
+        equalized=equalization or (),
         objective_task_arithmetic=wudi_objective(task_vectors, scale * task_vectors.sum(dim=0)),
         objective_solved=wudi_objective(task_vectors, scale * merged),
     )
@@ -258,7 +260,7 @@ def _recording_solver(solver_cls: type, records: list) -> type:
         def solve(self, task_vectors: torch.Tensor, *, overwrite: bool = False, **per_model: Any) -> torch.Tensor:
             merged = super().solve(task_vectors, **per_model)  # never in place: the report reads them after
             # A copy: the adapter writes W0 + lambda * t_m into the solver's output in place.
-            records.append((task_vectors, merged.clone(), self.last_calibration))
+            records.append((task_vectors, merged.clone(), self.last_calibration, self.last_equalization))
             return merged
 
     RecordingSolver.__qualname__ = f"Recording{solver_cls.__qualname__}"
@@ -310,6 +312,7 @@ CSV_COLUMNS = (
     "n",
     "model",
     "norm",
+    "equalize_factor",
     "effective_rank",
     "lambda",
     "calibration",
@@ -328,8 +331,9 @@ def write_csv(reports: Sequence[TensorReport], path: Path) -> None:
         writer = csv.writer(file)
         writer.writerow(CSV_COLUMNS)
         for report in reports:
-            for model, norm, rank, inputs, outputs in zip(
-                report.models, report.norms, report.effective_ranks, report.input_overlap, report.output_overlap
+            factors = report.equalized or (1.0,) * report.count
+            for model, norm, factor, rank, inputs, outputs in zip(
+                report.models, report.norms, factors, report.effective_ranks, report.input_overlap, report.output_overlap
             ):
                 writer.writerow(
                     [
@@ -339,6 +343,7 @@ def write_csv(reports: Sequence[TensorReport], path: Path) -> None:
                         report.count,
                         model,
                         repr(norm),
+                        repr(factor),
                         repr(rank),
                         repr(report.scale),
                         repr(report.calibration),
@@ -363,6 +368,7 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
         "where the method trims before its solve (`density` under 1: by default every method but doge trims full fine-tunes "
         "merged with LoRA adapters), L of the solved t "
         "also counts the entries the trim dropped, so it can exceed task arithmetic's. "
+        "||t_i|| (x f): the norm, and where `equalize` rescaled t_i before the solve, its factor. "
         "Effective rank: exp of the entropy of the normalised singular values (Roy & Vetterli 2007).",
         "",
     ]
@@ -380,7 +386,8 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in reports:
-            norms = ", ".join(f"{v:.4g}" for v in r.norms)
+            norms = ", ".join(f"{v:.4g}" + (f" (x{f:.3g})" if r.equalized else "")
+                              for v, f in zip(r.norms, r.equalized or r.norms))
             ranks = ", ".join(f"{v:.3g}" for v in r.effective_ranks)
             lines.append(
                 f"| `{r.name}` | {r.shape[0]}x{r.shape[1]} | {r.count} | {norms} | {ranks} | "

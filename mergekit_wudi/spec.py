@@ -31,7 +31,7 @@ from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.fallback import DEFAULT_FALLBACK, check_fallback
 from mergekit_wudi.names import SYNONYMS, spelling_variants, suggest
 from mergekit_wudi.solvers.calibrate import CALIBRATIONS
-from mergekit_wudi.solvers.checks import check_choice, check_fraction
+from mergekit_wudi.solvers.checks import check_bool, check_choice, check_fraction
 
 _SCOPE_ORDER = (ParameterScope.SHARED, ParameterScope.NON_BASE, ParameterScope.INPUT)
 PASSTHROUGH_DESCRIPTION = "passed to the fallback method"
@@ -131,6 +131,12 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
                       + (f"{auto:g} for fine-tunes that look like full fine-tunes beside LoRA adapters, else 1;" if auto < 1
                          else "1;") + " 1 = no trim; when set, also passed to the fallback)",
                       check=functools.partial(_none_or, functools.partial(check_fraction, "density")))
+    yield declare("equalize", Optional[bool], ParameterScope.NON_BASE, None,
+                  "rescale this fine-tune's task vector, per tensor, to the root mean square norm of those equalized "
+                  "with it (times |weight|) before the solve (default "
+                  + ("true for LoRA adapters with a seed each where adapter_guard's sample shows two or more, else false"
+                     if method.solver_cls.sums_disjoint else "false") + ")",
+                  check=functools.partial(_none_or, functools.partial(check_bool, "equalize")))
     yield declare("fallback", str, shared, DEFAULT_FALLBACK, "merge method for tensors that are not solved, or 'base'",
                   check=check_fallback)
     yield declare("solve", bool, shared, True, "false sends the tensor to the fallback")

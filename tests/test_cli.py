@@ -52,7 +52,7 @@ def test_methods_json_lists_own_parameters_with_defaults():
     assert list(described) == list(METHODS)
     # density: unset (None) so that a ties fallback keeps its own; the method's default is in its description.
     common = {"weight": 1.0, "lambda": 1.0, "calibrate": "none", "adapter_guard": True, "density": None,
-              "fallback": "task_arithmetic", "solve": True, "input_major": None}
+              "equalize": None, "fallback": "task_arithmetic", "solve": True, "input_major": None}
     # Defaults from methods.md and the solver configs, independent of the spec.
     expected = {
         "wudi": {**common, "steps": WudiConfig().steps, "lr": WudiConfig().lr},
@@ -78,6 +78,13 @@ def test_methods_json_lists_own_parameters_with_defaults():
     assert "(default 0.3 for fine-tunes that look like full" in trims["wudi"]
     assert "(default 0.3 for fine-tunes that look like full" in trims["tsv"]
     assert "(default 0.3 for fine-tunes that look like full" in trims["iso_c"]
+    # issue 23: equal norms for adapters with a seed each, by default only for the methods that sum disjoint updates
+    equal = {name: next(p["description"] for p in item["parameters"] if p["name"] == "equalize")
+             for name, item in described.items()}
+    for name in METHODS:
+        auto = name in ("wudi", "wudi_cfs", "tsv", "ace")
+        assert ("(default true for LoRA adapters with a seed each" in equal[name]) == auto, name
+        assert equal[name].endswith("else false)" if auto else "(default false)"), name
     scopes = {p["name"]: p["scope"] for p in described["doge"]["parameters"]}
     assert scopes["weight"] == "per-model" and scopes["density"] == "per-model" and scopes["eta"] == "shared"
     scopes = {p["name"]: p["scope"] for p in described["iso_cts"]["parameters"]}
@@ -88,7 +95,7 @@ def test_methods_json_lists_own_parameters_with_defaults():
     assert pretty["iso_cts"] == ("Iso-CTS", "https://arxiv.org/abs/2502.04959")
     types = {p["name"]: p["type"] for p in described["wudi"]["parameters"]}
     assert types == {"weight": "float", "lambda": "float", "calibrate": "str", "adapter_guard": "bool", "density": "float or null",
-                     "fallback": "str", "solve": "bool", "input_major": "bool or null", "steps": "int", "lr": "float"}
+                     "equalize": "bool or null", "fallback": "str", "solve": "bool", "input_major": "bool or null", "steps": "int", "lr": "float"}
 
 
 def test_methods_text_and_markdown():

@@ -56,6 +56,8 @@ CASES = [
     ("wudi_cfs", {"fall_back": "ties"}, None, "unknown parameter 'fall_back' for merge_method wudi_cfs: did you mean 'fallback'?"),
     ("doge", None, {"densities": 0.5}, "unknown parameter 'densities' for merge_method doge: did you mean 'density'?"),
     ("wudi", {"omega": 0.5}, None, "parameter 'omega' belongs to merge_method wudi_cfs, not wudi: remove it, or set merge_method: wudi_cfs"),
+    ("wudi_cfs", None, {"equalize": "yes please"}, "invalid value for parameter 'equalize' of merge_method wudi_cfs: Input should be a valid boolean, unable to interpret input, got 'yes please'"),
+    ("tsv", {"equalise": True}, None, "unknown parameter 'equalise' for merge_method tsv: did you mean 'equalize'?"),
     # a per-model filter list, as in the YAML `- filter: q_proj` form
     ("wudi", None, {"learning_rate": [{"filter": "q_proj", "value": 1e-4}, {"value": 1e-5}]},
      "unknown parameter 'learning_rate' for merge_method wudi: did you mean 'lr'?"),

@@ -8,7 +8,7 @@ from mergekit_wudi.names import SYNONYMS, spelling_variants, suggest
 @pytest.mark.parametrize("key, meant", sorted(SYNONYMS.items()))
 def test_closeness_rule_agrees_with_the_synonym_table(key, meant):
     names = ["weight", "lambda", "fallback", "solve", "input_major", "steps", "lr", "omega", "eta", "density", "subspace",
-             "common_space_fraction"]
+             "common_space_fraction", "equalize"]
     assert suggest(key, names) == meant
 
 

@@ -134,6 +134,8 @@ def test_report_tells_one_seed_adapters_from_independent_ones(cfs_report, tmp_pa
 def test_report_lambda_is_capped_at_one_over_sqrt_n_for_adapters_with_a_seed_each(tmp_path):
     # The seed-each family (guard.py): the CSV's lambda is what the merge uses, 1/sqrt(3) for
     # tsv (a method that sums disjoint updates) and the configured 1 for iso_c (not capped there).
+    # equalize_factor: what `equalize` multiplied each task vector by, the root mean square of the
+    # tensor's norms over its own norm for tsv (equalized by default there), 1 for iso_c.
     paths = make_seed_each_family(tmp_path / "seed_each")
     for method, strength in (("tsv", 3 ** -0.5), ("iso_c", 1.0)):
         config = write_config(tmp_path / f"{method}.yml", method, paths[0], paths[1:])
@@ -143,8 +145,18 @@ def test_report_lambda_is_capped_at_one_over_sqrt_n_for_adapters_with_a_seed_eac
         rows = read_csv(tmp_path / method / "report.csv")
         assert len(rows) == 4 * 3
         assert all(float(row["lambda"]) == pytest.approx(strength, rel=1e-12) for row in rows), method
+        for name in {row["name"] for row in rows}:
+            norms = [float(row["norm"]) for row in rows if row["name"] == name]
+            target = math.sqrt(sum(n * n for n in norms) / len(norms))
+            expected = [target / n for n in norms] if method == "tsv" else [1.0] * len(norms)
+            factors = [float(row["equalize_factor"]) for row in rows if row["name"] == name]
+            assert factors == pytest.approx(expected, rel=1e-5), (method, name)
+            assert method == "iso_c" or max(factors) > 1.01  # the family's norms differ
     markdown = (tmp_path / "tsv" / "report.md").read_text()
     assert markdown.count(" | lora |") == 3 and "cap lambda at 1/sqrt(K)" in markdown
+    rows_of = lambda text: [line for line in text.splitlines() if line.startswith("| `")]  # noqa: E731
+    assert all(" (x" in row for row in rows_of(markdown))
+    assert not any(" (x" in row for row in rows_of((tmp_path / "iso_c" / "report.md").read_text()))
 
 
 def test_report_bf16_wudi(tmp_path):

@@ -236,9 +236,10 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
         assert error <= 1.5 * rounding + 1e-3 * (expected - w0).norm(), name
 
 
-def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None, densities=None):
+def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None, densities=None, equalized=()):
     """Every linear weight in `out` is W0 + strength * c * the float64 WUDI closed form t_m of the
-    models' task vectors (each first trimmed at its density, where given), c the calibrate rule's
+    models' task vectors (each first trimmed at its density, where given; then those at the
+    positions `equalized` rescaled to the root mean square of their norms), c the calibrate rule's
     scale from its definition (1 without a rule)."""
     base_tensors, tuned = load_model(base), [load_model(m) for m in models]
     scales = []
@@ -248,6 +249,10 @@ def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None, densities=
             task_vectors = torch.stack([t[name].double() - w0 for t in tuned])
             if densities is not None:
                 task_vectors = torch.stack([trimmed(t.unsqueeze(0), d)[0] for t, d in zip(task_vectors, densities)])
+            if equalized:
+                target = torch.stack([task_vectors[i].norm() for i in equalized]).square().mean().sqrt()
+                for i in equalized:
+                    task_vectors[i] *= target / task_vectors[i].norm()
             solved = wudi_closed_form(task_vectors, 0.1)
             scales.append(1.0 if rule is None else SCALES[rule](list(task_vectors), solved))
             expected = w0 + strength * scales[-1] * solved
@@ -258,27 +263,30 @@ def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None, densities=
 
 
 @pytest.mark.parametrize(
-    "make, kind, cap, rule, normed, lowered",
+    "make, kind, cap, rule, normed, lowered, equalized",
     [
-        (make_one_seed_family, "trained from one seed", 1 / 3, "1/N = 0.333", "sum_cap", 0.3),
-        (make_seed_each_family, "trained with a seed each", 3 ** -0.5, "1/sqrt(3) = 0.577", None, 0.5),
+        (make_one_seed_family, "trained from one seed", 1 / 3, "1/N = 0.333", "sum_cap", 0.3, ()),
+        (make_seed_each_family, "trained with a seed each", 3 ** -0.5, "1/sqrt(3) = 0.577", None, 0.5, (0, 1, 2)),
     ],
     ids=["one_seed", "seed_each"],
 )
-def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, normed, lowered, tmp_path):
+def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, normed, lowered, equalized, tmp_path):
     # Nothing in the YAML says these are adapters: their task vectors do (guard.py). One seed:
     # rank-2 deltas sharing one input factor; a seed each: rank-8 deltas with a random input
     # factor each and shared output directions. At the defaults every solved tensor is merged at
     # the cap, said once (one seed: with calibrate: none become sum_cap, the merge no larger than
     # the adapters' average); a lambda under it is left alone; adapter_guard: false keeps lambda 1
     # and warns. Independent fine-tunes are not touched: test_guard.py, and every exact-merge test
-    # on `family`.
+    # on `family`. Adapters with a seed each are also equalized first (each task vector rescaled to
+    # the root mean square of their norms, said once), with the guard off too; equalize: false
+    # keeps their sizes. One-seed adapters are not equalized.
     base, *models = make(tmp_path / "family")
     result = mergekit_yaml(write_config(tmp_path / "default.yml", "wudi_cfs", base, models), tmp_path / "out")
     assert result.stderr.count(f"wudi_cfs: 3 of the 3 fine-tunes look like LoRA adapters {kind}") == 1
     assert f"lambda is capped at {rule} for every solved tensor" in result.stderr
     assert ("calibrate: none becomes sum_cap" in result.stderr) == (normed is not None)
-    scales = assert_wudi_cfs_merged_at(tmp_path / "out", base, models, cap, normed)
+    assert result.stderr.count("so their task vectors are rescaled, per tensor, to one norm") == len(equalized) // 3
+    scales = assert_wudi_cfs_merged_at(tmp_path / "out", base, models, cap, normed, equalized=equalized)
     if normed:
         # (On this family wudi_cfs's merge is within the sum, so sum_cap keeps it: c = 1. That it
         # is switched on, and what it does to a larger merge: test_guard.py, test_calibrate.py.)
@@ -291,11 +299,19 @@ def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, normed, low
     off = write_config(tmp_path / "off.yml", "wudi_cfs", base, models, {"adapter_guard": False})
     result = mergekit_yaml(off, tmp_path / "off")
     assert result.stderr.count("adapter_guard is off, so lambda stays 1") == 1
-    assert_wudi_cfs_merged_at(tmp_path / "off", base, models, 1.0)
+    assert_wudi_cfs_merged_at(tmp_path / "off", base, models, 1.0, equalized=equalized)
 
     below = write_config(tmp_path / "below.yml", "wudi_cfs", base, models, {"lambda": lowered})
     assert mergekit_yaml_in_process(below, tmp_path / "below").exit_code == 0
-    assert_wudi_cfs_merged_at(tmp_path / "below", base, models, lowered)
+    assert_wudi_cfs_merged_at(tmp_path / "below", base, models, lowered, equalized=equalized)
+    if equalized:
+        sizes = write_config(tmp_path / "sizes.yml", "wudi_cfs", base, models, {"equalize": False})
+        result = mergekit_yaml(sizes, tmp_path / "sizes")
+        assert "rescaled, per tensor, to one norm" not in result.stderr
+        assert_wudi_cfs_merged_at(tmp_path / "sizes", base, models, cap)
+        default, plain = load_model(tmp_path / "out"), load_model(tmp_path / "sizes")
+        linear = [name for name in default if is_llama_linear(name)]
+        assert linear and not any(torch.equal(default[name], plain[name]) for name in linear)
 
 
 def doge_references(base, models, steps):
@@ -377,11 +393,13 @@ def test_mixed_full_and_adapters_cap_lambda_at_one_over_sqrt_k(tmp_path):
     assert "lambda is capped at 1/sqrt(2) = 0.707 for every solved tensor" in result.stderr
     assert result.stderr.count("look like full fine-tunes beside LoRA adapters") == 1
     assert f"{models[0]}, {models[1]} look like full fine-tunes" in result.stderr
-    assert_wudi_cfs_merged_at(tmp_path / "out", base, models, 2 ** -0.5, densities=[0.3, 0.3, 1.0, 1.0])
+    assert result.stderr.count(f"wudi_cfs: {models[2]}, {models[3]} look like LoRA adapters with a seed each") == 1
+    assert_wudi_cfs_merged_at(tmp_path / "out", base, models, 2 ** -0.5, densities=[0.3, 0.3, 1.0, 1.0],
+                              equalized=(2, 3))
     whole = write_config(tmp_path / "whole.yml", "wudi_cfs", base, models, {"density": 1.0})
     result = mergekit_yaml(whole, tmp_path / "whole")
     assert "beside LoRA adapters" not in result.stderr
-    assert_wudi_cfs_merged_at(tmp_path / "whole", base, models, 2 ** -0.5)
+    assert_wudi_cfs_merged_at(tmp_path / "whole", base, models, 2 ** -0.5, equalized=(2, 3))
 
 
 ISO_REFERENCES = {"iso_c": lambda tasks: iso_c(tasks, eps=EPS32), "iso_cts": lambda tasks: iso_cts(tasks, 0.8, EPS32)}

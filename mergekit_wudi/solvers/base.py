@@ -14,7 +14,8 @@ from typing import Any, ClassVar, Mapping, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from mergekit_wudi.solvers.calibrate import CALIBRATIONS, Calibration, calibrate
-from mergekit_wudi.solvers.checks import check_choice, check_fraction, per_model_values
+from mergekit_wudi.solvers.checks import check_choice, check_fraction, check_non_negative, per_model_values
+from mergekit_wudi.solvers.equalize import equalized
 from mergekit_wudi.solvers.numerics import (
     SOLVE_EXTRA_TENSORS,
     TaskVectors,
@@ -80,7 +81,8 @@ class Solver:
     with LoRA adapters (adapter.trim_densities; everything else: 1), the fraction of each task
     vector's entries kept by the magnitude trim before the solve (trim.py); None for a method
     that trims inside its own solve and declares `density` in its config (doge). A solver built
-    directly trims only at the density it is given.
+    directly trims only at the density it is given. `equalize`: equalize.equalized's shares, applied
+    after the trim (adapter.equalize_shares gives them; None: none).
 
     Input: any float dtype on any device; solved in float32 (float64 if given float64);
     returns (out, in) in that compute dtype on the input device. Zero or non-finite task
@@ -119,14 +121,17 @@ class Solver:
             cls.density = None
 
     def __init__(self, config: Optional[Any] = None, calibration: str = "none",
-                 density: Union[float, Sequence[float]] = 1.0, parts: Optional[Sequence[Part]] = None):
+                 density: Union[float, Sequence[float]] = 1.0, parts: Optional[Sequence[Part]] = None,
+                 equalize: Optional[Sequence[float]] = None):
         self.config = config or self.config_cls()
         self.rule = check_choice(*CALIBRATIONS)("calibrate", calibration)
         self.parts = None if parts is None else tuple(map(checked_part, parts))  # `calibration` then unused
         if self.density is None and any(value != 1.0 for value in (density if isinstance(density, (list, tuple)) else [density])):
             raise ValueError(f"{self.name} trims inside its solve: give density in its config, not to the solver")
         self.trim = density  # one value, or one per task vector; checked in solve
+        self.shares = equalize  # equalize.equalized's: one per task vector (0: as given), or None; checked in solve
         self.last_calibration: Optional[Calibration] = None  # what the last solve chose (the report shows it)
+        self.last_equalization: Optional[Tuple[float, ...]] = None  # each task vector's factor (the report shows it)
 
     def solve(self, task_vectors: torch.Tensor, *, overwrite: bool = False, **per_model: Any) -> torch.Tensor:
         """task_vectors (N, out, in) -> t_m (out, in); per_model: one value per task vector
@@ -135,7 +140,9 @@ class Solver:
         instead of into a copy (N tensors fewer)."""
         count = task_vectors.shape[0] if isinstance(task_vectors, torch.Tensor) and task_vectors.ndim else 0
         values = per_model_values(self.config, per_model, count)
-        densities = self._densities(count)
+        densities = _per_vector("density", self.trim, count, check_fraction)
+        shares = None if self.shares is None else _per_vector("equalize", self.shares, count, check_non_negative)
+        self.last_equalization = None
         with solve_threads(task_vectors, whole=self.one_thread):
             prepared = prepare_task_vectors(task_vectors)
             if prepared.count == 0:
@@ -144,6 +151,11 @@ class Solver:
             if any(d < 1.0 for d in kept_density):
                 shares_input = prepared.vectors.untyped_storage().data_ptr() == task_vectors.untyped_storage().data_ptr()
                 prepared = trimmed(prepared, kept_density, overwrite=overwrite or not shares_input)
+            if shares is not None:
+                own = overwrite or prepared.vectors.untyped_storage().data_ptr() != task_vectors.untyped_storage().data_ptr()
+                prepared, factors = equalized(prepared, [shares[i] for i in prepared.indices], overwrite=own)
+                by_caller = dict(zip(prepared.indices, factors))
+                self.last_equalization = tuple(by_caller.get(i, 1.0) for i in range(count))  # 1: not usable
             kept = {name: tuple(given[i] for i in prepared.indices) for name, given in values.items()}
             if self.parts is not None:
                 own = overwrite or prepared.vectors.untyped_storage().data_ptr() != task_vectors.untyped_storage().data_ptr()
@@ -152,20 +164,20 @@ class Solver:
             merged, self.last_calibration = solve_calibrated(self, prepared, kept, self.rule, count)
             return merged
 
-    def _densities(self, count: int) -> Tuple[float, ...]:
-        """The trim's density for each of count task vectors, checked."""
-        given = self.trim
-        values = tuple(given) if isinstance(given, (list, tuple)) else (given,) * count
-        if len(values) != count:
-            raise ValueError(f"density: {len(values)} values for {count} task vectors")
-        return tuple(check_fraction("density", value) for value in values)
-
     def _calibrated(self, calibration: Calibration, vectors: torch.Tensor) -> None:
         """Called after a calibrated solve with the task vectors that took part (N, out, in): a
         subclass may warn about what their ranks show."""
 
     def _solve(self, prepared: TaskVectors, **per_model: Tuple[Any, ...]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _per_vector(name: str, given: Any, count: int, check: Any) -> Tuple[float, ...]:
+    """One checked value per task vector: `given` as one value or one per vector."""
+    values = tuple(given) if isinstance(given, (list, tuple)) else (given,) * count
+    if len(values) != count:
+        raise ValueError(f"{name}: {len(values)} values for {count} task vectors")
+    return tuple(check(name, value) for value in values)
 
 
 def solve_calibrated(solver: Solver, prepared: TaskVectors, kept: Mapping[str, Tuple[Any, ...]], rule: str,
