@@ -236,11 +236,11 @@ def test_evolve_genome_with_wudi(family, tmp_path, monkeypatch):
         assert error <= 1.5 * rounding + 1e-3 * (expected - w0).norm(), name
 
 
-def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None, densities=None, equalized=()):
+def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None, densities=None, equalized=(), weights=None):
     """Every linear weight in `out` is W0 + strength * c * the float64 WUDI closed form t_m of the
     models' task vectors (each first trimmed at its density, where given; then those at the
-    positions `equalized` rescaled to the root mean square of their norms), c the calibrate rule's
-    scale from its definition (1 without a rule)."""
+    positions `equalized` rescaled to the root mean square of their norms; each times its weight,
+    where given), c the calibrate rule's scale from its definition (1 without a rule)."""
     base_tensors, tuned = load_model(base), [load_model(m) for m in models]
     scales = []
     for name, tensor in load_model(out).items():
@@ -253,6 +253,8 @@ def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None, densities=
                 target = torch.stack([task_vectors[i].norm() for i in equalized]).square().mean().sqrt()
                 for i in equalized:
                     task_vectors[i] *= target / task_vectors[i].norm()
+            if weights is not None:
+                task_vectors = task_vectors * torch.tensor(weights, dtype=torch.float64)[:, None, None]
             solved = wudi_closed_form(task_vectors, 0.1)
             scales.append(1.0 if rule is None else SCALES[rule](list(task_vectors), solved))
             expected = w0 + strength * scales[-1] * solved
@@ -312,6 +314,10 @@ def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, normed, low
         default, plain = load_model(tmp_path / "out"), load_model(tmp_path / "sizes")
         linear = [name for name in default if is_llama_linear(name)]
         assert linear and not any(torch.equal(default[name], plain[name]) for name in linear)
+        # A weight scales its model's equalized task vector: the weights' ratios are kept.
+        weighted = write_config(tmp_path / "weighted.yml", "wudi_cfs", base, models, None, [{"weight": 0.5}, {}, {}])
+        assert mergekit_yaml_in_process(weighted, tmp_path / "weighted").exit_code == 0
+        assert_wudi_cfs_merged_at(tmp_path / "weighted", base, models, cap, equalized=equalized, weights=[0.5, 1, 1])
 
 
 def doge_references(base, models, steps):
