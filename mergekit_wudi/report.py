@@ -65,6 +65,11 @@ class TensorReport:
         return len(self.models)
 
     @property
+    def factors(self) -> Tuple[float, ...]:
+        """Each task's equalize factor, 1 where none was applied."""
+        return self.equalized or (1.0,) * self.count
+
+    @property
     def ratio(self) -> float:
         """L(lambda t_m) / L(lambda sum_i t_i); nan when task arithmetic has no interference."""
         if self.objective_task_arithmetic == 0.0:
@@ -331,9 +336,8 @@ def write_csv(reports: Sequence[TensorReport], path: Path) -> None:
         writer = csv.writer(file)
         writer.writerow(CSV_COLUMNS)
         for report in reports:
-            factors = report.equalized or (1.0,) * report.count
             for model, norm, factor, rank, inputs, outputs in zip(
-                report.models, report.norms, factors, report.effective_ranks, report.input_overlap, report.output_overlap
+                report.models, report.norms, report.factors, report.effective_ranks, report.input_overlap, report.output_overlap
             ):
                 writer.writerow(
                     [
@@ -386,8 +390,7 @@ def write_markdown(reports: Sequence[TensorReport], path: Path, *, method: str, 
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in reports:
-            norms = ", ".join(f"{v:.4g}" + (f" (x{f:.3g})" if r.equalized else "")
-                              for v, f in zip(r.norms, r.equalized or r.norms))
+            norms = ", ".join(f"{v:.4g}" + (f" (x{f:.3g})" if r.equalized else "") for v, f in zip(r.norms, r.factors))
             ranks = ", ".join(f"{v:.3g}" for v in r.effective_ranks)
             lines.append(
                 f"| `{r.name}` | {r.shape[0]}x{r.shape[1]} | {r.count} | {norms} | {ranks} | "

@@ -37,6 +37,19 @@ def trimmed(task_vectors: torch.Tensor, density: float, rank_dtype: torch.dtype 
     return torch.stack(result)
 
 
+def equalized(task_vectors: torch.Tensor, positions: Sequence[int], weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """The equalization before a solve (docs/methods.md, "equalize"), written out: the task vectors
+    at `positions` rescaled to |weight_i| times the root mean square of their own (unweighted)
+    norms, the others as given."""
+    weights = weights or [1.0] * len(task_vectors)
+    own = [float(task_vectors[i].double().norm()) / abs(weights[i]) for i in positions]
+    target = math.sqrt(sum(n * n for n in own) / len(own))
+    result = task_vectors.clone()
+    for i in positions:
+        result[i] = task_vectors[i] * (abs(weights[i]) * target / float(task_vectors[i].double().norm()))
+    return result
+
+
 def wudi_loss(t_m: torch.Tensor, tasks: Sequence[torch.Tensor]) -> torch.Tensor:
     """WUDI Eq. 21: sum_i ||(t_m - t_i) t_i^T||_F^2 / ||t_i||_F^2."""
     return sum(((t_m - t) @ t.T).pow(2).sum() / t.pow(2).sum() for t in tasks)

@@ -24,6 +24,7 @@ from models import (
     write_config,
 )
 from reference import SCALES, doge, mean_cap_scale, trimmed, wudi_closed_form
+from reference import equalized as equalized_by_hand
 from reference_2025 import EPS32, iso_c, iso_cts
 from runner import mergekit_yaml, mergekit_yaml_in_process
 
@@ -250,9 +251,7 @@ def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None, densities=
             if densities is not None:
                 task_vectors = torch.stack([trimmed(t.unsqueeze(0), d)[0] for t, d in zip(task_vectors, densities)])
             if equalized:
-                target = torch.stack([task_vectors[i].norm() for i in equalized]).square().mean().sqrt()
-                for i in equalized:
-                    task_vectors[i] *= target / task_vectors[i].norm()
+                task_vectors = equalized_by_hand(task_vectors, equalized)
             if weights is not None:
                 task_vectors = task_vectors * torch.tensor(weights, dtype=torch.float64)[:, None, None]
             solved = wudi_closed_form(task_vectors, 0.1)

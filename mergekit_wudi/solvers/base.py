@@ -149,17 +149,16 @@ class Solver:
                 return prepared.vectors.new_zeros(task_vectors.shape[1:])
             kept_density = [densities[i] for i in prepared.indices]
             if any(d < 1.0 for d in kept_density):
-                shares_input = prepared.vectors.untyped_storage().data_ptr() == task_vectors.untyped_storage().data_ptr()
-                prepared = trimmed(prepared, kept_density, overwrite=overwrite or not shares_input)
+                prepared = trimmed(prepared, kept_density, overwrite=_owns(prepared, task_vectors, overwrite))
             if shares is not None:
-                own = overwrite or prepared.vectors.untyped_storage().data_ptr() != task_vectors.untyped_storage().data_ptr()
-                prepared, factors = equalized(prepared, [shares[i] for i in prepared.indices], overwrite=own)
+                prepared, factors = equalized(prepared, [shares[i] for i in prepared.indices],
+                                              overwrite=_owns(prepared, task_vectors, overwrite))
                 by_caller = dict(zip(prepared.indices, factors))
                 self.last_equalization = tuple(by_caller.get(i, 1.0) for i in range(count))  # 1: not usable
             kept = {name: tuple(given[i] for i in prepared.indices) for name, given in values.items()}
             if self.parts is not None:
-                own = overwrite or prepared.vectors.untyped_storage().data_ptr() != task_vectors.untyped_storage().data_ptr()
-                merged, self.last_calibration = solve_parts(self, self.parts, prepared, kept, count, own)
+                merged, self.last_calibration = solve_parts(self, self.parts, prepared, kept, count,
+                                                            _owns(prepared, task_vectors, overwrite))
                 return merged
             merged, self.last_calibration = solve_calibrated(self, prepared, kept, self.rule, count)
             return merged
@@ -170,6 +169,12 @@ class Solver:
 
     def _solve(self, prepared: TaskVectors, **per_model: Tuple[Any, ...]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _owns(prepared: TaskVectors, task_vectors: torch.Tensor, overwrite: bool) -> bool:
+    """Whether the solve may write into prepared.vectors: the caller gave task_vectors up, or
+    prepared holds a copy of its own (a cast, a drop, a trim)."""
+    return overwrite or prepared.vectors.untyped_storage().data_ptr() != task_vectors.untyped_storage().data_ptr()
 
 
 def _per_vector(name: str, given: Any, count: int, check: Any) -> Tuple[float, ...]:

@@ -5,23 +5,12 @@ import math
 
 import pytest
 import torch
+from reference import equalized as by_hand
 from tensors import full_rank_task_vectors
 
 from mergekit_wudi.solvers import SOLVERS, WudiCfsSolver
 from mergekit_wudi.solvers.equalize import equalized
 from mergekit_wudi.solvers.numerics import prepare_task_vectors
-
-
-def by_hand(vectors, positions, weights=None):
-    """The task vectors at `positions` rescaled to weight_i times the root mean square of their own
-    (unweighted) norms, written out for a few vectors: the definition in docs/methods.md."""
-    weights = weights or [1.0] * len(vectors)
-    own = {i: float(vectors[i].double().norm()) / abs(weights[i]) for i in positions}
-    target = math.sqrt(sum(n * n for n in own.values()) / len(own))
-    result = vectors.clone()
-    for i in positions:
-        result[i] = vectors[i] * (abs(weights[i]) * target / float(vectors[i].double().norm()))
-    return result
 
 
 def test_two_norms_become_their_root_mean_square():
