@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Sequence
@@ -75,11 +74,20 @@ class ExpertSets:
             out[name] = (recipe.kind, root / name, seconds)
         return out
 
-    def main(self) -> None:
-        """python .../experts.py [SET...]: train the named sets (default: all, then mixed)."""
+    def main(self, argv: Sequence[str] = None) -> None:
+        """python .../experts.py [SET...]: train the named sets (default: all, then the mixed ones)."""
+        import argparse
+
+        names = [*self.recipes, *MIXED_SETS]
+        parser = argparse.ArgumentParser(description=f"Train the {self.bench} benchmark's expert sets that are not cached yet.")
+        parser.add_argument("sets", nargs="*", metavar="SET", help=f"one of {', '.join(names)} (default: all)")
+        args = parser.parse_args(argv)
+        unknown = [name for name in args.sets if name not in names]
+        if unknown:  # not argparse's choices: with nargs="*" they refuse an empty list (Python < 3.12)
+            parser.error(f"unknown set {', '.join(map(repr, unknown))}: choose from {', '.join(names)}")
         import torch
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
-        for set_name in sys.argv[1:] or [*self.recipes, "mixed"]:
+        for set_name in args.sets or names:
             print(set_name, self.ensure(set_name))

@@ -225,3 +225,17 @@ def test_a_misspelt_set_or_method_is_refused(tmp_path):
         runner.Runner(FakeBench(tmp_path), tmp_path / "out", sets=["lroa"])
     with pytest.raises(ValueError, match="unknown method wudi_cf"):
         runner.Runner(FakeBench(tmp_path), tmp_path / "out", methods=["wudi_cf"])
+
+
+def test_the_experts_command_line_refuses_an_unknown_set_before_training(capsys):
+    from bench.experts import BaseRecipe, ExpertSets
+
+    trained = []
+    sets = ExpertSets("fake", TASKS, None, (), {"full": BaseRecipe(), "lora": BaseRecipe(kind="lora")}, train=None)
+    sets.ensure = trained.append
+    with pytest.raises(SystemExit) as refused:
+        sets.main(["lora", "lroa"])
+    assert refused.value.code == 2 and trained == []
+    assert "unknown set 'lroa': choose from full, lora, mixed, mixed_seed1" in capsys.readouterr().err
+    sets.main([])
+    assert trained == ["full", "lora", "mixed", "mixed_seed1"]
