@@ -3,6 +3,7 @@ tasks, the `mixed` set, and the command line that trains sets."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -74,10 +75,8 @@ class ExpertSets:
             out[name] = (recipe.kind, root / name, seconds)
         return out
 
-    def main(self, argv: Sequence[str] = None) -> None:
+    def main(self, argv: Sequence[str] | None = None) -> None:
         """python .../experts.py [SET...]: train the named sets (default: all, then the mixed ones)."""
-        import argparse
-
         names = [*self.recipes, *MIXED_SETS]
         parser = argparse.ArgumentParser(description=f"Train the {self.bench} benchmark's expert sets that are not cached yet.")
         parser.add_argument("sets", nargs="*", metavar="SET", help=f"one of {', '.join(names)} (default: all)")

@@ -227,9 +227,11 @@ def test_a_misspelt_set_or_method_is_refused(tmp_path):
         runner.Runner(FakeBench(tmp_path), tmp_path / "out", methods=["wudi_cf"])
 
 
-def test_the_experts_command_line_refuses_an_unknown_set_before_training(capsys):
+def test_the_experts_command_line_refuses_an_unknown_set_before_training(capsys, monkeypatch):
+    import torch
     from bench.experts import BaseRecipe, ExpertSets
 
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # main() sets it for a training run, not for the test process
     trained = []
     sets = ExpertSets("fake", TASKS, None, (), {"full": BaseRecipe(), "lora": BaseRecipe(kind="lora")}, train=None)
     sets.ensure = trained.append
