@@ -21,7 +21,7 @@ from mergekit.merge_methods.base import GroupMergeMethod, MergeMethodSpec, Tenso
 from mergekit_wudi.cache import SolveCache
 from mergekit_wudi.config_error import ConfigError
 from mergekit_wudi.fallback import merge_by_fallback
-from mergekit_wudi.guard import expert_kinds, kind_parts, with_guarded_lambda
+from mergekit_wudi.guard import AVERAGE, expert_kinds, kind_parts, with_guarded_lambda
 from mergekit_wudi.progress import PROGRESS, log_objective, objective_logged
 from mergekit_wudi.solvers import SOLVERS, compute_dtype
 from mergekit_wudi.solvers.base import Part, warn_once
@@ -112,7 +112,8 @@ class SolverMergeMethod(GroupMergeMethod):
             return merge_by_fallback(self.method_name, group, parameters)
         solver_cls = self.solver_cls
         parameters = with_guarded_lambda(self.method_name, group, parameters, sums_disjoint=solver_cls.sums_disjoint,
-                                         task_sized=solver_cls.task_sized, by_kind=solver_cls.by_kind)
+                                         task_sized=solver_cls.task_sized, by_kind=solver_cls.by_kind,
+                                         default_calibration=solver_cls.calibration)
         if solver_cls.sums_disjoint:
             warn_lora_adapters(self.method_name, group.non_base, parameters["lambda"])
         densities = trim_densities(solver_cls, group, parameters)  # once: the key and the solve take them
@@ -137,7 +138,7 @@ class SolverMergeMethod(GroupMergeMethod):
         config, per_model = solver_arguments(self.config_cls, parameters, entries)
         by_kind = {} if parts is None else {"parts": parts}  # only by-kind solvers get them (a subclass's own __init__)
         solver = self.solver_cls(config, calibration=parameters["calibrate"], density=densities, equalize=shares,
-                                 **by_kind)
+                                 average=parameters.get(AVERAGE, False), **by_kind)
         try:  # the task vectors are ours; only -v's objective log reads them after the solve
             merged = solver.solve(task_vectors, overwrite=not objective_logged(), **per_model)  # (out, in)
         except torch.linalg.LinAlgError as error:
@@ -183,6 +184,8 @@ def cache_key_parameters(config_cls: type, parameters: Mapping[str, Any], entrie
         key["parts"] = [[list(part.indices), part.rule] for part in parts]
     if shares is not None:  # likewise
         key["equalize"] = list(shares)
+    if parameters.get(AVERAGE):  # likewise
+        key["average"] = True
     # The values the solver runs with: an unset parameter and its default share a key.
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)

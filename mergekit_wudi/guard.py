@@ -6,16 +6,17 @@ Why. A LoRA update B A reads A's row space, and A stays near its random initiali
   input spaces (WUDI's premise) cannot. At lambda 1 their merge adds N updates where each task
   expects one: every method but doge broke SmolLM2's one-seed set (13-24 against 52 for
   task_arithmetic at 0.2), and doge fell short of its own lambda 0.7 (41.6 against 49.9, test).
-  Cap: 1/N, their average. Over one shared
-  input space some methods return more than the sum (wudi_cfs and ace about 1.2-1.5 times its
-  norm on both benchmarks' one-seed sets), and 1/N of that is more than the average: so where
-  `calibrate` is none, it becomes sum_cap there, and the merge is no larger than the average.
-  doge's merge is not the sum's size but about one task vector's whatever N (Solver.task_sized:
-  each t_i weighted eta / ||t_i||, and delta fitted to each task's own row dots; 1.4 and 2.1 times
-  the adapters' mean, medians on SmolLM2's and MiniLM's one-seed sets), so 1/N would shrink it
-  twice: for doge lambda is capped at 1 instead and, where `calibrate` is none, it becomes
-  mean_cap, the merge no larger than the adapters' mean (docs/benchmarks.md, "doge on one-seed
-  adapters").
+  Cap: 1/N, their average. And where `calibrate` is left at the method's default, the tensor is
+  merged as that average itself, (1/N) sum_i t_i, in place of the method's solve: what the
+  methods do beyond the sum is to reweight directions by how the tasks' subspaces differ, and
+  over one shared input space those differences are the shared initialisation's, not the
+  tasks'. On both benchmarks' one-seed sets every method's own merge at the cap (wudi_cfs and
+  ace capped at the average's size, doge at the mean's) scored under the average on validation
+  (docs/benchmarks.md, "One-seed adapters merged as their average"). doge's merge is not the
+  sum's size but about one task vector's whatever N (Solver.task_sized: each t_i weighted
+  eta / ||t_i||, and delta fitted to each task's own row dots), so its lambda is capped at 1
+  instead and its average is the mean: the same merge. A `calibrate` rule the YAML names keeps
+  the method's solve, at the capped lambda.
 - Adapters with a seed each read random, nearly disjoint input spaces, so the methods that
   return the sum of task vectors with disjoint row spaces (Solver.sums_disjoint: wudi, wudi_cfs,
   tsv, ace) return about the sum of the K adapters' updates (measured: sqrt(N) times one task
@@ -47,9 +48,9 @@ size beside the merge's own), and the median number of directions compared (k).
   directions, 2.5-5.5 times chance; independent random low-rank deltas stay near 1), and k at
   least MIN_RANK = 4 (below it random subspaces' overlaps are too noisy to tell: rank-1 and
   rank-2 random deltas reached 2-4).
-Where any fine-tune is "one seed", every solved tensor's lambda becomes min(lambda, 1/N) (and
-`calibrate: none` becomes sum_cap, where lambda was above 1/N; for a task-sized method, doge,
-min(lambda, 1) and mean_cap); else
+Where any fine-tune is "one seed", every solved tensor's lambda becomes min(lambda, 1/N) (for a
+task-sized method, doge, min(lambda, 1)), and, where `calibrate` is the method's default, the
+merge is the task vectors' average (AVERAGE; Solver(average=True)); else
 where K >= 2 are "a seed each", min(lambda, 1/sqrt(K)) for the methods that sum. Where any fine-tune is
 an adapter of either kind, `calibrate: first_order` (Iso's default) becomes sum_norm: first_order
 counts each task's gain along its own update, and an adapter's random input space makes its update
@@ -85,8 +86,7 @@ FULL = "full"  # solvers.overlap.expert_kind's word for neither kind of adapter
 SEED_EACH = "lora"  # solvers.overlap.expert_kind's word; the guard also asks for TRAINED_OUTPUT and MIN_RANK
 TRAINED_OUTPUT = 2.0  # median output overlap (times chance) from which a "lora" fine-tune looks trained
 MIN_RANK = 4  # median k (directions compared) under which the overlaps cannot tell trained from random
-ONE_SEED_CALIBRATION = "sum_cap"  # what `calibrate: none` becomes under the one-seed cap
-TASK_SIZED_CALIBRATION = "mean_cap"  # the same for a task-sized method (doge), whose lambda the rule keeps
+AVERAGE = "average"  # the guarded parameters' flag: the one-seed rule merges the average, not the method's solve
 ADAPTER_CALIBRATIONS = {"first_order": "sum_norm"}  # what a rule becomes where any fine-tune looks like an adapter
 
 _MEASURED: Dict[Tuple[Any, ...], Optional[ExpertKinds]] = {}
@@ -142,12 +142,13 @@ class ExpertKinds:
 
 
 def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_disjoint: bool, *,
-                   task_sized: bool = False) -> Tuple[float, bool]:
+                   task_sized: bool = False, averages: bool = True) -> Tuple[float, bool]:
     """(the lambda a solved tensor of `group` (a mergekit TensorGroup) gets, whether the one-seed
     rule applies to it): capped where the guard is on and the fine-tunes look like LoRA adapters (the
     module docstring), else strength. For a task-sized method (doge) the one-seed rule keeps lambda
-    (at most 1) and caps the merge at the mean instead (with_guarded_lambda). With the guard off,
-    it says so once where it would have applied."""
+    at most 1. `averages`: whether the one-seed rule would merge the average (calibrate at the
+    method's default; with_guarded_lambda), for what is said. With the guard off, it says so once
+    where it would have applied."""
     models = [entry.id for entry in group.non_base]
     capped, kinds = capped_lambda(group.base.id, models, strength, group.base.tensor.device, sums_disjoint, task_sized)
     count = len(models)
@@ -163,17 +164,17 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
             f"input-space overlap {'/'.join(f'{kinds.inputs[i]:.0f}' for i in found)} times chance, "
             f"{'/'.join(f'{kinds.inputs[i] / kinds.outputs[i]:.1f}' for i in found)} times their output spaces', over "
             f"{len(kinds.tensors)} tensors; full fine-tunes gave 0.9-3.5 times on this package's benchmarks). Such "
-            "adapters all read one random input space, so each acts on every task's inputs"
+            "adapters all read one random input space, so each acts on every task's inputs, and what the subspaces "
+            "of their task vectors differ in is their shared initialisation, not their tasks"
         )
-        if task_sized:
-            rule, measured = "1", (f"on SmolLM2's one-seed set {method} scored 41.6 at lambda 1 and 48.7 with its merge "
-                                   "capped at the mean (test)")
-            extra = (f" and, where calibrate is none, each merged tensor is capped at the adapters' mean (mean_cap: "
-                     f"{method}'s merge is about one task vector's size whatever N, 1.4-2.1 times the mean's on this "
-                     "package's one-seed sets)")
-        else:
-            rule, measured = "1/N", "on SmolLM2's one-seed set the solved methods at lambda 1 scored 13-24 against 52 for task_arithmetic at 0.2"
-            extra = ", and calibrate: none becomes sum_cap, so that the merge is no larger than the adapters' average"
+        rule = "1" if task_sized else "1/N"
+        measured = ("on SmolLM2's one-seed set the solved methods at lambda 1 scored 13-24 (doge 41.6) against 52 "
+                    "for task_arithmetic at 0.2, and on both benchmarks' such sets every method's own merge scored "
+                    "under the adapters' average (validation)")
+        average = "mean" if task_sized else "sum"
+        extra = (f", and each tensor is merged as the adapters' {average} (their average at that lambda) in place of "
+                 f"{method}'s solve: on both benchmarks' one-seed sets every method's own merge scored under the "
+                 "average (validation). Name a calibrate rule to keep the solve" if averages else "")
     else:
         evidence = (
             f"{len(found)} of the {count} fine-tunes look like LoRA adapters trained with a seed each ({names}: median "
@@ -186,15 +187,18 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
         rule, measured = f"1/sqrt({len(found)})", "on MiniLM's such set wudi_cfs at lambda 1 was 3.5 points below task_arithmetic at 0.3"
         extra = ""
     if not guard:
-        advice = ("calibrate: mean_cap (the merge no larger than the adapters' mean) is the safer start" if task_sized
+        advice = (f"adapter_guard would merge them as their average (lambda at most {rule if task_sized else f'{cap:.2g}'}"
+                  f"{', times their mean' if task_sized else ''})" if one_seed
                   else f"Lambda {cap:.2g} ({rule}) is the safer start")
         warn_once(logger, "adapters", method,
                   "%s: %s; adapter_guard is off, so lambda stays %.3g: %s. %s; `mergekit-wudi report` shows each "
                   "model's overlaps.", method, evidence, strength, measured, advice)
         return strength, False
+    limit = rule if task_sized else f"{rule} = {cap:.3g}"
     warn_once(logger, "adapters", method,
-              "%s: %s. lambda is capped at %s for every solved tensor%s (adapter_guard; set adapter_guard: "
-              "false to keep lambda %.3g).", method, evidence, rule if task_sized and one_seed else f"{rule} = {cap:.3g}",
+              "%s: %s. %s for every solved tensor%s (adapter_guard; set adapter_guard: false to keep lambda %.3g and "
+              "the method's own merge).", method, evidence,
+              f"lambda stays {strength:.3g} (at most {limit})" if strength < cap else f"lambda is capped at {limit}",
               extra, strength)
     return capped, one_seed
 
@@ -202,29 +206,32 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
 def capped_lambda(base: Any, models: Sequence[Any], strength: float, device: Any = "cpu",
                   sums_disjoint: bool = True, task_sized: bool = False) -> Tuple[float, Optional[ExpertKinds]]:
     """(strength capped as the module docstring says for a method that sums disjoint updates or
-    not and is task-sized or not, else strength; the sample's verdict, None where none was needed
-    or possible)."""
-    count = len(models)
-    if count < 2 or strength <= 1.0 / count:
+    not and is task-sized or not, else strength; the sample's verdict, None where none was possible).
+    Measured at any strength: the one-seed rule decides the merge's form as well as its lambda."""
+    if len(models) < 2:
         return strength, None
     kinds = expert_kinds(base, models, device)
-    cap = None if kinds is None else kinds.cap(count, sums_disjoint, task_sized)
+    cap = None if kinds is None else kinds.cap(len(models), sums_disjoint, task_sized)
     return (strength if cap is None else min(strength, cap[0])), kinds
 
 
 def with_guarded_lambda(method: str, group: Any, parameters: Mapping[str, Any], *, sums_disjoint: bool,
-                        task_sized: bool = False, by_kind: bool = False) -> Mapping[str, Any]:
+                        task_sized: bool = False, by_kind: bool = False,
+                        default_calibration: str = "none") -> Mapping[str, Any]:
     """The resolved parameters of a solved tensor with `lambda` replaced by guarded_lambda's,
-    where the one-seed rule applies `calibrate: none` by ONE_SEED_CALIBRATION (TASK_SIZED_CALIBRATION
-    for a task-sized method), and, where the guard is on and the sample shows any adapter, a rule
-    of ADAPTER_CALIBRATIONS by its replacement (the cache key and the solve then take them), unless
-    the method merges by kind (Solver.by_kind) and full fine-tunes are among them: kind_parts then
-    gives the adapters' part the replacement and the full fine-tunes' part the rule."""
+    where the one-seed rule applies and `calibrate` is the method's default, AVERAGE set (the
+    merge is the task vectors' average, not the method's solve), and, where the guard is on and
+    the sample shows any adapter, a rule of ADAPTER_CALIBRATIONS by its replacement (the cache key
+    and the solve then take them), unless the method merges by kind (Solver.by_kind) and full
+    fine-tunes are among them: kind_parts then gives the adapters' part the replacement and the full
+    fine-tunes' part the rule."""
+    averages = parameters["calibrate"] == default_calibration
     strength, one_seed = guarded_lambda(method, group, parameters["lambda"], parameters["adapter_guard"], sums_disjoint,
-                                        task_sized=task_sized)
+                                        task_sized=task_sized, averages=averages)
     guarded = {**parameters, "lambda": strength}
-    if one_seed and parameters["calibrate"] == "none":
-        guarded["calibrate"] = TASK_SIZED_CALIBRATION if task_sized else ONE_SEED_CALIBRATION
+    if one_seed and averages:
+        guarded[AVERAGE] = True
+        return guarded
     rule = parameters["calibrate"]
     if rule in ADAPTER_CALIBRATIONS and parameters["adapter_guard"] and len(group.non_base) >= 2:
         kinds = expert_kinds(group.base.id, [entry.id for entry in group.non_base], group.base.tensor.device)

@@ -416,10 +416,11 @@ KIND_ADVICE = {
             "at 1/sqrt(K), K such adapters among the fine-tunes (adapter_guard, docs/methods.md): at lambda 1 they "
             "were 0.4-3.8 points below the best built-in on the benchmarks' two LoRA sets, at 1/sqrt(K) level with it.",
     "lora, one seed": "at lambda 1 wudi, wudi_cfs, tsv, ace and iso_c broke SmolLM2's such set (13-24 against 52 "
-                      "for task_arithmetic at lambda 0.2; doge 42), so where the first 12 linear weights look like "
-                      "this every method caps lambda at 1/N, and with calibrate: none keeps the merge within the sum "
-                      "(sum_cap), except doge, whose merge is one task vector's size: lambda at 1, and the merge "
-                      "within the adapters' mean (mean_cap; adapter_guard, docs/methods.md).",
+                      "for task_arithmetic at lambda 0.2; doge 42), and at 1/N each method's own merge scored under "
+                      "the adapters' average on both benchmarks' such sets (validation), so where the first 12 linear "
+                      "weights look like this every method merges each tensor as their average, lambda at most 1/N "
+                      "times their sum (doge: at most 1 times their mean), where calibrate is the method's default "
+                      "(adapter_guard, docs/methods.md).",
 }
 
 

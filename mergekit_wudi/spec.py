@@ -117,8 +117,8 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
                   check=functools.partial(check_choice(*CALIBRATIONS), "calibrate"))
     yield declare("adapter_guard", bool, shared, method.solver_cls.adapter_guard,
                   "cap lambda where the fine-tunes look like LoRA adapters: at "
-                  + ("1 with the merge no larger than their mean (mean_cap)" if method.solver_cls.task_sized else "1/N")
-                  + " for adapters trained from one seed"
+                  + ("1" if method.solver_cls.task_sized else "1/N")
+                  + " for adapters trained from one seed, merged as their average where calibrate is the default"
                   + (", at 1/sqrt(K) for K >= 2 adapters with a seed each" if method.solver_cls.sums_disjoint else "")
                   + ("; full fine-tunes beside adapters merged apart from them, the two merges added"
                      if method.solver_cls.by_kind else "")

@@ -10,6 +10,7 @@ from models import make_family, make_one_seed_family, make_seed_each_family
 from reference import wudi_closed_form
 
 from mergekit_wudi.guard import (
+    AVERAGE,
     MIN_RANK,
     SAMPLE,
     TRAINED_OUTPUT,
@@ -112,42 +113,47 @@ def test_adapters_with_a_seed_each_are_told_from_independent_random_deltas(tmp_p
     # One seed wins over a seed each: 1/N for every method.
     one_seed = kinds_of(make_one_seed_family(tmp_path / "one_seed"))
     assert one_seed.cap(3, sums_disjoint=True) == one_seed.cap(3, sums_disjoint=False) == (1 / 3, (0, 1, 2))
-    # but 1 for a task-sized method (doge), whose merge the one-seed rule caps at the mean instead
+    # but 1 for a task-sized method (doge), whose average is the mean instead
     assert one_seed.cap(3, sums_disjoint=False, task_sized=True) == (1.0, (0, 1, 2))
     assert seed_each.cap(3, sums_disjoint=False, task_sized=True) is None
 
 
-@pytest.mark.parametrize("calibrate, expected", [("none", "sum_cap"), ("input_space", "input_space")])
-def test_the_one_seed_cap_also_keeps_the_merge_within_the_sum(tmp_path, calibrate, expected):
-    # Where the one-seed cap lowers lambda, calibrate: none becomes sum_cap (a rule the YAML
-    # names is kept); with lambda already at or under 1/N, or for adapters with a seed each,
-    # nothing changes. (What sum_cap does to a merge: tests/solvers/test_calibrate.py.)
-    def guarded(group, strength, rule):
-        parameters = {"lambda": strength, "calibrate": rule, "adapter_guard": True}
-        return dict(with_guarded_lambda("wudi_cfs", group, parameters, sums_disjoint=True))
+def test_the_one_seed_rule_merges_the_average_where_calibrate_is_the_default(tmp_path):
+    # One-seed adapters: lambda at most 1/N and, with calibrate at the method's default, the
+    # AVERAGE flag (the solve replaced by the sum), at any lambda, under the cap too; a rule the
+    # YAML names keeps the solve; adapters with a seed each never average; the guard off
+    # changes nothing. (What the flag makes of a merge: test_workflows, test_solver_base.)
+    def guarded(group, strength, rule="none", default="none", guard=True):
+        parameters = {"lambda": strength, "calibrate": rule, "adapter_guard": guard}
+        return dict(with_guarded_lambda("wudi_cfs", group, parameters, sums_disjoint=True, default_calibration=default))
 
     one_seed = group_of(make_one_seed_family(tmp_path / "one_seed"))
-    assert guarded(one_seed, 1.0, calibrate) == {"lambda": pytest.approx(1 / 3), "calibrate": expected, "adapter_guard": True}
-    assert guarded(one_seed, 0.25, calibrate)["calibrate"] == calibrate  # under the cap: untouched
+    assert guarded(one_seed, 1.0) == {"lambda": pytest.approx(1 / 3), "calibrate": "none", "adapter_guard": True,
+                                      AVERAGE: True}
+    assert guarded(one_seed, 0.25) == {"lambda": 0.25, "calibrate": "none", "adapter_guard": True, AVERAGE: True}
+    assert guarded(one_seed, 1.0, "input_space") == {"lambda": pytest.approx(1 / 3), "calibrate": "input_space",
+                                                     "adapter_guard": True}
+    # Iso's default is first_order: named or not, it is the default and averages; sum_norm keeps the solve
+    assert guarded(one_seed, 1.0, "first_order", default="first_order")[AVERAGE] is True
+    assert AVERAGE not in guarded(one_seed, 1.0, "sum_norm", default="first_order")
+    assert guarded(one_seed, 1.0, guard=False) == {"lambda": 1.0, "calibrate": "none", "adapter_guard": False}
     seed_each = group_of(make_seed_each_family(tmp_path / "seed_each"))
-    assert guarded(seed_each, 1.0, calibrate) == {"lambda": pytest.approx(3 ** -0.5), "calibrate": calibrate, "adapter_guard": True}
+    assert guarded(seed_each, 1.0) == {"lambda": pytest.approx(3 ** -0.5), "calibrate": "none", "adapter_guard": True}
 
 
-@pytest.mark.parametrize("calibrate, expected", [("none", "mean_cap"), ("sum_norm", "sum_norm")])
-def test_the_one_seed_rule_caps_a_task_sized_merge_at_the_mean_and_lambda_at_1(tmp_path, calibrate, expected):
-    # doge (task-sized): lambda at most 1, not 1/N, and calibrate: none becomes mean_cap (a rule
-    # the YAML names is kept); at or under 1/N, or for adapters with a seed each, nothing changes.
-    def guarded(group, strength, rule):
+def test_the_one_seed_rule_keeps_a_task_sized_lambda_at_most_1(tmp_path):
+    # doge (task-sized): lambda at most 1, not 1/N, its average the mean (Solver.task_sized);
+    # for adapters with a seed each, nothing changes.
+    def guarded(group, strength, rule="none"):
         parameters = {"lambda": strength, "calibrate": rule, "adapter_guard": True}
         return dict(with_guarded_lambda("doge", group, parameters, sums_disjoint=False, task_sized=True))
 
     one_seed = group_of(make_one_seed_family(tmp_path / "one_seed"))
-    assert guarded(one_seed, 1.0, calibrate) == {"lambda": 1.0, "calibrate": expected, "adapter_guard": True}
-    assert guarded(one_seed, 1.5, calibrate) == {"lambda": 1.0, "calibrate": expected, "adapter_guard": True}
-    assert guarded(one_seed, 0.5, calibrate)["calibrate"] == expected
-    assert guarded(one_seed, 1 / 3, calibrate) == {"lambda": 1 / 3, "calibrate": calibrate, "adapter_guard": True}
+    for strength, kept in ((1.0, 1.0), (1.5, 1.0), (0.5, 0.5), (1 / 3, 1 / 3)):
+        assert guarded(one_seed, strength) == {"lambda": kept, "calibrate": "none", "adapter_guard": True, AVERAGE: True}
+    assert guarded(one_seed, 1.5, "sum_norm") == {"lambda": 1.0, "calibrate": "sum_norm", "adapter_guard": True}
     seed_each = group_of(make_seed_each_family(tmp_path / "seed_each"))
-    assert guarded(seed_each, 1.0, calibrate) == {"lambda": 1.0, "calibrate": calibrate, "adapter_guard": True}
+    assert guarded(seed_each, 1.0) == {"lambda": 1.0, "calibrate": "none", "adapter_guard": True}
 
 
 def test_first_order_becomes_sum_norm_where_any_fine_tune_looks_like_an_adapter(tmp_path):

@@ -18,7 +18,7 @@ from models import (
     make_seed_each_family,
     write_config,
 )
-from reference import SCALES, calibrated, doge, mean_cap_scale, trimmed, usable, wudi_adam, wudi_closed_form, wudi_loss
+from reference import SCALES, calibrated, doge, trimmed, usable, wudi_adam, wudi_closed_form, wudi_loss
 from reference_2025 import EPS32, iso_c, iso_cts, tsv_merge
 from runner import mergekit_wudi_cli
 
@@ -202,26 +202,28 @@ def test_report_doge_per_model_density(family, tmp_path):
     assert float(row["objective_task_arithmetic"]) == pytest.approx(float(wudi_loss(tv.sum(0), tasks)), rel=1e-4)
 
 
-def test_report_shows_doges_mean_cap_on_one_seed_adapters(tmp_path):
-    # doge on one-seed adapters (guard.py): lambda stays 1 in the CSV, and each tensor's c is
-    # mean_cap's, min(1, ||sum t_i|| / (N ||t_m||)), from its definition on the float64 merge
-    # (steps 0: a tight check, as above), bound by the norm where it is under 1.
+@pytest.mark.parametrize("method, strength", [("wudi_cfs", 1 / 3), ("doge", 1.0)])
+def test_report_shows_the_average_on_one_seed_adapters(method, strength, tmp_path):
+    # One-seed adapters (guard.py): each tensor is merged as the adapters' average, in place of
+    # the solve; the CSV's lambda is what the merge uses (1/N, or 1 for doge, whose average is
+    # the mean), c is 1 and bound by "average", and the solved objective is the WUDI loss of
+    # the mean of the task vectors, computed here.
     paths = make_one_seed_family(tmp_path / "one_seed")
-    config = write_config(tmp_path / "doge.yml", "doge", paths[0], paths[1:], {"steps": 0})
+    config = write_config(tmp_path / f"{method}.yml", method, paths[0], paths[1:])
     result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out", "--filter", r"layers\.0\.", "--no-plots",
                                "--quiet")
     assert result.exit_code == 0, result.output
     rows = read_csv(tmp_path / "out" / "report.csv")
     names = list(dict.fromkeys(row["name"] for row in rows))
-    assert len(names) == 7 and all(float(row["lambda"]) == 1.0 for row in rows)
-    scales = []
+    assert len(names) == 7
     for name in names:
         row = next(r for r in rows if r["name"] == name)
+        assert float(row["lambda"]) == strength and float(row["calibration"]) == 1.0, name
+        assert row["calibration_binding"] == "average", name
         tv = task_vectors(paths, name, [1.0, 1.0, 1.0])
-        scales.append(mean_cap_scale(list(tv), doge(tv, [0.3] * 3, steps=0), 3))
-        assert float(row["calibration"]) == pytest.approx(scales[-1], rel=1e-5), name
-        assert row["calibration_binding"] == ("norm" if scales[-1] < 1 else ""), name
-    assert min(scales) < 0.9
+        expected = float(wudi_loss(tv.mean(dim=0), usable(tv)))
+        assert float(row["objective_solved"]) == pytest.approx(expected, rel=1e-4), name
+    assert "(average)" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_report_shows_each_kinds_scale_where_iso_merges_by_kind(tmp_path):

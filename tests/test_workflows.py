@@ -263,60 +263,87 @@ def assert_wudi_cfs_merged_at(out, base, models, strength, rule=None, densities=
     return scales
 
 
-@pytest.mark.parametrize(
-    "make, kind, cap, rule, normed, lowered, equalized",
-    [
-        (make_one_seed_family, "trained from one seed", 1 / 3, "1/N = 0.333", "sum_cap", 0.3, ()),
-        (make_seed_each_family, "trained with a seed each", 3 ** -0.5, "1/sqrt(3) = 0.577", None, 0.5, (0, 1, 2)),
-    ],
-    ids=["one_seed", "seed_each"],
-)
-def test_merged_in_adapters_get_lambda_capped(make, kind, cap, rule, normed, lowered, equalized, tmp_path):
-    # Nothing in the YAML says these are adapters: their task vectors do (guard.py). One seed:
-    # rank-2 deltas sharing one input factor; a seed each: rank-8 deltas with a random input
-    # factor each and shared output directions. At the defaults every solved tensor is merged at
-    # the cap, said once (one seed: with calibrate: none become sum_cap, the merge no larger than
-    # the adapters' average); a lambda under it is left alone; adapter_guard: false keeps lambda 1
-    # and warns. Independent fine-tunes are not touched: test_guard.py, and every exact-merge test
-    # on `family`. Adapters with a seed each are also equalized first (each task vector rescaled to
-    # the root mean square of their norms, said once), with the guard off too; equalize: false
-    # keeps their sizes. One-seed adapters are not equalized.
-    base, *models = make(tmp_path / "family")
+def test_adapters_with_a_seed_each_get_lambda_capped(tmp_path):
+    # Nothing in the YAML says these are adapters: their task vectors do (guard.py): rank-8
+    # deltas with a random input factor each and shared output directions. At the defaults every
+    # solved tensor is merged at the cap 1/sqrt(3), said once; a lambda under it is left alone;
+    # adapter_guard: false keeps lambda 1 and warns. Independent fine-tunes are not touched:
+    # test_guard.py, and every exact-merge test on `family`. They are also equalized first (each
+    # task vector rescaled to the root mean square of their norms, said once), with the guard off
+    # too; equalize: false keeps their sizes. (One-seed adapters: the next test.)
+    cap, equalized = 3 ** -0.5, (0, 1, 2)
+    base, *models = make_seed_each_family(tmp_path / "family")
     result = mergekit_yaml(write_config(tmp_path / "default.yml", "wudi_cfs", base, models), tmp_path / "out")
-    assert result.stderr.count(f"wudi_cfs: 3 of the 3 fine-tunes look like LoRA adapters {kind}") == 1
-    assert f"lambda is capped at {rule} for every solved tensor" in result.stderr
-    assert ("calibrate: none becomes sum_cap" in result.stderr) == (normed is not None)
-    assert result.stderr.count("so their task vectors are rescaled, per tensor, to one norm") == len(equalized) // 3
-    scales = assert_wudi_cfs_merged_at(tmp_path / "out", base, models, cap, normed, equalized=equalized)
-    if normed:
-        # (On this family wudi_cfs's merge is within the sum, so sum_cap keeps it: c = 1. That it
-        # is switched on, and what it does to a larger merge: test_guard.py, test_calibrate.py.)
-        assert max(scales) == 1.0
-        # A rule the YAML names is kept.
-        named = write_config(tmp_path / "named.yml", "wudi_cfs", base, models, {"calibrate": "input_space"})
-        assert mergekit_yaml_in_process(named, tmp_path / "named").exit_code == 0
-        assert_wudi_cfs_merged_at(tmp_path / "named", base, models, cap, "input_space")
+    assert result.stderr.count("wudi_cfs: 3 of the 3 fine-tunes look like LoRA adapters trained with a seed each") == 1
+    assert "lambda is capped at 1/sqrt(3) = 0.577 for every solved tensor" in result.stderr
+    assert result.stderr.count("so their task vectors are rescaled, per tensor, to one norm") == 1
+    assert_wudi_cfs_merged_at(tmp_path / "out", base, models, cap, equalized=equalized)
 
     off = write_config(tmp_path / "off.yml", "wudi_cfs", base, models, {"adapter_guard": False})
     result = mergekit_yaml(off, tmp_path / "off")
     assert result.stderr.count("adapter_guard is off, so lambda stays 1") == 1
     assert_wudi_cfs_merged_at(tmp_path / "off", base, models, 1.0, equalized=equalized)
 
-    below = write_config(tmp_path / "below.yml", "wudi_cfs", base, models, {"lambda": lowered})
+    below = write_config(tmp_path / "below.yml", "wudi_cfs", base, models, {"lambda": 0.5})
     assert mergekit_yaml_in_process(below, tmp_path / "below").exit_code == 0
-    assert_wudi_cfs_merged_at(tmp_path / "below", base, models, lowered, equalized=equalized)
-    if equalized:
-        sizes = write_config(tmp_path / "sizes.yml", "wudi_cfs", base, models, {"equalize": False})
-        result = mergekit_yaml(sizes, tmp_path / "sizes")
-        assert "rescaled, per tensor, to one norm" not in result.stderr
-        assert_wudi_cfs_merged_at(tmp_path / "sizes", base, models, cap)
-        default, plain = load_model(tmp_path / "out"), load_model(tmp_path / "sizes")
-        linear = [name for name in default if is_llama_linear(name)]
-        assert linear and not any(torch.equal(default[name], plain[name]) for name in linear)
-        # A weight scales its model's equalized task vector: the weights' ratios are kept.
-        weighted = write_config(tmp_path / "weighted.yml", "wudi_cfs", base, models, None, [{"weight": 0.5}, {}, {}])
-        assert mergekit_yaml_in_process(weighted, tmp_path / "weighted").exit_code == 0
-        assert_wudi_cfs_merged_at(tmp_path / "weighted", base, models, cap, equalized=equalized, weights=[0.5, 1, 1])
+    assert_wudi_cfs_merged_at(tmp_path / "below", base, models, 0.5, equalized=equalized)
+    sizes = write_config(tmp_path / "sizes.yml", "wudi_cfs", base, models, {"equalize": False})
+    result = mergekit_yaml(sizes, tmp_path / "sizes")
+    assert "rescaled, per tensor, to one norm" not in result.stderr
+    assert_wudi_cfs_merged_at(tmp_path / "sizes", base, models, cap)
+    default, plain = load_model(tmp_path / "out"), load_model(tmp_path / "sizes")
+    linear = [name for name in default if is_llama_linear(name)]
+    assert linear and not any(torch.equal(default[name], plain[name]) for name in linear)
+    # A weight scales its model's equalized task vector: the weights' ratios are kept.
+    weighted = write_config(tmp_path / "weighted.yml", "wudi_cfs", base, models, None, [{"weight": 0.5}, {}, {}])
+    assert mergekit_yaml_in_process(weighted, tmp_path / "weighted").exit_code == 0
+    assert_wudi_cfs_merged_at(tmp_path / "weighted", base, models, cap, equalized=equalized, weights=[0.5, 1, 1])
+
+
+def assert_average_merged_at(out, base, models, strength, weights=None):
+    """Every linear weight in `out` is W0 + strength * sum_i weight_i (W_i - W0), computed here in float64."""
+    base_tensors, tuned = load_model(base), [load_model(m) for m in models]
+    weights = weights or [1.0] * len(models)
+    linear = [(name, tensor) for name, tensor in load_model(out).items() if is_llama_linear(name)]
+    assert linear
+    for name, tensor in linear:
+        w0 = base_tensors[name].double()
+        expected = w0 + strength * sum(w * (t[name].double() - w0) for w, t in zip(weights, tuned))
+        assert (tensor.double() - expected).norm() / (expected - w0).norm() < 1e-5, (name, strength)  # float32 out
+
+
+@pytest.mark.parametrize("method, extra", [("wudi_cfs", {}), ("iso_c", {}), ("doge", {"steps": 50})])
+def test_one_seed_adapters_are_merged_as_their_average(method, extra, tmp_path):
+    # Rank-2 deltas sharing one input factor look like LoRA adapters trained from one seed
+    # (guard.py): with calibrate at the method's default, every linear weight is their average,
+    # W0 + (1/3) sum t_i, in place of the method's solve, said once (doge, task-sized: lambda
+    # at most 1 times their mean, the same merge); a lambda under 1/N averages at that lambda,
+    # and a weight scales its model's task vector in the sum.
+    base, *models = make_one_seed_family(tmp_path / "family")
+    result = mergekit_yaml(write_config(tmp_path / "default.yml", method, base, models, extra), tmp_path / "out")
+    assert result.stderr.count(f"{method}: 3 of the 3 fine-tunes look like LoRA adapters trained from one seed") == 1
+    limit = "1" if method == "doge" else "1/N = 0.333"
+    average = "mean" if method == "doge" else "sum"
+    assert (f"lambda is capped at {limit} for every solved tensor, and each tensor is merged as the adapters' "
+            f"{average} (their average at that lambda) in place of {method}'s solve") in result.stderr
+    assert_average_merged_at(tmp_path / "out", base, models, 1 / 3)
+    below = write_config(tmp_path / "below.yml", method, base, models, {**extra, "lambda": 0.3}, [{"weight": 0.5}, {}, {}])
+    assert mergekit_yaml_in_process(below, tmp_path / "below").exit_code == 0
+    assert_average_merged_at(tmp_path / "below", base, models, 0.3 / (3 if method == "doge" else 1), [0.5, 1, 1])
+
+
+def test_one_seed_adapters_keep_the_solve_where_the_yaml_names_a_rule_or_turns_the_guard_off(tmp_path):
+    # A calibrate rule the YAML names keeps wudi_cfs's solve, at the capped lambda 1/N;
+    # adapter_guard: false keeps lambda 1 and the solve, and says what the guard would do.
+    base, *models = make_one_seed_family(tmp_path / "family")
+    named = write_config(tmp_path / "named.yml", "wudi_cfs", base, models, {"calibrate": "input_space"})
+    assert mergekit_yaml_in_process(named, tmp_path / "named").exit_code == 0
+    assert_wudi_cfs_merged_at(tmp_path / "named", base, models, 1 / 3, "input_space")
+    off = write_config(tmp_path / "off.yml", "wudi_cfs", base, models, {"adapter_guard": False})
+    result = mergekit_yaml(off, tmp_path / "off")
+    assert result.stderr.count("adapter_guard is off, so lambda stays 1") == 1
+    assert "adapter_guard would merge them as their average (lambda at most 0.33)" in result.stderr
+    assert_wudi_cfs_merged_at(tmp_path / "off", base, models, 1.0)
 
 
 def doge_references(base, models, steps):
@@ -333,27 +360,25 @@ def doge_references(base, models, steps):
     return references
 
 
-def test_doge_on_one_seed_adapters_is_capped_at_their_mean(tmp_path):
+def test_doge_on_one_seed_adapters_keeps_a_named_mean_cap_and_lambda_at_most_1(tmp_path):
     # doge's merge is about one task vector's size whatever N (each t_i weighted eta / ||t_i||,
-    # delta fitted to each task's row dots), so the one-seed rule keeps its lambda (at most 1) and
-    # caps each merged tensor at the adapters' mean, ||sum t_i|| / N (calibrate: none becomes
-    # mean_cap), said once; lambda 1.5 gives the same merge; adapter_guard: false keeps lambda
-    # and the plain merge, and says what the guard would do.
+    # delta fitted to each task's row dots), so the one-seed rule keeps its lambda at most 1; with
+    # calibrate: mean_cap named, each merged tensor is doge's solve capped at the adapters' mean,
+    # ||sum t_i|| / N, and lambda 1.5 gives the same merge; adapter_guard: false keeps lambda and the
+    # plain merge, and says what the guard would do.
     base, *models = make_one_seed_family(tmp_path / "family")
-    steps = {"steps": 50}
-    result = mergekit_yaml(write_config(tmp_path / "default.yml", "doge", base, models, steps), tmp_path / "out")
-    assert result.stderr.count("doge: 3 of the 3 fine-tunes look like LoRA adapters trained from one seed") == 1
-    assert "lambda is capped at 1 for every solved tensor and, where calibrate is none, each merged tensor is " \
-        "capped at the adapters' mean (mean_cap" in result.stderr
-    above = write_config(tmp_path / "above.yml", "doge", base, models, {**steps, "lambda": 1.5})
+    capped = {"steps": 50, "calibrate": "mean_cap"}
+    result = mergekit_yaml(write_config(tmp_path / "capped.yml", "doge", base, models, capped), tmp_path / "out")
+    assert "lambda is capped at 1 for every solved tensor (adapter_guard" in result.stderr
+    above = write_config(tmp_path / "above.yml", "doge", base, models, {**capped, "lambda": 1.5})
     assert mergekit_yaml_in_process(above, tmp_path / "above").exit_code == 0
-    off = write_config(tmp_path / "off.yml", "doge", base, models, {**steps, "adapter_guard": False})
+    off = write_config(tmp_path / "off.yml", "doge", base, models, {"steps": 50, "adapter_guard": False})
     result = mergekit_yaml(off, tmp_path / "off")
     assert result.stderr.count("adapter_guard is off, so lambda stays 1") == 1
-    assert "calibrate: mean_cap (the merge no larger than the adapters' mean) is the safer start" in result.stderr
+    assert "adapter_guard would merge them as their average (lambda at most 1, times their mean)" in result.stderr
 
     default, higher, plain = (load_model(tmp_path / name) for name in ("out", "above", "off"))
-    references = doge_references(base, models, steps["steps"])
+    references = doge_references(base, models, 50)
     for name, (w0, solved, scale) in references.items():
         for merged, c in ((default, scale), (plain, 1.0)):
             expected = w0 + c * solved

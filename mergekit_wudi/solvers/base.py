@@ -66,10 +66,7 @@ class Solver:
     `adapter_guard` (default True): the YAML default of `adapter_guard` (guard.py: lambda capped
     at 1/N where the fine-tunes look like LoRA adapters trained from one seed, and at 1/sqrt(K)
     where K >= 2 of them look like adapters with a seed each and `sums_disjoint`).
-    `task_sized` (default False): the merge at lambda 1 is about one task vector's size whatever
-    N, not the sum's (doge: each t_i weighted eta / ||t_i||, and delta fitted to every task's own
-    row dots), so adapter_guard's one-seed rule caps the merge at the task vectors' mean
-    (`calibrate: none` becomes mean_cap) and lambda at 1, rather than lambda at 1/N.
+    `task_sized`: the merge is about one task vector's size whatever N (doge; one-seed lambda 1, not 1/N).
     `by_kind` (default False): where adapter_guard's sample shows full fine-tunes beside LoRA
     adapters, the adapter gives the solver two `parts`, and the merge is the sum of the two
     kinds' merges, each calibrated as a set of its kind is (guard.kind_parts; Iso, whose flat
@@ -82,7 +79,8 @@ class Solver:
     vector's entries kept by the magnitude trim before the solve (trim.py); None for a method
     that trims inside its own solve and declares `density` in its config (doge). A solver built
     directly trims only at the density it is given. `equalize`: equalize.equalized's shares, applied
-    after the trim (adapter.equalize_shares gives them; None: none).
+    after the trim (adapter.equalize_shares gives them; None: none). `average`: the merge is the
+    trimmed task vectors' sum (task-sized: mean), not `_solve` and `calibrate` (guard.py's one-seed rule).
 
     Input: any float dtype on any device; solved in float32 (float64 if given float64);
     returns (out, in) in that compute dtype on the input device. Zero or non-finite task
@@ -122,8 +120,9 @@ class Solver:
 
     def __init__(self, config: Optional[Any] = None, calibration: str = "none",
                  density: Union[float, Sequence[float]] = 1.0, parts: Optional[Sequence[Part]] = None,
-                 equalize: Optional[Sequence[float]] = None):
+                 equalize: Optional[Sequence[float]] = None, average: bool = False):
         self.config = config or self.config_cls()
+        self.average = bool(average)
         self.rule = check_choice(*CALIBRATIONS)("calibrate", calibration)
         self.parts = None if parts is None else tuple(map(checked_part, parts))  # `calibration` then unused
         if self.density is None and any(value != 1.0 for value in (density if isinstance(density, (list, tuple)) else [density])):
@@ -155,6 +154,9 @@ class Solver:
                                               overwrite=_owns(prepared, task_vectors, overwrite))
                 by_caller = dict(zip(prepared.indices, factors))
                 self.last_equalization = tuple(by_caller.get(i, 1.0) for i in range(count))  # 1: not usable
+            if self.average:
+                self.last_calibration = Calibration(1.0, 0.0, -1, "average")
+                return prepared.vectors.sum(dim=0).div_(count if self.task_sized else 1)  # a zero t_i counts in N
             kept = {name: tuple(given[i] for i in prepared.indices) for name, given in values.items()}
             if self.parts is not None:
                 merged, self.last_calibration = solve_parts(self, self.parts, prepared, kept, count,

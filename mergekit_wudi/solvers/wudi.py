@@ -67,8 +67,8 @@ class WudiSolver(
 
     def __init__(self, config: Optional[WudiConfig] = None, calibration: str = "none",
                  density: Union[float, Sequence[float]] = 1.0, *, chunk_elements: int = CHUNK_ELEMENTS,
-                 equalize: Optional[Sequence[float]] = None):
-        super().__init__(config, calibration, density, equalize=equalize)
+                 equalize: Optional[Sequence[float]] = None, average: bool = False):
+        super().__init__(config, calibration, density, equalize=equalize, average=average)
         self.chunk_elements = chunk_elements
 
     @staticmethod
