@@ -122,7 +122,7 @@ def test_the_one_seed_rule_merges_the_average_where_calibrate_is_the_default(tmp
     # One-seed adapters: lambda at most 1/N and, with calibrate at the method's default, the
     # AVERAGE flag (the solve replaced by the sum), at any lambda, under the cap too; a rule the
     # YAML names keeps the solve; adapters with a seed each never average; the guard off
-    # changes nothing. (What the flag makes of a merge: test_workflows, test_solver_base.)
+    # changes nothing. (What the flag makes of a merge: test_workflows.py, solvers/test_base.py.)
     def guarded(group, strength, rule="none", default="none", guard=True):
         parameters = {"lambda": strength, "calibrate": rule, "adapter_guard": guard}
         return dict(with_guarded_lambda("wudi_cfs", group, parameters, sums_disjoint=True, default_calibration=default))
