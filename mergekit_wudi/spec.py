@@ -122,7 +122,7 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
                   + (", at 1/sqrt(K) for K >= 2 adapters with a seed each" if method.solver_cls.sums_disjoint else "")
                   + ("; full fine-tunes beside adapters merged apart from them, the two merges added"
                      if method.solver_cls.by_kind else "")
-                  + " (guard.py); false keeps lambda")
+                  + " (guard.py); false keeps lambda and the method's own merge")
     if method.solver_cls.density is not None:  # doge declares its own, in its config
         # Also ties' parameter: unset stays None, so a ties fallback keeps its own default.
         auto = method.solver_cls.density
