@@ -156,7 +156,7 @@ class Solver:
                 self.last_equalization = tuple(by_caller.get(i, 1.0) for i in range(count))  # 1: not usable
             if self.average:
                 self.last_calibration = Calibration(1.0, 0.0, -1, "average")
-                return prepared.vectors.sum(dim=0).div_(count if self.task_sized else 1)  # a zero t_i counts in N
+                return _average(prepared.vectors, count if self.task_sized else None)
             kept = {name: tuple(given[i] for i in prepared.indices) for name, given in values.items()}
             if self.parts is not None:
                 merged, self.last_calibration = solve_parts(self, self.parts, prepared, kept, count,
@@ -171,6 +171,13 @@ class Solver:
 
     def _solve(self, prepared: TaskVectors, **per_model: Tuple[Any, ...]) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _average(vectors: torch.Tensor, count: Optional[int]) -> torch.Tensor:
+    """Solver(average=True)'s merge: the task vectors' sum, or their mean over `count` (a
+    task-sized method: a zero task vector, dropped from `vectors`, still counts in N)."""
+    merged = vectors.sum(dim=0)
+    return merged if count is None else merged.div_(count)
 
 
 def _owns(prepared: TaskVectors, task_vectors: torch.Tensor, overwrite: bool) -> bool:
