@@ -16,8 +16,9 @@ Why. A LoRA update B A reads A's row space, and A stays near its random initiali
   "One-seed adapters merged as their average"). doge's merge is not the
   sum's size but about one task vector's whatever N (Solver.task_sized: each t_i weighted
   eta / ||t_i||, and delta fitted to each task's own row dots), so its lambda is capped at 1
-  instead and its average is the mean: the same merge. A `calibrate` rule the YAML names keeps
-  the method's solve, at the capped lambda.
+  instead and its average is the mean: the same merge. A `calibrate` rule other than the
+  method's default keeps the method's solve, at the capped lambda (naming the default itself
+  changes nothing: mergekit gives the solver the value, not whether the YAML set it).
 - Adapters with a seed each read random, nearly disjoint input spaces, so the methods that
   return the sum of task vectors with disjoint row spaces (Solver.sums_disjoint: wudi, wudi_cfs,
   tsv, ace) return about the sum of the K adapters' updates (measured: sqrt(N) times one task
@@ -44,7 +45,7 @@ subspace overlap (solvers/overlap.py, one task vector at a time: at most three t
 size beside the merge's own), and the median number of directions compared (k).
 - "one seed": input over output overlap above 5 (full fine-tunes gave 0.9-3.5 on both
   benchmarks, one-seed adapters 7.7-14.6);
-- "a seed each": input overlap under 5 (at chance: 1.4-2.9; full fine-tunes 9-23), output
+- "a seed each": input overlap under 5 (at chance: 1.4-2.9; full fine-tunes 11-25), output
   overlap at least TRAINED_OUTPUT = 2 (the B's of trained adapters write to shared output
   directions, 2.5-5.5 times chance; independent random low-rank deltas stay near 1), and k at
   least MIN_RANK = 4 (below it random subspaces' overlaps are too noisy to tell: rank-1 and
@@ -175,14 +176,15 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
         average = "mean" if task_sized else "sum"
         extra = (f", and each tensor is merged as the adapters' {average} (their average at that lambda) in place of "
                  f"{method}'s solve: on this package's one-seed sets every method's own merge scored under the "
-                 "average (SmolLM2, 1.0-3.9 points) or level with it (MiniLM). Name a calibrate rule to keep the solve"
+                 "average (SmolLM2, 1.0-3.9 points) or level with it (MiniLM). Name a calibrate rule other than the "
+                 f"method's default to keep {method}'s solve"
                  if averages else "")
     else:
         evidence = (
             f"{len(found)} of the {count} fine-tunes look like LoRA adapters trained with a seed each ({names}: median "
             f"input-space overlap {'/'.join(f'{kinds.inputs[i]:.1f}' for i in found)} times chance, output-space "
             f"{'/'.join(f'{kinds.outputs[i]:.1f}' for i in found)} times, over {len(kinds.tensors)} tensors; full "
-            "fine-tunes' inputs gave 9-23 times on this package's benchmarks). Their input spaces are random and "
+            "fine-tunes' inputs gave 11-25 times on this package's benchmarks). Their input spaces are random and "
             f"nearly disjoint, so {method} returns about the sum of their updates, sqrt({len(found)}) times one adapter's size, "
             "while each still acts on every task's inputs"
         )

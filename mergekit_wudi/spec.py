@@ -118,7 +118,7 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
     yield declare("adapter_guard", bool, shared, method.solver_cls.adapter_guard,
                   "cap lambda where the fine-tunes look like LoRA adapters: at "
                   + ("1" if method.solver_cls.task_sized else "1/N")
-                  + " for adapters trained from one seed, merged as their average where calibrate is the default"
+                  + " for adapters trained from one seed, merged as their average unless calibrate names another rule than the default"
                   + (", at 1/sqrt(K) for K >= 2 adapters with a seed each" if method.solver_cls.sums_disjoint else "")
                   + ("; full fine-tunes beside adapters merged apart from them, the two merges added"
                      if method.solver_cls.by_kind else "")
@@ -134,7 +134,8 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
     yield declare("equalize", Optional[bool], ParameterScope.NON_BASE, None,
                   "rescale this fine-tune's task vector, per tensor, to the root mean square norm of those equalized "
                   "with it (times |weight|) before the solve (default "
-                  + ("true for LoRA adapters with a seed each where adapter_guard's sample shows two or more, else false"
+                  + ("true for LoRA adapters with a seed each where adapter_guard's sample shows two or more and none trained "
+                     "from one seed, else false"
                      if method.solver_cls.sums_disjoint else "false") + ")",
                   check=functools.partial(_none_or, functools.partial(check_bool, "equalize")))
     yield declare("fallback", str, shared, DEFAULT_FALLBACK, "merge method for tensors that are not solved, or 'base'",
