@@ -29,10 +29,10 @@ class BaseRecipe:
 
 
 def recipe_sets(recipe: type, lora: dict, aggressive: dict) -> dict:
-    """The seven trained sets: full (seed 0), full_seed1, lora (alpha = r, a seed per adapter,
+    """The eight trained sets: full (seed 0), full_seed1, lora (alpha = r, a seed per adapter,
     `lora` overrides), lora_seed1 (the same with seed 1: adapter seeds 101 + task index),
-    lora_aggressive (one seed for all, `aggressive` overrides), lora_aggressive_seed1 and
-    lora_aggressive_seed2 (the same with seed 1, 2 for all)."""
+    lora_aggressive (one seed for all, `aggressive` overrides) and lora_aggressive_seed1 to
+    lora_aggressive_seed3 (the same with seed 1, 2, 3 for all)."""
     return {
         "full": recipe(),
         "full_seed1": recipe(seed=1),
@@ -41,6 +41,7 @@ def recipe_sets(recipe: type, lora: dict, aggressive: dict) -> dict:
         "lora_aggressive": recipe(kind="lora", **aggressive),
         "lora_aggressive_seed1": recipe(kind="lora", seed=1, **aggressive),
         "lora_aggressive_seed2": recipe(kind="lora", seed=2, **aggressive),
+        "lora_aggressive_seed3": recipe(kind="lora", seed=3, **aggressive),
     }
 
 

@@ -11,8 +11,8 @@ every linear layer of the decoder, the base frozen, same data, same loss. Expert
   `lora_seed1`: the same with seed 1 (adapter seeds 101 + task index), a replicate.
 - `lora_aggressive` (the recipe before issue 21): rank 8, alpha 16 (= 2r), lr 2e-3, 60 steps,
   one seed (0) for every adapter, so all of them start from the same A matrices.
-  `lora_aggressive_seed1`, `lora_aggressive_seed2`: the same with seed 1, 2 for every adapter,
-  replicates.
+  `lora_aggressive_seed1` to `lora_aggressive_seed3`: the same with seed 1, 2, 3 for every
+  adapter, replicates.
 - `mixed`: no training of its own: full experts (seed 0) on the even-indexed tasks, `lora`
   experts on the odd-indexed ones; `mixed_seed1` the same of `full_seed1` and `lora_seed1`.
 
