@@ -6,19 +6,27 @@ Why. A LoRA update B A reads A's row space, and A stays near its random initiali
   input spaces (WUDI's premise) cannot. At lambda 1 their merge adds N updates where each task
   expects one: every method but doge broke SmolLM2's one-seed set (13-24 against 52 for
   task_arithmetic at 0.2), and doge fell short of its own lambda 0.7 (41.6 against 49.9, test).
-  Cap: 1/N, their average. And where `calibrate` is left at the method's default, the tensor is
-  merged as that average itself, (1/N) sum_i t_i, in place of the method's solve: what the
-  methods do beyond the sum is to reweight directions by how the tasks' subspaces differ, and
-  over one shared input space those differences are the shared initialisation's, not the
-  tasks'. Over two expert seeds of both benchmarks' one-seed sets, every method's own merge at
-  the cap (wudi_cfs and ace capped at the average's size, doge at the mean's) scored under the
-  average on SmolLM2 (test, 1.0-3.9 points) and level with it on MiniLM (docs/benchmarks.md,
-  "One-seed adapters merged as their average"). doge's merge is not the
-  sum's size but about one task vector's whatever N (Solver.task_sized: each t_i weighted
-  eta / ||t_i||, and delta fitted to each task's own row dots), so its lambda is capped at 1
-  instead and its average is the mean: the same merge. A `calibrate` rule other than the
-  method's default keeps the method's solve, at the capped lambda (naming the default itself
-  changes nothing: mergekit gives the solver the value, not whether the YAML set it).
+  Cap: 1/(N+1), the average of the base and the N fine-tunes. And where `calibrate` is left at
+  the method's default, the tensor is merged as that average itself, (1/(N+1)) sum_i t_i, in
+  place of the method's solve: what the methods do beyond the sum is to reweight directions by
+  how the tasks' subspaces differ, and over one shared input space those differences are the
+  shared initialisation's, not the tasks'. Over two expert seeds of both benchmarks' one-seed
+  sets, every method's own merge at the cap then in force, 1/N (wudi_cfs and ace capped at the
+  sum's size, doge at the mean's), scored under the plain average on SmolLM2 (test, 1.0-3.9
+  points) and level with it on MiniLM (docs/benchmarks.md, "One-seed adapters merged as their
+  average"). Why the base counts: every adapter acts on every task's inputs, so lambda sets one
+  trade for all tasks between each one's own update and the others' (the least-squares point of
+  the N fine-tunes is 1/N; of the N fine-tunes and the base, whose behaviour every task also
+  relies on, 1/(N+1)), and the trade is lopsided: above the best lambda these merges collapse
+  (SmolLM2, validation: 2-6 points under 0.25 at 0.3 on four expert seeds, 17-27 at 0.5 on
+  three), under it they lose little (0.1: at most 4). Over four expert seeds 1/(N+1) against
+  1/N, test: SmolLM2 +1.6 [+1.0, +2.1], MiniLM -0.1 [-0.3, +0.1] (docs/benchmarks.md, "The base
+  counted in the one-seed average"). doge's merge is not the sum's size but about one task
+  vector's whatever N (Solver.task_sized: each t_i weighted eta / ||t_i||, and delta fitted to
+  each task's own row dots), so its lambda is capped at N/(N+1) instead and its merge is
+  N/(N+1) times the mean: the same merge. A `calibrate` rule other than the method's default
+  keeps the method's solve, at the capped lambda (naming the default itself changes nothing:
+  mergekit gives the solver the value, not whether the YAML set it).
 - Adapters with a seed each read random, nearly disjoint input spaces, so the methods that
   return the sum of task vectors with disjoint row spaces (Solver.sums_disjoint: wudi, wudi_cfs,
   tsv, ace) return about the sum of the K adapters' updates (measured: sqrt(N) times one task
@@ -50,8 +58,8 @@ size beside the merge's own), and the median number of directions compared (k).
   directions, 2.5-5.5 times chance; independent random low-rank deltas stay near 1), and k at
   least MIN_RANK = 4 (below it random subspaces' overlaps are too noisy to tell: rank-1 and
   rank-2 random deltas reached 2-4).
-Where any fine-tune is "one seed", every solved tensor's lambda becomes min(lambda, 1/N) (for a
-task-sized method, doge, min(lambda, 1)), and, where `calibrate` is the method's default, the
+Where any fine-tune is "one seed", every solved tensor's lambda becomes min(lambda, 1/(N+1)) (for
+a task-sized method, doge, min(lambda, N/(N+1))), and, where `calibrate` is the method's default, the
 merge is the task vectors' average (AVERAGE; Solver(average=True)); else
 where K >= 2 are "a seed each", min(lambda, 1/sqrt(K)) for the methods that sum. Where any fine-tune is
 an adapter of either kind, `calibrate: first_order` (Iso's default) becomes sum_norm: first_order
@@ -134,10 +142,11 @@ class ExpertKinds:
 
     def cap(self, count: int, sums_disjoint: bool, task_sized: bool = False) -> Optional[Tuple[float, Tuple[int, ...]]]:
         """(the lambda cap, the fine-tunes that set it) for a method that sums disjoint updates or
-        not, and whose merge is one task vector's size or not (Solver.task_sized: 1, not 1/N, under
-        the one-seed rule; its merge is then capped at the mean instead); None where no cap applies."""
+        not, and whose merge is one task vector's size or not (Solver.task_sized: N/(N+1), not
+        1/(N+1), under the one-seed rule, its merge being about the mean's size); None where no cap
+        applies."""
         if self.one_seed:
-            return (1.0 if task_sized else 1.0 / count), self.one_seed
+            return (count / (count + 1) if task_sized else 1.0 / (count + 1)), self.one_seed
         if sums_disjoint and len(self.seed_each) >= 2:
             return 1.0 / math.sqrt(len(self.seed_each)), self.seed_each
         return None
@@ -148,7 +157,7 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
     """(the lambda a solved tensor of `group` (a mergekit TensorGroup) gets, whether the one-seed
     rule applies to it): capped where the guard is on and the fine-tunes look like LoRA adapters (the
     module docstring), else strength. For a task-sized method (doge) the one-seed rule keeps lambda
-    at most 1. `averages`: whether the one-seed rule would merge the average (calibrate at the
+    at most N/(N+1). `averages`: whether the one-seed rule would merge the average (calibrate at the
     method's default; with_guarded_lambda), for what is said. With the guard off, it says so once
     where it would have applied."""
     models = [entry.id for entry in group.non_base]
@@ -169,15 +178,17 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
             "adapters all read one random input space, so each acts on every task's inputs, and what the subspaces "
             "of their task vectors differ in is their shared initialisation, not their tasks"
         )
-        rule = "1" if task_sized else "1/N"
+        rule = "N/(N+1)" if task_sized else "1/(N+1)"
         measured = ("on SmolLM2's one-seed set the solved methods at lambda 1 scored 13-24 (doge 41.6) against 52 "
-                    "for task_arithmetic at 0.2, and at 1/N every method's own merge scored under the adapters' "
-                    "average (two expert seeds, test: SmolLM2 1.0-3.9 points; MiniLM level)")
+                    "for task_arithmetic at 0.2, at 1/N every method's own merge scored under the adapters' average "
+                    "(two expert seeds, test: SmolLM2 1.0-3.9 points; MiniLM level), and the average of the base and "
+                    "the fine-tunes, 1/(N+1), scored above the average at 1/N on SmolLM2 and level with it on MiniLM "
+                    "(four expert seeds)")
         average = "mean" if task_sized else "sum"
-        extra = (f", and each tensor is merged as the adapters' {average} (their average at that lambda) in place of "
-                 f"{method}'s solve: on this package's one-seed sets every method's own merge scored under the "
-                 "average (SmolLM2, 1.0-3.9 points) or level with it (MiniLM). Name a calibrate rule other than the "
-                 f"method's default to keep {method}'s solve"
+        extra = (f", and each tensor is merged as the adapters' {average} (the average of the base and the fine-tunes "
+                 f"at that lambda) in place of {method}'s solve: on this package's one-seed sets every method's own "
+                 "merge scored under the average (SmolLM2, 1.0-3.9 points) or level with it (MiniLM). Name a "
+                 f"calibrate rule other than the method's default to keep {method}'s solve"
                  if averages else "")
     else:
         evidence = (
@@ -191,14 +202,14 @@ def guarded_lambda(method: str, group: Any, strength: float, guard: bool, sums_d
         rule, measured = f"1/sqrt({len(found)})", "on MiniLM's such set wudi_cfs at lambda 1 was 3.5 points below task_arithmetic at 0.3"
         extra = ""
     if not guard:
-        advice = (f"adapter_guard would merge them as their average (lambda at most {rule if task_sized else f'{cap:.2g}'}"
+        advice = (f"adapter_guard would merge them with the base as one average (lambda at most {rule} = {cap:.2g}"
                   f"{', times their mean' if task_sized else ''})" if one_seed
                   else f"Lambda {cap:.2g} ({rule}) is the safer start")
         warn_once(logger, "adapters", method,
                   "%s: %s; adapter_guard is off, so lambda stays %.3g: %s. %s; `mergekit-wudi report` shows each "
                   "model's overlaps.", method, evidence, strength, measured, advice)
         return strength, False
-    limit = rule if task_sized else f"{rule} = {cap:.3g}"
+    limit = f"{rule} = {cap:.3g}"
     warn_once(logger, "adapters", method,
               "%s: %s. %s for every solved tensor%s (adapter_guard; set adapter_guard: false to keep lambda %.3g and "
               "the method's own merge).", method, evidence,

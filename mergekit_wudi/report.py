@@ -418,9 +418,9 @@ KIND_ADVICE = {
     "lora, one seed": "at lambda 1 wudi, wudi_cfs, tsv, ace and iso_c broke SmolLM2's such set (13-24 against 52 "
                       "for task_arithmetic at lambda 0.2; doge 42), and at 1/N each method's own merge scored under "
                       "the adapters' average on SmolLM2's such sets and level with it on MiniLM's, so where the first 12 linear "
-                      "weights look like this every method merges each tensor as their average, lambda at most 1/N "
-                      "times their sum (doge: at most 1 times their mean), where calibrate is the method's default "
-                      "(adapter_guard, docs/methods.md).",
+                      "weights look like this every method merges each tensor as the average of the base and the "
+                      "fine-tunes, lambda at most 1/(N+1) times their sum (doge: at most N/(N+1) times their mean), "
+                      "where calibrate is the method's default (adapter_guard, docs/methods.md).",
 }
 
 

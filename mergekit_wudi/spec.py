@@ -117,8 +117,9 @@ def _own_parameters(method: Any, passthrough: Mapping[str, ParameterSpec]) -> It
                   check=functools.partial(check_choice(*CALIBRATIONS), "calibrate"))
     yield declare("adapter_guard", bool, shared, method.solver_cls.adapter_guard,
                   "cap lambda where the fine-tunes look like LoRA adapters: at "
-                  + ("1" if method.solver_cls.task_sized else "1/N")
-                  + " for adapters trained from one seed, merged as their average unless calibrate names another rule than the default"
+                  + ("N/(N+1)" if method.solver_cls.task_sized else "1/(N+1)")
+                  + " for adapters trained from one seed, merged with the base as one average unless calibrate names "
+                    "another rule than the default"
                   + (", at 1/sqrt(K) for K >= 2 adapters with a seed each" if method.solver_cls.sums_disjoint else "")
                   + ("; full fine-tunes beside adapters merged apart from them, the two merges added"
                      if method.solver_cls.by_kind else "")

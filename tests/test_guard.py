@@ -110,16 +110,16 @@ def test_adapters_with_a_seed_each_are_told_from_independent_random_deltas(tmp_p
         if rank >= MIN_RANK:
             assert max(independent.outputs) < 0.7 * TRAINED_OUTPUT, (rank, independent.outputs)
 
-    # One seed wins over a seed each: 1/N for every method.
+    # One seed wins over a seed each: 1/(N+1), the base counted with the N fine-tunes, for every method.
     one_seed = kinds_of(make_one_seed_family(tmp_path / "one_seed"))
-    assert one_seed.cap(3, sums_disjoint=True) == one_seed.cap(3, sums_disjoint=False) == (1 / 3, (0, 1, 2))
-    # but 1 for a task-sized method (doge), whose average is the mean instead
-    assert one_seed.cap(3, sums_disjoint=False, task_sized=True) == (1.0, (0, 1, 2))
+    assert one_seed.cap(3, sums_disjoint=True) == one_seed.cap(3, sums_disjoint=False) == (1 / 4, (0, 1, 2))
+    # but N/(N+1) for a task-sized method (doge), whose average is taken of the mean instead
+    assert one_seed.cap(3, sums_disjoint=False, task_sized=True) == (3 / 4, (0, 1, 2))
     assert seed_each.cap(3, sums_disjoint=False, task_sized=True) is None
 
 
 def test_the_one_seed_rule_merges_the_average_where_calibrate_is_the_default(tmp_path):
-    # One-seed adapters: lambda at most 1/N and, with calibrate at the method's default, the
+    # One-seed adapters: lambda at most 1/(N+1) and, with calibrate at the method's default, the
     # AVERAGE flag (the solve replaced by the sum), at any lambda, under the cap too; a rule the
     # YAML names keeps the solve; adapters with a seed each never average; the guard off
     # changes nothing. (What the flag makes of a merge: test_workflows.py, solvers/test_base.py.)
@@ -128,10 +128,10 @@ def test_the_one_seed_rule_merges_the_average_where_calibrate_is_the_default(tmp
         return dict(with_guarded_lambda("wudi_cfs", group, parameters, sums_disjoint=True, default_calibration=default))
 
     one_seed = group_of(make_one_seed_family(tmp_path / "one_seed"))
-    assert guarded(one_seed, 1.0) == {"lambda": pytest.approx(1 / 3), "calibrate": "none", "adapter_guard": True,
+    assert guarded(one_seed, 1.0) == {"lambda": pytest.approx(1 / 4), "calibrate": "none", "adapter_guard": True,
                                       AVERAGE: True}
-    assert guarded(one_seed, 0.25) == {"lambda": 0.25, "calibrate": "none", "adapter_guard": True, AVERAGE: True}
-    assert guarded(one_seed, 1.0, "input_space") == {"lambda": pytest.approx(1 / 3), "calibrate": "input_space",
+    assert guarded(one_seed, 0.2) == {"lambda": 0.2, "calibrate": "none", "adapter_guard": True, AVERAGE: True}
+    assert guarded(one_seed, 1.0, "input_space") == {"lambda": pytest.approx(1 / 4), "calibrate": "input_space",
                                                      "adapter_guard": True}
     # Iso's default is first_order: named or not, it is the default and averages; sum_norm keeps the solve
     assert guarded(one_seed, 1.0, "first_order", default="first_order")[AVERAGE] is True
@@ -141,17 +141,17 @@ def test_the_one_seed_rule_merges_the_average_where_calibrate_is_the_default(tmp
     assert guarded(seed_each, 1.0) == {"lambda": pytest.approx(3 ** -0.5), "calibrate": "none", "adapter_guard": True}
 
 
-def test_the_one_seed_rule_keeps_a_task_sized_lambda_at_most_1(tmp_path):
-    # doge (task-sized): lambda at most 1, not 1/N, its average the mean (Solver.task_sized);
+def test_the_one_seed_rule_keeps_a_task_sized_lambda_at_most_n_over_n_plus_1(tmp_path):
+    # doge (task-sized): lambda at most N/(N+1), not 1/(N+1), times the mean (Solver.task_sized);
     # for adapters with a seed each, nothing changes.
     def guarded(group, strength, rule="none"):
         parameters = {"lambda": strength, "calibrate": rule, "adapter_guard": True}
         return dict(with_guarded_lambda("doge", group, parameters, sums_disjoint=False, task_sized=True))
 
     one_seed = group_of(make_one_seed_family(tmp_path / "one_seed"))
-    for strength, kept in ((1.0, 1.0), (1.5, 1.0), (0.5, 0.5), (1 / 3, 1 / 3)):
+    for strength, kept in ((1.0, 0.75), (1.5, 0.75), (0.5, 0.5), (1 / 3, 1 / 3)):
         assert guarded(one_seed, strength) == {"lambda": kept, "calibrate": "none", "adapter_guard": True, AVERAGE: True}
-    assert guarded(one_seed, 1.5, "sum_norm") == {"lambda": 1.0, "calibrate": "sum_norm", "adapter_guard": True}
+    assert guarded(one_seed, 1.5, "sum_norm") == {"lambda": 0.75, "calibrate": "sum_norm", "adapter_guard": True}
     seed_each = group_of(make_seed_each_family(tmp_path / "seed_each"))
     assert guarded(seed_each, 1.0) == {"lambda": 1.0, "calibrate": "none", "adapter_guard": True}
 

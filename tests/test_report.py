@@ -123,7 +123,7 @@ def test_report_tells_one_seed_adapters_from_independent_ones(cfs_report, tmp_pa
         in_features = int(row["shape"].split("x")[1])
         assert float(row["input_overlap"]) == pytest.approx(in_features / 2, rel=1e-4)
         assert 0 < float(row["output_overlap"]) < float(row["input_overlap"])
-        assert float(row["lambda"]) == 1 / 3  # what the merge uses: adapter_guard caps it at 1/N
+        assert float(row["lambda"]) == 1 / 4  # what the merge uses: adapter_guard caps it at 1/(N+1)
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert markdown.count(" | lora, one seed |") == 3 and "- lora, one seed: " in markdown
     independent = (cfs_report / "report.md").read_text()
@@ -202,12 +202,12 @@ def test_report_doge_per_model_density(family, tmp_path):
     assert float(row["objective_task_arithmetic"]) == pytest.approx(float(wudi_loss(tv.sum(0), tasks)), rel=1e-4)
 
 
-@pytest.mark.parametrize("method, strength", [("wudi_cfs", 1 / 3), ("doge", 1.0)])
+@pytest.mark.parametrize("method, strength", [("wudi_cfs", 1 / 4), ("doge", 3 / 4)])
 def test_report_shows_the_average_on_one_seed_adapters(method, strength, tmp_path):
-    # One-seed adapters (guard.py): each tensor is merged as the adapters' average, in place of
-    # the solve; the CSV's lambda is what the merge uses (1/N, or 1 for doge, whose average is
-    # the mean), c is 1 and bound by "average", and the solved objective is the WUDI loss of
-    # the mean of the task vectors, computed here.
+    # One-seed adapters (guard.py): each tensor is merged as the average of the base and the
+    # adapters, in place of the solve; the CSV's lambda is what the merge uses (1/(N+1), or N/(N+1)
+    # for doge, whose merge is taken of the mean), c is 1 and bound by "average", and the solved
+    # objective is the WUDI loss of the merged update, (1/4) sum_i t_i, computed here.
     paths = make_one_seed_family(tmp_path / "one_seed")
     config = write_config(tmp_path / f"{method}.yml", method, paths[0], paths[1:])
     result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out", "--filter", r"layers\.0\.", "--no-plots",
@@ -221,7 +221,7 @@ def test_report_shows_the_average_on_one_seed_adapters(method, strength, tmp_pat
         assert float(row["lambda"]) == strength and float(row["calibration"]) == 1.0, name
         assert row["calibration_binding"] == "average", name
         tv = task_vectors(paths, name, [1.0, 1.0, 1.0])
-        expected = float(wudi_loss(tv.mean(dim=0), usable(tv)))
+        expected = float(wudi_loss(tv.sum(dim=0) / 4, usable(tv)))
         assert float(row["objective_solved"]) == pytest.approx(expected, rel=1e-4), name
     assert "(average)" in (tmp_path / "out" / "report.md").read_text()
 

@@ -152,9 +152,9 @@ def test_lora_adapter_through_model_plus_lora(family, tmp_path):
     check_config_keys(MergeConfiguration.model_validate(json.loads(config.read_text())))
     result = mergekit_yaml(config, tmp_path / "out", "--lora-merge-cache", str(tmp_path / "lora-cache"))
     # Named as adapters, they are known to be ones; their rank 2 is too low for adapter_guard to
-    # tell them from random deltas, so lambda stays 1: warned once, with 1/sqrt(K) and 1/N to start from.
+    # tell them from random deltas, so lambda stays 1: warned once, with 1/sqrt(K) and 1/(N+1) to start from.
     assert result.stderr.count("wudi_cfs: 2 of the 3 fine-tunes are LoRA adapters") == 1
-    assert "lambda 0.71 (1/sqrt(K)), or 0.33 (1/N) for adapters trained from one seed, is the safer start" in result.stderr
+    assert "lambda 0.71 (1/sqrt(K)), or 0.25 (1/(N+1)) for adapters trained from one seed, is the safer" in result.stderr
 
     # The weights mergekit sees for `base+adapter` (peft's merge, cached on disk)...
     base_tensors, ft1_tensors = load_model(base), load_model(ft1)
@@ -315,34 +315,35 @@ def assert_average_merged_at(out, base, models, strength, weights=None):
 @pytest.mark.parametrize("method, extra", [("wudi_cfs", {}), ("iso_c", {}), ("doge", {"steps": 50})])
 def test_one_seed_adapters_are_merged_as_their_average(method, extra, tmp_path):
     # Rank-2 deltas sharing one input factor look like LoRA adapters trained from one seed
-    # (guard.py): with calibrate at the method's default, every linear weight is their average,
-    # W0 + (1/3) sum t_i, in place of the method's solve, said once (doge, task-sized: lambda
-    # at most 1 times their mean, the same merge); a lambda under 1/N averages at that lambda,
-    # and a weight scales its model's task vector in the sum.
+    # (guard.py): with calibrate at the method's default, every linear weight is the average of
+    # the base and the three, W0 + (1/4) sum t_i, in place of the method's solve, said once (doge,
+    # task-sized: lambda at most N/(N+1) = 3/4 times their mean, the same merge); a lambda under
+    # 1/(N+1) averages at that lambda, and a weight scales its model's task vector in the sum.
     base, *models = make_one_seed_family(tmp_path / "family")
     result = mergekit_yaml(write_config(tmp_path / "default.yml", method, base, models, extra), tmp_path / "out")
     assert result.stderr.count(f"{method}: 3 of the 3 fine-tunes look like LoRA adapters trained from one seed") == 1
-    limit = "1" if method == "doge" else "1/N = 0.333"
+    limit = "N/(N+1) = 0.75" if method == "doge" else "1/(N+1) = 0.25"
     average = "mean" if method == "doge" else "sum"
     assert (f"lambda is capped at {limit} for every solved tensor, and each tensor is merged as the adapters' "
-            f"{average} (their average at that lambda) in place of {method}'s solve") in result.stderr
-    assert_average_merged_at(tmp_path / "out", base, models, 1 / 3)
-    below = write_config(tmp_path / "below.yml", method, base, models, {**extra, "lambda": 0.3}, [{"weight": 0.5}, {}, {}])
+            f"{average} (the average of the base and the fine-tunes at that lambda) in place of {method}'s "
+            "solve") in result.stderr
+    assert_average_merged_at(tmp_path / "out", base, models, 1 / 4)
+    below = write_config(tmp_path / "below.yml", method, base, models, {**extra, "lambda": 0.2}, [{"weight": 0.5}, {}, {}])
     assert mergekit_yaml_in_process(below, tmp_path / "below").exit_code == 0
-    assert_average_merged_at(tmp_path / "below", base, models, 0.3 / (3 if method == "doge" else 1), [0.5, 1, 1])
+    assert_average_merged_at(tmp_path / "below", base, models, 0.2 / (3 if method == "doge" else 1), [0.5, 1, 1])
 
 
 def test_one_seed_adapters_keep_the_solve_where_the_yaml_names_a_rule_or_turns_the_guard_off(tmp_path):
-    # A calibrate rule the YAML names keeps wudi_cfs's solve, at the capped lambda 1/N;
+    # A calibrate rule other than the default keeps wudi_cfs's solve, at the capped lambda 1/(N+1);
     # adapter_guard: false keeps lambda 1 and the solve, and says what the guard would do.
     base, *models = make_one_seed_family(tmp_path / "family")
     named = write_config(tmp_path / "named.yml", "wudi_cfs", base, models, {"calibrate": "input_space"})
     assert mergekit_yaml_in_process(named, tmp_path / "named").exit_code == 0
-    assert_wudi_cfs_merged_at(tmp_path / "named", base, models, 1 / 3, "input_space")
+    assert_wudi_cfs_merged_at(tmp_path / "named", base, models, 1 / 4, "input_space")
     off = write_config(tmp_path / "off.yml", "wudi_cfs", base, models, {"adapter_guard": False})
     result = mergekit_yaml(off, tmp_path / "off")
     assert result.stderr.count("adapter_guard is off, so lambda stays 1") == 1
-    assert "adapter_guard would merge them as their average (lambda at most 0.33)" in result.stderr
+    assert "adapter_guard would merge them with the base as one average (lambda at most 1/(N+1) = 0.25)" in result.stderr
     assert_wudi_cfs_merged_at(tmp_path / "off", base, models, 1.0)
 
 
@@ -360,27 +361,28 @@ def doge_references(base, models, steps):
     return references
 
 
-def test_doge_on_one_seed_adapters_keeps_a_named_mean_cap_and_lambda_at_most_1(tmp_path):
+def test_doge_on_one_seed_adapters_keeps_a_named_mean_cap_and_lambda_at_most_n_over_n_plus_1(tmp_path):
     # doge's merge is about one task vector's size whatever N (each t_i weighted eta / ||t_i||,
-    # delta fitted to each task's row dots), so the one-seed rule keeps its lambda at most 1; with
-    # calibrate: mean_cap named, each merged tensor is doge's solve capped at the adapters' mean,
-    # ||sum t_i|| / N, and lambda 1.5 gives the same merge; adapter_guard: false keeps lambda and the
+    # delta fitted to each task's row dots), so the one-seed rule keeps its lambda at most N/(N+1)
+    # = 3/4; with calibrate: mean_cap named, each merged tensor is 3/4 times doge's solve capped at
+    # the adapters' mean, ||sum t_i|| / N, and lambda 1.5 gives the same merge; adapter_guard: false keeps lambda and the
     # plain merge, and says what the guard would do.
     base, *models = make_one_seed_family(tmp_path / "family")
     capped = {"steps": 50, "calibrate": "mean_cap"}
     result = mergekit_yaml(write_config(tmp_path / "capped.yml", "doge", base, models, capped), tmp_path / "out")
-    assert "lambda is capped at 1 for every solved tensor (adapter_guard" in result.stderr
+    assert "lambda is capped at N/(N+1) = 0.75 for every solved tensor (adapter_guard" in result.stderr
     above = write_config(tmp_path / "above.yml", "doge", base, models, {**capped, "lambda": 1.5})
     assert mergekit_yaml_in_process(above, tmp_path / "above").exit_code == 0
     off = write_config(tmp_path / "off.yml", "doge", base, models, {"steps": 50, "adapter_guard": False})
     result = mergekit_yaml(off, tmp_path / "off")
     assert result.stderr.count("adapter_guard is off, so lambda stays 1") == 1
-    assert "adapter_guard would merge them as their average (lambda at most 1, times their mean)" in result.stderr
+    assert ("adapter_guard would merge them with the base as one average (lambda at most N/(N+1) = 0.75, times their "
+            "mean)") in result.stderr
 
     default, higher, plain = (load_model(tmp_path / name) for name in ("out", "above", "off"))
     references = doge_references(base, models, 50)
     for name, (w0, solved, scale) in references.items():
-        for merged, c in ((default, scale), (plain, 1.0)):
+        for merged, c in ((default, 0.75 * scale), (plain, 1.0)):
             expected = w0 + c * solved
             assert (merged[name].double() - expected).norm() / (expected - w0).norm() < 1e-4, (name, c)
         assert torch.equal(default[name], higher[name]), name

@@ -64,9 +64,9 @@ class Solver:
     spaces is their sum, so lambda alone sets its strength (False for methods that normalise
     or flatten it: adapter_guard's 1/sqrt(N) cap and the adapter's LoRA warning do not apply to them).
     `adapter_guard` (default True): the YAML default of `adapter_guard` (guard.py: lambda capped
-    at 1/N where the fine-tunes look like LoRA adapters trained from one seed, and at 1/sqrt(K)
+    at 1/(N+1) where the fine-tunes look like LoRA adapters trained from one seed, and at 1/sqrt(K)
     where K >= 2 of them look like adapters with a seed each and `sums_disjoint`).
-    `task_sized`: the merge is about one task vector's size whatever N (doge; one-seed lambda 1, not 1/N).
+    `task_sized`: the merge is about one task vector's size whatever N (doge; one-seed cap N/(N+1)).
     `by_kind` (default False): where adapter_guard's sample shows full fine-tunes beside LoRA
     adapters, the adapter gives the solver two `parts`, and the merge is the sum of the two
     kinds' merges, each calibrated as a set of its kind is (guard.kind_parts; Iso, whose flat
