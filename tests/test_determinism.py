@@ -55,7 +55,7 @@ def test_the_adapter_guard_decides_alike_across_threads_and_shards(tmp_path):
     config = write_config(tmp_path / "cfg.yml", "wudi_cfs", base, fine_tunes)
     mergekit_yaml_in_process(config, tmp_path / "default")
     result = mergekit_yaml(config, tmp_path / "three", "-j", "3", "--out-shard-size", "30K")
-    assert "lambda is capped at 1/N = 0.333" in result.stderr
+    assert "lambda is capped at 1/(N+1) = 0.25" in result.stderr
     assert len(list((tmp_path / "three").glob("*.safetensors"))) > 3
     assert_same_bits(load_model(tmp_path / "three"), load_model(tmp_path / "default"))
 
