@@ -120,8 +120,8 @@ def test_adapters_with_a_seed_each_are_told_from_independent_random_deltas(tmp_p
 
 def test_the_one_seed_rule_merges_the_average_where_calibrate_is_the_default(tmp_path):
     # One-seed adapters: lambda at most 1/(N+1) and, with calibrate at the method's default, the
-    # AVERAGE flag (the solve replaced by the sum), at any lambda, under the cap too; a rule the
-    # YAML names keeps the solve; adapters with a seed each never average; the guard off
+    # AVERAGE flag (the solve replaced by the sum), at any lambda, under the cap too; a rule other
+    # than the default keeps the solve; adapters with a seed each never average; the guard off
     # changes nothing. (What the flag makes of a merge: test_workflows.py, solvers/test_base.py.)
     def guarded(group, strength, rule="none", default="none", guard=True):
         parameters = {"lambda": strength, "calibrate": rule, "adapter_guard": guard}
