@@ -8,7 +8,8 @@ every linear layer of the decoder, the base frozen, same data, same loss. Expert
 - `full`, `full_seed1`: lr 1e-4, 150 steps of batch 16, 10 warmup steps; seeds 0 and 1.
 - `lora` (conventional): rank 8, alpha = r = 8, lr 1e-3, 150 steps, a distinct seed per adapter
   (seed 100 + task index, set before `get_peft_model`, so the A matrices differ).
-  `lora_seed1`: the same with seed 1 (adapter seeds 101 + task index), a replicate.
+  `lora_seed1` to `lora_seed3`: the same with seed 1, 2, 3 (adapter seeds seed + 100 + task
+  index), replicates.
 - `lora_aggressive` (the recipe before issue 21): rank 8, alpha 16 (= 2r), lr 2e-3, 60 steps,
   one seed (0) for every adapter, so all of them start from the same A matrices.
   `lora_aggressive_seed1` to `lora_aggressive_seed3`: the same with seed 1, 2, 3 for every

@@ -10,7 +10,8 @@ encoder are scored with the same heads. Expert sets (bench.plan.EXPERT_SETS):
 - `lora` (conventional): peft adapters of rank 8 on the encoder's linear layers, alpha = r = 8,
   lr 1e-3, the same epochs, and a distinct seed per adapter (seed 100 + task index, set before
   `get_peft_model`, so the A matrices differ).
-  `lora_seed1`: the same with seed 1 (adapter seeds 101 + task index), a replicate.
+  `lora_seed1` to `lora_seed3`: the same with seed 1, 2, 3 (adapter seeds seed + 100 + task
+  index), replicates.
 - `lora_aggressive` (the recipe before issue 21): rank 8, alpha 16 (= 2r), lr 1e-3, one seed
   (0) for every adapter, so all of them start from the same A matrices.
   `lora_aggressive_seed1` to `lora_aggressive_seed3`: the same with seed 1, 2, 3 for every
