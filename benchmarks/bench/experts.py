@@ -31,19 +31,16 @@ class BaseRecipe:
 def recipe_sets(recipe: type, lora: dict, aggressive: dict) -> dict:
     """The ten trained sets: full (seed 0), full_seed1, lora (alpha = r, a seed per adapter,
     `lora` overrides), lora_seed1 to lora_seed3 (the same with seed 1, 2, 3: adapter seeds
-    seed + 100 + task index), lora_aggressive (one seed for all, `aggressive` overrides) and lora_aggressive_seed1 to
-    lora_aggressive_seed3 (the same with seed 1, 2, 3 for all)."""
+    seed + 100 + task index), lora_aggressive (one seed for all, `aggressive` overrides) and
+    lora_aggressive_seed1 to lora_aggressive_seed3 (the same with seed 1, 2, 3 for all)."""
+    replicates = (1, 2, 3)
     return {
         "full": recipe(),
         "full_seed1": recipe(seed=1),
         "lora": recipe(kind="lora", distinct_seeds=True, **lora),
-        "lora_seed1": recipe(kind="lora", distinct_seeds=True, seed=1, **lora),
-        "lora_seed2": recipe(kind="lora", distinct_seeds=True, seed=2, **lora),
-        "lora_seed3": recipe(kind="lora", distinct_seeds=True, seed=3, **lora),
+        **{f"lora_seed{seed}": recipe(kind="lora", distinct_seeds=True, seed=seed, **lora) for seed in replicates},
         "lora_aggressive": recipe(kind="lora", **aggressive),
-        "lora_aggressive_seed1": recipe(kind="lora", seed=1, **aggressive),
-        "lora_aggressive_seed2": recipe(kind="lora", seed=2, **aggressive),
-        "lora_aggressive_seed3": recipe(kind="lora", seed=3, **aggressive),
+        **{f"lora_aggressive_seed{seed}": recipe(kind="lora", seed=seed, **aggressive) for seed in replicates},
     }
 
 
