@@ -35,6 +35,13 @@ def read_csv(path: Path):
         return list(csv.DictReader(file))
 
 
+def run_report(config: Path, out: Path, *flags: str):
+    """`mergekit-wudi report CONFIG --out OUT --quiet FLAGS`, asserted to succeed; the CSV's rows."""
+    result = mergekit_wudi_cli("report", config, "--out", out, "--quiet", *flags)
+    assert result.exit_code == 0, result.output
+    return read_csv(out / "report.csv")
+
+
 def task_vectors(family, name: str, weights) -> torch.Tensor:
     base, *models = [load_model(p)[name].double() for p in family]
     return torch.stack([w * (m - base) for w, m in zip(weights, models)])  # (N, out, in)
@@ -85,9 +92,7 @@ def test_report_shows_the_calibrated_scale_of_every_tensor(family, tmp_path, rul
     base, *models = family
     weights = [{"weight": w} for w in (1.0, 0.5, 2.0)]
     config = write_config(tmp_path / "iso.yml", "iso_c", base, models, {"calibrate": rule} if rule else {}, weights)
-    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "report", "--quiet")
-    assert result.exit_code == 0, result.output
-    rows = read_csv(tmp_path / "report" / "report.csv")
+    rows = run_report(config, tmp_path / "report")
     assert rows
     for name in dict.fromkeys(row["name"] for row in rows):
         row = next(r for r in rows if r["name"] == name)
@@ -115,9 +120,7 @@ def test_report_tells_one_seed_adapters_from_independent_ones(cfs_report, tmp_pa
     paths = make_one_seed_family(tmp_path / "one_seed")
     shared = [name for name in load_model(paths[0]) if is_llama_linear(name)]
     config = write_config(tmp_path / "one_seed.yml", "wudi_cfs", paths[0], paths[1:])
-    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "report", "--no-plots", "--quiet")
-    assert result.exit_code == 0, result.output
-    rows = read_csv(tmp_path / "report" / "report.csv")
+    rows = run_report(config, tmp_path / "report", "--no-plots")
     assert len(rows) == 3 * len(shared)
     for row in rows:
         in_features = int(row["shape"].split("x")[1])
@@ -139,10 +142,7 @@ def test_report_lambda_is_capped_at_one_over_sqrt_n_for_adapters_with_a_seed_eac
     paths = make_seed_each_family(tmp_path / "seed_each")
     for method, strength in (("tsv", 3 ** -0.5), ("iso_c", 1.0)):
         config = write_config(tmp_path / f"{method}.yml", method, paths[0], paths[1:])
-        result = mergekit_wudi_cli("report", config, "--out", tmp_path / method, "--no-plots", "--quiet",
-                                   "--filter", r"layers\.0\.self_attn")
-        assert result.exit_code == 0, result.output
-        rows = read_csv(tmp_path / method / "report.csv")
+        rows = run_report(config, tmp_path / method, "--no-plots", "--filter", r"layers\.0\.self_attn")
         assert len(rows) == 4 * 3
         assert all(float(row["lambda"]) == pytest.approx(strength, rel=1e-12) for row in rows), method
         for name in {row["name"] for row in rows}:
@@ -163,10 +163,7 @@ def test_report_bf16_wudi(tmp_path):
     family = make_family(tmp_path / "bf16", fine_tunes=2, seed=3, dtype=torch.bfloat16)
     base, *models = family
     config = write_config(tmp_path / "wudi.yml", "wudi", base, models, {"steps": 25, "lr": 1e-3})
-    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out", "--filter", r"layers\.0\.(mlp|self_attn\.o)",
-                    "--no-plots", "--quiet")
-    assert result.exit_code == 0, result.output
-    rows = read_csv(tmp_path / "out" / "report.csv")
+    rows = run_report(config, tmp_path / "out", "--filter", r"layers\.0\.(mlp|self_attn\.o)", "--no-plots")
     names = sorted({row["name"] for row in rows})
     assert names == sorted(f"model.layers.0.{m}.weight" for m in ("mlp.up_proj", "mlp.gate_proj", "mlp.down_proj",
                                                                    "self_attn.o_proj"))
@@ -189,10 +186,7 @@ def test_report_doge_per_model_density(family, tmp_path):
     # (near-zero gradients, normalised steps), so a tight check needs no steps.
     config = write_config(tmp_path / "doge.yml", "doge", base, models, {"steps": 0},
                           [{"density": d} for d in densities])
-    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out", "--filter", "layers.0.self_attn.q_proj",
-                    "--no-plots", "--quiet")
-    assert result.exit_code == 0, result.output
-    (row, *_) = read_csv(tmp_path / "out" / "report.csv")
+    (row, *_) = run_report(config, tmp_path / "out", "--filter", "layers.0.self_attn.q_proj", "--no-plots")
     tv = task_vectors(family, row["name"], [1.0, 1.0, 1.0])
     tasks = usable(tv)
     # DOGE minimises its own loss; the report gives the WUDI loss of its result.
@@ -210,10 +204,7 @@ def test_report_shows_the_average_on_one_seed_adapters(method, strength, tmp_pat
     # objective is the WUDI loss of the merged update, (1/4) sum_i t_i, computed here.
     paths = make_one_seed_family(tmp_path / "one_seed")
     config = write_config(tmp_path / f"{method}.yml", method, paths[0], paths[1:])
-    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out", "--filter", r"layers\.0\.", "--no-plots",
-                               "--quiet")
-    assert result.exit_code == 0, result.output
-    rows = read_csv(tmp_path / "out" / "report.csv")
+    rows = run_report(config, tmp_path / "out", "--filter", r"layers\.0\.", "--no-plots")
     names = list(dict.fromkeys(row["name"] for row in rows))
     assert len(names) == 7
     for name in names:
@@ -232,10 +223,7 @@ def test_report_shows_each_kinds_scale_where_iso_merges_by_kind(tmp_path):
     # float64 Iso-C of that part; the CSV's calibration is nan (no one c), the Markdown says "by kind".
     paths = make_mixed_family(tmp_path / "mixed")
     config = write_config(tmp_path / "iso.yml", "iso_c", paths[0], paths[1:])
-    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out", "--filter", r"layers\.0\.", "--no-plots",
-                               "--quiet")
-    assert result.exit_code == 0, result.output
-    rows = read_csv(tmp_path / "out" / "report.csv")
+    rows = run_report(config, tmp_path / "out", "--filter", r"layers\.0\.", "--no-plots")
     names = list(dict.fromkeys(row["name"] for row in rows))
     assert len(names) == 7
     for name in names:
@@ -263,10 +251,7 @@ def test_report_spectral_methods(family, tmp_path, method, reference):
     # result, here against their float64 references (with the float32 merge's cutoff).
     base, *models = family
     config = write_config(tmp_path / f"{method}.yml", method, base, models, None)
-    result = mergekit_wudi_cli("report", config, "--out", tmp_path / "out", "--filter", "layers.0.self_attn.q_proj",
-                    "--no-plots", "--quiet")
-    assert result.exit_code == 0, result.output
-    (row, *_) = read_csv(tmp_path / "out" / "report.csv")
+    (row, *_) = run_report(config, tmp_path / "out", "--filter", "layers.0.self_attn.q_proj", "--no-plots")
     assert row["name"] == "model.layers.0.self_attn.q_proj.weight"
     tv = task_vectors(family, row["name"], [1.0, 1.0, 1.0])
     tasks = usable(tv)
