@@ -57,8 +57,7 @@ def effective_rank64(matrix: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def cfs_report(cfs_config, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    result = mergekit_wudi_cli("report", cfs_config, "--out", out, "--quiet")
-    assert result.exit_code == 0, result.output
+    run_report(cfs_config, out)
     return out
 
 
@@ -271,11 +270,8 @@ def test_report_reads_one_tensor_group_at_a_time(cfs_config, tmp_path, monkeypat
         return original(self, key, *args, **kwargs)
 
     monkeypatch.setattr(LazyTensorLoader, "get_tensor", spy)
-    result = mergekit_wudi_cli("report", cfs_config, "--out", tmp_path, "--filter", "layers.1.mlp.up", "--no-plots",
-                    "--no-ranks", "--quiet")
-    assert result.exit_code == 0, result.output
+    (row, *_) = run_report(cfs_config, tmp_path, "--filter", "layers.1.mlp.up", "--no-plots", "--no-ranks")
     assert reads == ["model.layers.1.mlp.up_proj.weight"] * 4  # base + 3 models, nothing else
-    row = read_csv(tmp_path / "report.csv")[0]
     assert row["effective_rank"] == "nan"
 
 
